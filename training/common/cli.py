@@ -91,9 +91,7 @@ def build_parser(config_cls: type, prog: str, description: str) -> argparse.Argu
     return parser
 
 
-def parse_config(
-    config_cls: type[C], argv: Sequence[str] | None, prog: str, description: str
-) -> C:
+def parse_config(config_cls: type[C], argv: Sequence[str] | None, prog: str, description: str) -> C:
     """Parse ``argv`` into ``config_cls`` and run its ``validate()`` if it has one.
 
     Raises:

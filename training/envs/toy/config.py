@@ -1,0 +1,122 @@
+"""Every setting of the toy world, in one dataclass (units in the names or help strings)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+BEV_CHANNELS = ("drivable", "route", "vehicles", "obstacles")
+STATE_NAMES = ("speed_mps", "steer_rad", "accel_mps2", "yaw_rate_radps")
+
+
+@dataclass(frozen=True)
+class RewardWeights:
+    """Per-policy-step reward: progress minus deviations, large penalties on failure.
+
+    ``progress`` multiplies route progress normalised by the distance a car at the road's
+    speed limit covers in one policy step; ``speed`` multiplies |v - v_target| / v_road
+    (Roach's speed term: drive at the curvature-limited target speed, not faster, not slower);
+    ``lateral`` is per metre from the route centre line; ``heading`` per radian of heading error.
+    """
+
+    progress: float = 1.0
+    speed: float = 0.5
+    lateral: float = 0.5
+    heading: float = 1.0
+    collision: float = 10.0
+    off_road: float = 10.0
+
+
+@dataclass(frozen=True)
+class ToyWorldConfig:
+    """The toy driving world. Lengths in metres, times in seconds, angles in radians."""
+
+    num_envs: int = 16
+    difficulty: float = 0.5  # 0..1: scales road curvature and the amount of traffic and obstacles
+    # timing
+    policy_dt: float = 0.5
+    sim_dt: float = 0.1
+    num_waypoints: int = 8
+    waypoint_dt: float = 0.5
+    max_episode_steps: int = 50
+    # road
+    route_length_m: float = 150.0
+    route_spacing_m: float = 1.0
+    lead_in_m: float = 20.0  # straight road drawn before the start
+    lead_out_m: float = 80.0  # road drawn beyond the goal
+    lane_width_m: float = 3.5
+    right_shoulder_m: float = 1.0
+    left_shoulder_m: float = 0.5
+    min_segment_m: float = 20.0
+    max_segment_m: float = 45.0
+    base_curvature: float = 0.008  # 1/m, the largest curvature at difficulty 0
+    curvature_per_difficulty: float = 0.04  # 1/m added at difficulty 1
+    curvature_smoothing_m: float = 10.0
+    # speeds
+    road_speed_mps: float = 11.0
+    max_lateral_accel: float = 2.0  # sets the curvature-limited target speed
+    comfort_decel: float = 2.0  # backward-smooths the target speed before curves
+    start_speed_range: tuple[float, float] = (5.0, 10.0)
+    start_lateral_m: float = 0.6  # start offset uniform in +-this
+    start_heading_rad: float = 0.08
+    # vehicle (kinematic bicycle, reference point the rear axle)
+    wheelbase_m: float = 2.8
+    length_m: float = 4.5
+    width_m: float = 1.8
+    rear_overhang_m: float = 0.85
+    max_steer_rad: float = 0.5
+    max_steer_rate: float = 0.8  # rad/s
+    max_accel: float = 3.0  # m/s^2
+    max_decel: float = 6.0  # m/s^2
+    # controller (pure pursuit + speed P-control)
+    lookahead_time_s: float = 0.6
+    min_lookahead_m: float = 3.0
+    speed_gain: float = 2.0  # 1/s
+    speed_lead_time_s: float = 0.25
+    # expert
+    expert_recovery_time_s: float = 1.0
+    expert_accel: float = 1.5
+    expert_decel: float = 3.0
+    # objects
+    max_obstacles: int = 6
+    max_vehicles: int = 6
+    obstacle_lateral_m: float = -2.6  # parked cars on the right shoulder
+    vehicle_lateral_m: float = 3.5  # oncoming traffic in the left lane
+    vehicle_speed_range: tuple[float, float] = (6.0, 11.0)
+    min_object_s_m: float = 25.0
+    # BEV raster
+    bev_size_px: int = 64
+    bev_resolution_m: float = 0.5
+    bev_ego_row: int = 56  # row (from the top) of the ego's rear axle; the ego faces up
+    # reward
+    reward: RewardWeights = field(default_factory=RewardWeights)
+
+    @property
+    def substeps(self) -> int:
+        return round(self.policy_dt / self.sim_dt)
+
+    @property
+    def max_curvature(self) -> float:
+        return self.base_curvature + self.curvature_per_difficulty * self.difficulty
+
+    @property
+    def drivable_right_m(self) -> float:
+        return -(self.lane_width_m / 2 + self.right_shoulder_m)
+
+    @property
+    def drivable_left_m(self) -> float:
+        return 1.5 * self.lane_width_m + self.left_shoulder_m
+
+    @property
+    def route_points(self) -> int:
+        total = self.lead_in_m + self.route_length_m + self.lead_out_m
+        return int(round(total / self.route_spacing_m)) + 1
+
+    def validate(self) -> None:
+        if self.num_envs < 1:
+            raise ValueError("num_envs must be >= 1")
+        if not 0.0 <= self.difficulty <= 1.0:
+            raise ValueError("difficulty must be in [0, 1]")
+        if abs(self.substeps * self.sim_dt - self.policy_dt) > 1e-9 or self.substeps < 1:
+            raise ValueError("policy_dt must be a whole multiple of sim_dt")
+        if self.num_waypoints < 2:
+            raise ValueError("num_waypoints must be >= 2")
