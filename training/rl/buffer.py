@@ -1,0 +1,187 @@
+"""Rollout storage and generalised advantage estimation (GAE).
+
+The buffer holds ``T`` steps of ``N`` worlds. It stores the frozen SFT features ``z`` and the
+SFT plan, never images: the PPO epochs only run the small heads on them.
+
+Filling ``next_value`` (the value the step bootstraps from), for step ``t``:
+
+* the episode went on: ``V(obs[t + 1])``;
+* the episode was truncated (time limit): ``V(info.final_observation)``, the value of the
+  finished episode's last observation, so we bootstrap through the truncation;
+* the episode terminated: anything finite (it is multiplied by 0).
+
+Since ``info.final_observation`` equals the returned observation wherever no episode ended,
+``V(features(info.final_observation))`` is a correct ``next_value`` for every world; a trainer
+that wants to skip that second encoder pass uses ``torch.where(truncated, V(final), V(next_obs))``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+
+def compute_gae(
+    rewards: Tensor,
+    values: Tensor,
+    next_values: Tensor,
+    terminated: Tensor,
+    episode_end: Tensor,
+    gamma: float,
+    gae_lambda: float,
+) -> tuple[Tensor, Tensor]:
+    """Generalised advantage estimation over a rollout of ``T`` steps and ``N`` worlds.
+
+    Args:
+        rewards: ``[T, N]`` reward of step ``t``.
+        values: ``[T, N]`` ``V(obs[t])``.
+        next_values: ``[T, N]`` value of the observation that follows step ``t`` in the same
+            episode: ``V(obs[t + 1])``, or ``V(final_observation)`` where the episode was
+            truncated; ignored where it terminated.
+        terminated: ``[T, N]`` bool/0-1, the episode ended for good at step ``t`` (no bootstrap).
+        episode_end: ``[T, N]`` bool/0-1, ``terminated | truncated``: the recursion stops here.
+        gamma: discount per step; gae_lambda: GAE's lambda.
+
+    Returns:
+        ``(advantages [T, N], returns [T, N])`` with ``returns = advantages + values``.
+
+    ::
+
+        delta_t = r_t + gamma * (1 - terminated_t) * next_values_t - values_t
+        A_t     = delta_t + gamma * lambda * (1 - episode_end_t) * A_{t+1},    A_T = 0
+    """
+    not_terminated = 1.0 - terminated.to(values.dtype)
+    not_ended = 1.0 - episode_end.to(values.dtype)
+    deltas = rewards + gamma * not_terminated * next_values - values
+    advantages = torch.zeros_like(values)
+    next_advantage = torch.zeros_like(values[0])
+    for t in reversed(range(values.shape[0])):
+        next_advantage = deltas[t] + gamma * gae_lambda * not_ended[t] * next_advantage
+        advantages[t] = next_advantage
+    return advantages, advantages + values
+
+
+class Minibatch(NamedTuple):
+    """A flat minibatch of ``B`` samples drawn from the rollout."""
+
+    z: Tensor  # [B, D]
+    sft_waypoints: Tensor  # [B, K, 2] metres
+    delta: Tensor  # [B, K, 2] metres, the sampled (unclipped) delta
+    log_prob: Tensor  # [B] log-prob of delta under the rollout policy
+    value: Tensor  # [B] V(obs) at rollout time
+    advantage: Tensor  # [B]
+    returns: Tensor  # [B] value targets
+
+
+class RolloutBuffer:
+    """Preallocated storage for ``num_steps`` x ``num_envs`` transitions on ``device``.
+
+    Use: ``add(t, ...)`` for ``t = 0 .. num_steps - 1``, then ``compute_advantages``, then
+    iterate ``minibatches``. Adding step 0 again starts the next rollout.
+    """
+
+    def __init__(
+        self,
+        num_steps: int,
+        num_envs: int,
+        feature_dim: int,
+        num_waypoints: int,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.num_steps = num_steps
+        self.num_envs = num_envs
+        self.device = torch.device(device)
+        t, n, k = num_steps, num_envs, num_waypoints
+
+        def zeros(*shape: int, kind: torch.dtype = dtype) -> Tensor:
+            return torch.zeros(shape, dtype=kind, device=self.device)
+
+        self.z = zeros(t, n, feature_dim)
+        self.sft_waypoints = zeros(t, n, k, 2)
+        self.delta = zeros(t, n, k, 2)
+        self.log_prob = zeros(t, n)
+        self.value = zeros(t, n)
+        self.reward = zeros(t, n)
+        self.terminated = zeros(t, n, kind=torch.bool)
+        self.truncated = zeros(t, n, kind=torch.bool)
+        self.next_value = zeros(t, n)
+        self.advantages = zeros(t, n)
+        self.returns = zeros(t, n)
+        self._advantages_ready = False
+
+    @property
+    def size(self) -> int:
+        """Number of transitions, ``num_steps * num_envs``."""
+        return self.num_steps * self.num_envs
+
+    def add(
+        self,
+        step: int,
+        *,
+        z: Tensor,
+        sft_waypoints: Tensor,
+        delta: Tensor,
+        log_prob: Tensor,
+        value: Tensor,
+        reward: Tensor,
+        terminated: Tensor,
+        truncated: Tensor,
+        next_value: Tensor,
+    ) -> None:
+        """Store step ``step`` of all ``N`` worlds (shapes as the attributes without ``T``).
+
+        ``next_value`` ``[N]``: see the module docstring (``V(final_observation)`` where truncated).
+        """
+        self.z[step] = z
+        self.sft_waypoints[step] = sft_waypoints
+        self.delta[step] = delta
+        self.log_prob[step] = log_prob
+        self.value[step] = value
+        self.reward[step] = reward
+        self.terminated[step] = terminated
+        self.truncated[step] = truncated
+        self.next_value[step] = next_value
+        self._advantages_ready = False
+
+    def compute_advantages(self, gamma: float, gae_lambda: float) -> None:
+        """Fill ``advantages`` and ``returns`` ``[T, N]`` with :func:`compute_gae`."""
+        self.advantages, self.returns = compute_gae(
+            self.reward,
+            self.value,
+            self.next_value,
+            self.terminated,
+            self.terminated | self.truncated,
+            gamma,
+            gae_lambda,
+        )
+        self._advantages_ready = True
+
+    def minibatches(self, batch_size: int, generator: torch.Generator | None = None) -> Iterator[Minibatch]:
+        """One pass over all ``T * N`` transitions in a random order, ``batch_size`` at a time.
+
+        The order is a ``torch.randperm`` drawn from ``generator`` (deterministic for a seeded
+        generator, which may live on the CPU or on the buffer's device). The last minibatch is
+        smaller when ``batch_size`` does not divide ``T * N``.
+        """
+        if not self._advantages_ready:
+            raise RuntimeError("call compute_advantages() before minibatches()")
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        gen_device = generator.device if generator is not None else torch.device("cpu")
+        order = torch.randperm(self.size, generator=generator, device=gen_device).to(self.device)
+        flat = Minibatch(
+            z=self.z.flatten(0, 1),
+            sft_waypoints=self.sft_waypoints.flatten(0, 1),
+            delta=self.delta.flatten(0, 1),
+            log_prob=self.log_prob.flatten(),
+            value=self.value.flatten(),
+            advantage=self.advantages.flatten(),
+            returns=self.returns.flatten(),
+        )
+        for start in range(0, self.size, batch_size):
+            index = order[start : start + batch_size]
+            yield Minibatch(*(tensor[index] for tensor in flat))

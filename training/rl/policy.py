@@ -1,0 +1,312 @@
+"""The residual PPO policy: a frozen SFT waypoint model plus a small trained delta head.
+
+```
+z, sft_waypoints = sft.encode(bev, state), sft.head(z)     # frozen, no gradients
+mean_delta       = max_delta * tanh(delta_head(z, sft))    # [N, K, 2] metres, 0 at initialisation
+delta            ~ Normal(mean_delta, exp(log_std))        # log_std: learned, state-independent
+final_waypoints  = sft_waypoints + clamp(delta, +-max_delta)
+value            = value_head(z, sft)                      # critic sees state and the base action
+```
+
+Because the SFT model is frozen, ``z`` and ``sft_waypoints`` are computed once per environment
+step (:meth:`PPOPolicy.features`) and stored in the rollout buffer; the PPO epochs only run the
+heads on those stored features.
+
+Shapes: ``N`` batch, ``D`` feature size of the SFT encoder, ``K`` waypoints. Waypoints and
+deltas are in metres in the ego frame (x forward, y left).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Protocol
+
+import torch
+from torch import Tensor, nn
+from torch.distributions import Normal
+
+from training.common.errors import UserError
+
+ACTIVATIONS: dict[str, type[nn.Module]] = {"tanh": nn.Tanh, "silu": nn.SiLU}
+
+
+class SFTModel(Protocol):
+    """What the policy needs from the supervised model (``training/sft/model.py``)."""
+
+    feature_dim: int  # D
+    num_waypoints: int  # K
+
+    def encode(self, bev: Tensor, state: Tensor) -> Tensor:
+        """``bev`` uint8 ``[N, C, H, W]``, ``state`` float ``[N, S]`` -> ``z`` ``[N, D]``."""
+        ...
+
+    def head(self, z: Tensor) -> Tensor:
+        """``z`` ``[N, D]`` -> waypoints ``[N, K, 2]`` (metres, ego frame)."""
+        ...
+
+
+def layer_init(layer: nn.Linear, std: float = math.sqrt(2), bias: float = 0.0) -> nn.Linear:
+    """Orthogonal weights with gain ``std`` and constant bias (CleanRL's PPO initialisation).
+
+    ``std=0`` gives an all-zero layer (used for the delta head's output layer).
+    """
+    nn.init.orthogonal_(layer.weight, std)
+    nn.init.constant_(layer.bias, bias)
+    return layer
+
+
+def _mlp(
+    in_dim: int, hidden_sizes: Sequence[int], out_dim: int, activation: str, out_std: float
+) -> nn.Sequential:
+    """``Linear -> act -> ... -> Linear(out_dim)``, the last layer initialised with gain ``out_std``."""
+    if activation not in ACTIVATIONS:
+        raise UserError(f"unknown activation {activation!r}; choose one of {sorted(ACTIVATIONS)}")
+    layers: list[nn.Module] = []
+    previous = in_dim
+    for size in hidden_sizes:
+        layers += [layer_init(nn.Linear(previous, size)), ACTIVATIONS[activation]()]
+        previous = size
+    layers.append(layer_init(nn.Linear(previous, out_dim), std=out_std))
+    return nn.Sequential(*layers)
+
+
+def _head_input(z: Tensor, sft_waypoints: Tensor, waypoint_scale: float) -> Tensor:
+    """``concat(z [N, D], sft_waypoints [N, K, 2] / waypoint_scale flattened)`` -> ``[N, D + 2K]``."""
+    return torch.cat([z, sft_waypoints.flatten(1) / waypoint_scale], dim=-1)
+
+
+class DeltaHead(nn.Module):
+    """Mean residual ``[N, K, 2]`` in metres, bounded to ``(-max_delta, max_delta)`` by ``tanh``.
+
+    The output layer's weights and bias start at exactly zero, so the initial residual is 0
+    and the policy's mean plan is the SFT plan.
+    """
+
+    def __init__(
+        self,
+        feature_dim: int,
+        num_waypoints: int,
+        max_delta: float,
+        hidden_sizes: Sequence[int] = (256, 256),
+        activation: str = "tanh",
+        waypoint_scale: float = 10.0,
+    ) -> None:
+        super().__init__()
+        self.num_waypoints = num_waypoints
+        self.max_delta = float(max_delta)
+        self.waypoint_scale = float(waypoint_scale)
+        self.net = _mlp(feature_dim + 2 * num_waypoints, hidden_sizes, 2 * num_waypoints, activation, 0.0)
+
+    def forward(self, z: Tensor, sft_waypoints: Tensor) -> Tensor:
+        """``z`` ``[N, D]``, ``sft_waypoints`` ``[N, K, 2]`` (m) -> mean delta ``[N, K, 2]`` (m)."""
+        raw = self.net(_head_input(z, sft_waypoints, self.waypoint_scale))
+        return (self.max_delta * torch.tanh(raw)).view(-1, self.num_waypoints, 2)
+
+
+class ValueHead(nn.Module):
+    """Critic ``V(s)`` ``[N]`` from the state features and the base (SFT) action."""
+
+    def __init__(
+        self,
+        feature_dim: int,
+        num_waypoints: int,
+        hidden_sizes: Sequence[int] = (256, 256),
+        activation: str = "tanh",
+        waypoint_scale: float = 10.0,
+    ) -> None:
+        super().__init__()
+        self.waypoint_scale = float(waypoint_scale)
+        self.net = _mlp(feature_dim + 2 * num_waypoints, hidden_sizes, 1, activation, 1.0)
+
+    def forward(self, z: Tensor, sft_waypoints: Tensor) -> Tensor:
+        """``z`` ``[N, D]``, ``sft_waypoints`` ``[N, K, 2]`` -> value ``[N]`` (return units)."""
+        return self.net(_head_input(z, sft_waypoints, self.waypoint_scale)).squeeze(-1)
+
+
+def sum_over_waypoints(x: Tensor) -> Tensor:
+    """Sum a per-coordinate quantity ``[N, K, 2]`` over waypoints and axes -> ``[N]``."""
+    return x.sum(dim=(-2, -1))
+
+
+class PPOPolicy(nn.Module):
+    """Frozen SFT model + trained :class:`DeltaHead`, :class:`ValueHead` and ``log_std`` ``[K, 2]``.
+
+    Args:
+        sft_model: module with ``encode(bev, state) -> z [N, D]``, ``head(z) -> [N, K, 2]`` and
+            attributes ``feature_dim`` (D) and ``num_waypoints`` (K). It is frozen here:
+            ``requires_grad_(False)`` and kept in eval mode whatever ``train()`` is called with.
+        max_delta: bound on the residual per coordinate, metres.
+        init_log_std: initial log standard deviation of the delta (``-1.6`` is about 0.2 m).
+        hidden_sizes: hidden layer widths of both heads.
+        activation: ``"tanh"`` or ``"silu"``.
+        min_log_std, max_log_std: ``log_std`` is clamped to this range wherever it is used
+            (outside it the clamp passes no gradient).
+        waypoint_scale: metres by which the SFT waypoints are divided before entering the heads.
+    """
+
+    def __init__(
+        self,
+        sft_model: nn.Module,
+        max_delta: float,
+        init_log_std: float = -1.6,
+        hidden_sizes: Sequence[int] = (256, 256),
+        activation: str = "tanh",
+        min_log_std: float = -5.0,
+        max_log_std: float = 1.0,
+        waypoint_scale: float = 10.0,
+    ) -> None:
+        super().__init__()
+        if not max_delta > 0:
+            raise UserError(f"max_delta must be > 0 metres, got {max_delta}")
+        if not min_log_std <= init_log_std <= max_log_std:
+            raise UserError(
+                f"init_log_std {init_log_std} is outside [min_log_std, max_log_std] = "
+                f"[{min_log_std}, {max_log_std}]"
+            )
+        feature_dim = int(sft_model.feature_dim)
+        num_waypoints = int(sft_model.num_waypoints)
+        self.sft_model = sft_model
+        self.sft_model.requires_grad_(False)
+        self.sft_model.eval()
+        self.max_delta = float(max_delta)
+        self.min_log_std = float(min_log_std)
+        self.max_log_std = float(max_log_std)
+        self.num_waypoints = num_waypoints
+        self.delta_head = DeltaHead(
+            feature_dim, num_waypoints, max_delta, hidden_sizes, activation, waypoint_scale
+        )
+        self.value_head = ValueHead(feature_dim, num_waypoints, hidden_sizes, activation, waypoint_scale)
+        self.log_std = nn.Parameter(torch.full((num_waypoints, 2), float(init_log_std)))
+
+    # --- modes and parameters -------------------------------------------------------------------
+
+    def train(self, mode: bool = True) -> PPOPolicy:
+        """Set the heads' training mode; the frozen SFT model always stays in eval mode."""
+        super().train(mode)
+        self.sft_model.eval()
+        return self
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The parameters PPO trains (both heads and ``log_std``); build the optimizer from these."""
+        return [*self.delta_head.parameters(), *self.value_head.parameters(), self.log_std]
+
+    def _head_items(self) -> Iterator[tuple[str, Tensor]]:
+        for name, tensor in self.state_dict().items():
+            if not name.startswith("sft_model."):
+                yield name, tensor
+
+    def heads_state_dict(self) -> dict[str, Tensor]:
+        """The trained part (delta head, value head, ``log_std``), without the SFT weights."""
+        return {name: tensor.detach().clone() for name, tensor in self._head_items()}
+
+    def load_heads_state_dict(self, state: Mapping[str, Tensor]) -> None:
+        """Load what :meth:`heads_state_dict` returned.
+
+        Raises:
+            UserError: a key is missing or unexpected, or a shape differs (e.g. a checkpoint
+                trained with other ``hidden_sizes`` or another number of waypoints).
+        """
+        expected = dict(self._head_items())
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        if missing or unexpected:
+            raise UserError(
+                "policy heads do not match the checkpoint "
+                f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+            )
+        for name, tensor in state.items():
+            if tuple(tensor.shape) != tuple(expected[name].shape):
+                raise UserError(
+                    f"policy heads do not match the checkpoint: {name} has shape {tuple(tensor.shape)}, "
+                    f"expected {tuple(expected[name].shape)} (other hidden sizes or waypoint count?)"
+                )
+        self.load_state_dict(dict(state), strict=False)
+
+    # --- frozen features ------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def features(self, bev: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
+        """Run the frozen SFT model: ``bev`` uint8 ``[N, C, H, W]``, ``state`` ``[N, S]`` ->
+        ``(z [N, D], sft_waypoints [N, K, 2] metres)``.
+
+        Computed under ``no_grad`` (not ``inference_mode``), so the results are ordinary
+        tensors without history: they can be stored in the rollout buffer and fed to the heads
+        later with gradients flowing into the heads only.
+        """
+        z = self.sft_model.encode(bev, state)
+        sft_waypoints = self.sft_model.head(z)
+        return z.detach(), sft_waypoints.detach()
+
+    # --- distribution, value, actions -----------------------------------------------------------
+
+    def std(self) -> Tensor:
+        """Standard deviation of the delta ``[K, 2]`` in metres (``exp`` of the clamped ``log_std``)."""
+        return self.log_std.clamp(self.min_log_std, self.max_log_std).exp()
+
+    def distribution(self, z: Tensor, sft_waypoints: Tensor) -> Normal:
+        """Per-coordinate ``Normal`` over the delta, batch shape ``[N, K, 2]`` (metres).
+
+        Sum ``log_prob`` and ``entropy`` over the last two dimensions for per-plan values
+        (:func:`sum_over_waypoints`). Arguments are not validated (``validate_args=False``): a
+        NaN mean yields NaN log-probs, which the update skips, instead of an exception mid-rollout.
+        """
+        mean = self.delta_head(z, sft_waypoints)
+        return Normal(mean, self.std().expand_as(mean), validate_args=False)
+
+    def value(self, z: Tensor, sft_waypoints: Tensor) -> Tensor:
+        """Critic ``[N]``."""
+        return self.value_head(z, sft_waypoints)
+
+    @torch.no_grad()
+    def act(
+        self,
+        z: Tensor,
+        sft_waypoints: Tensor,
+        deterministic: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Choose a delta for a rollout step (no gradients).
+
+        Returns:
+            delta ``[N, K, 2]`` (metres, the raw sample; store it in the buffer and apply it with
+            :meth:`final_waypoints`, which clips it), its ``log_prob`` ``[N]`` summed over
+            ``K`` and both axes, and ``value`` ``[N]``. With ``deterministic`` the delta is the mean.
+            ``generator`` (on the tensors' device) makes sampling reproducible.
+        """
+        dist = self.distribution(z, sft_waypoints)
+        if deterministic:
+            delta = dist.mean
+        else:
+            noise = torch.randn(dist.mean.shape, generator=generator, device=z.device, dtype=z.dtype)
+            delta = dist.mean + dist.stddev * noise
+        log_prob = sum_over_waypoints(dist.log_prob(delta))
+        return delta, log_prob, self.value(z, sft_waypoints)
+
+    def evaluate_actions(
+        self, z: Tensor, sft_waypoints: Tensor, delta: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """``(log_prob [N], entropy [N], value [N])`` of stored deltas ``[N, K, 2]``, with gradients."""
+        dist = self.distribution(z, sft_waypoints)
+        log_prob = sum_over_waypoints(dist.log_prob(delta))
+        entropy = sum_over_waypoints(dist.entropy())
+        return log_prob, entropy, self.value(z, sft_waypoints)
+
+    def final_waypoints(self, sft_waypoints: Tensor, delta: Tensor) -> Tensor:
+        """The plan sent to the world: ``sft_waypoints + clamp(delta, -max_delta, max_delta)``.
+
+        The sampled delta is stored and scored unclipped; only the applied action is clipped
+        (CleanRL's convention for continuous actions), so no waypoint ever moves further than
+        ``max_delta`` from the SFT plan. Safety net: a world whose delta holds any NaN or inf gets
+        delta 0, i.e. exactly the SFT plan, so a diverged policy never reaches the world.
+        Shapes ``[N, K, 2]``, metres.
+        """
+        finite = torch.isfinite(delta).all(dim=-1, keepdim=True).all(dim=-2, keepdim=True)
+        safe_delta = torch.where(finite, delta, torch.zeros_like(delta))
+        return sft_waypoints + safe_delta.clamp(-self.max_delta, self.max_delta)
+
+    @torch.no_grad()
+    def deterministic_waypoints(self, bev: Tensor, state: Tensor) -> Tensor:
+        """Evaluation plan ``[N, K, 2]`` (metres): SFT plan + mean delta (clipped, non-finite -> 0)."""
+        z, sft_waypoints = self.features(bev, state)
+        return self.final_waypoints(sft_waypoints, self.delta_head(z, sft_waypoints))

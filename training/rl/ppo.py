@@ -1,0 +1,150 @@
+"""The PPO update: a few epochs of minibatch gradient steps on the heads over one rollout."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from torch import Tensor
+
+from training.rl.buffer import RolloutBuffer
+from training.rl.losses import explained_variance, kl_to_reference, ppo_loss, residual_l2_penalty
+from training.rl.policy import PPOPolicy, sum_over_waypoints
+
+
+def ppo_update(
+    policy: PPOPolicy,
+    optimizer: torch.optim.Optimizer,
+    buffer: RolloutBuffer,
+    *,
+    update_epochs: int,
+    minibatch_size: int,
+    clip_epsilon: float,
+    value_coef: float,
+    entropy_coef: float,
+    max_grad_norm: float | None,
+    target_kl: float | None = None,
+    normalize_advantages: bool = True,
+    value_clip: float | None = None,
+    residual_l2_coef: float = 0.0,
+    kl_coef: float = 0.0,
+    reference_std: float | None = None,
+    critic_only: bool = False,
+    generator: torch.Generator | None = None,
+) -> dict[str, float]:
+    """Run PPO epochs over ``buffer`` (advantages already computed) and return mean statistics.
+
+    Args:
+        policy: the policy; only what ``optimizer`` holds (``policy.trainable_parameters()``) moves.
+        optimizer: built from ``policy.trainable_parameters()``.
+        buffer: a full rollout on which ``compute_advantages`` has run.
+        update_epochs: passes over the rollout.
+        minibatch_size: transitions per gradient step.
+        clip_epsilon: PPO ratio clip; value_coef, entropy_coef: loss weights.
+        max_grad_norm: global gradient-norm clip over the trained parameters (None: no clip).
+        target_kl: stop after the first epoch whose mean approx KL exceeds it (None: never).
+        normalize_advantages: normalise advantages per minibatch (CleanRL).
+        value_clip: clip the value change to ``+- value_clip`` around the rollout value (None: off).
+        residual_l2_coef: weight of the mean squared residual mean (m^2), keeps RL near SFT.
+        kl_coef: weight of ``KL(policy || Normal(sft_plan, reference_std))`` per plan; a trainer
+            with an adaptive coefficient reads ``kl_to_reference`` from the result.
+        reference_std: metres, the SFT reference policy's std (needed when ``kl_coef > 0``).
+        critic_only: warm-up mode: only the value loss produces gradients (no policy change).
+        generator: draws the minibatch order (seeded: deterministic).
+
+    Returns:
+        Means over the applied minibatch steps of ``loss``, ``policy_loss``, ``value_loss``,
+        ``entropy``, ``approx_kl``, ``clip_fraction``, ``grad_norm`` (before clipping),
+        ``residual_l2``, ``kl_to_reference``; plus ``explained_variance`` (rollout values vs
+        returns), ``std`` (mean delta std, m), ``skipped_updates`` (steps skipped because the loss
+        or gradient norm was NaN/inf), ``minibatch_updates``, ``epochs`` and ``early_stopped``.
+
+    One host sync per minibatch (the finiteness check that decides whether to step) and one per
+    epoch (the KL early stop); every statistic is read once at the end.
+    """
+    if kl_coef > 0 and reference_std is None:
+        raise ValueError("kl_coef > 0 needs reference_std")
+    policy.train()
+    params = policy.trainable_parameters()
+    clip_norm = float("inf") if max_grad_norm is None else max_grad_norm
+
+    history: dict[str, list[Tensor]] = defaultdict(list)
+    applied: list[bool] = []
+    epochs_run = 0
+    early_stopped = False
+
+    for _epoch in range(update_epochs):
+        epochs_run += 1
+        epoch_kl: list[Tensor] = []
+        for batch in buffer.minibatches(minibatch_size, generator):
+            dist = policy.distribution(batch.z, batch.sft_waypoints)
+            new_log_prob = sum_over_waypoints(dist.log_prob(batch.delta))
+            entropy = sum_over_waypoints(dist.entropy())
+            new_value = policy.value(batch.z, batch.sft_waypoints)
+            if critic_only:  # the policy terms become constants: only the critic learns
+                new_log_prob, entropy = new_log_prob.detach(), entropy.detach()
+
+            loss, stats = ppo_loss(
+                new_log_prob,
+                batch.log_prob,
+                batch.advantage,
+                new_value,
+                batch.returns,
+                entropy,
+                clip_epsilon=clip_epsilon,
+                value_coef=value_coef,
+                entropy_coef=entropy_coef,
+                normalize_advantages=normalize_advantages,
+                old_value=batch.value,
+                value_clip=value_clip,
+            )
+            residual_l2 = residual_l2_penalty(dist.mean)
+            kl_ref = (
+                kl_to_reference(dist.mean, policy.std(), reference_std).mean()
+                if reference_std is not None
+                else torch.zeros((), device=loss.device)
+            )
+            if not critic_only:
+                if residual_l2_coef > 0:
+                    loss = loss + residual_l2_coef * residual_l2
+                if kl_coef > 0:
+                    loss = loss + kl_coef * kl_ref
+
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_norm)
+            # NaN/inf guard: a bad step never reaches the parameters (nor Adam's moments).
+            finite = bool(torch.isfinite(loss) & torch.isfinite(grad_norm))
+            if finite:
+                optimizer.step()
+            else:
+                optimizer.zero_grad(set_to_none=True)
+            applied.append(finite)
+
+            stats.update(
+                loss=loss.detach(),
+                grad_norm=grad_norm.detach(),
+                residual_l2=residual_l2.detach(),
+                kl_to_reference=kl_ref.detach(),
+            )
+            for name, value in stats.items():
+                history[name].append(value)
+            if finite:
+                epoch_kl.append(stats["approx_kl"])
+
+        # Approx-KL early stop (CleanRL checks after each epoch): one host sync per epoch.
+        epoch_approx_kl = torch.stack(epoch_kl).mean().item() if epoch_kl else 0.0
+        if target_kl is not None and not critic_only and epoch_approx_kl > target_kl:
+            early_stopped = True
+            break
+
+    applied_mask = torch.tensor(applied, dtype=torch.bool)
+    result = {name: torch.stack(values).cpu()[applied_mask].mean().item() for name, values in history.items()}
+    with torch.no_grad():
+        result["explained_variance"] = explained_variance(buffer.value, buffer.returns).item()
+        result["std"] = policy.std().mean().item()
+    result["skipped_updates"] = float(applied.count(False))
+    result["minibatch_updates"] = float(applied.count(True))
+    result["epochs"] = float(epochs_run)
+    result["early_stopped"] = float(early_stopped)
+    return result
