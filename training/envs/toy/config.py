@@ -120,3 +120,7 @@ class ToyWorldConfig:
             raise ValueError("policy_dt must be a whole multiple of sim_dt")
         if self.num_waypoints < 2:
             raise ValueError("num_waypoints must be >= 2")
+        if self.max_episode_steps < 1:
+            raise ValueError("max_episode_steps must be >= 1")
+        if not 0 <= self.bev_ego_row < self.bev_size_px:
+            raise ValueError("bev_ego_row must lie inside the image")

@@ -68,12 +68,19 @@ def _curvature_profile(seeds: torch.Tensor, cfg: ToyWorldConfig, s: torch.Tensor
 
 
 def _smooth(values: torch.Tensor, width: int) -> torch.Tensor:
-    """Moving average along the last axis with edge replication, so curvature ramps in."""
+    """Moving average along the last axis with edge replication, so curvature ramps in.
+
+    Written as element-wise adds rather than ``conv1d``: a convolution's result depends on the
+    batch size on the CPU, which would make a scenario depend on the other worlds in its batch.
+    """
     if width <= 1:
         return values
-    kernel = torch.full((1, 1, width), 1.0 / width, device=values.device, dtype=values.dtype)
-    padded = F.pad(values[:, None, :], ((width - 1) // 2, width // 2), mode="replicate")
-    return F.conv1d(padded, kernel)[:, 0, :]
+    padded = F.pad(values[:, None, :], ((width - 1) // 2, width // 2), mode="replicate")[:, 0, :]
+    length = values.shape[1]
+    total = padded[:, :length].clone()
+    for shift in range(1, width):
+        total = total + padded[:, shift : shift + length]
+    return total / width
 
 
 def _integrate_route(

@@ -212,6 +212,11 @@ class ToyWaypointEnv:
             self.config,
         )
 
+    def route_xy_for_seeds(self, seeds: list[int]) -> torch.Tensor:
+        """Route centre lines ``[M, P, 2]`` (world frame) of the scenarios with these seeds, for drawing."""
+        seeds_t = torch.tensor(seeds, dtype=torch.int64, device=self.device)
+        return generate_scenarios(seeds_t, self.config).route_xy
+
     def ego_pose(self) -> torch.Tensor:
         return torch.stack([self.vehicle.x, self.vehicle.y, self.vehicle.yaw], dim=-1)
 
