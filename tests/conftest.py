@@ -1,5 +1,38 @@
-"""Shared test set-up: small thread pools keep the 2-core CI machine from oversubscribing."""
+"""Shared test set-up: one CPU thread, and one tiny SFT + RL run that several test files read."""
 
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
 import torch
 
 torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A tiny SFT model and a 2-iteration RL run on it (about 15 s on one CPU core)."""
+    from training.rl.config import PPOConfig
+    from training.rl.test_ppo_delta_smoke import make_tiny_sft
+    from training.rl.trainer import train_ppo
+
+    root = tmp_path_factory.mktemp("tiny_run")
+    sft = make_tiny_sft(root / "sft")
+    config = PPOConfig(
+        sft_checkpoint=str(sft),
+        out_dir=str(root / "rl"),
+        num_iterations=2,
+        num_envs=4,
+        rollout_steps=8,
+        batch_size=16,
+        update_epochs=2,
+        eval_every=1,
+        eval_episodes=4,
+        save_every=1,
+        device="cpu",
+        progress=False,
+        critic_warmup_iterations=0,
+    )
+    train_ppo(config)
+    return {"sft": sft, "rl_dir": root / "rl", "root": root}

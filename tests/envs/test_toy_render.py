@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from training.envs.toy import ToyWaypointEnv, ToyWorldConfig
+from training.envs.toy import STATE_NAMES, ToyWaypointEnv, ToyWorldConfig
 from training.envs.toy.render import RenderInputs, pixel_centre, render_bev
 
 CFG = ToyWorldConfig()
@@ -69,7 +69,7 @@ def test_world_bev_has_shape_dtype_and_binary_channels() -> None:
         values = set(torch.unique(obs.bev[:, channel]).tolist())
         assert values <= {0, 255}, f"channel {channel} is not binary: {sorted(values)[:8]}"
     assert int(obs.bev[:, ROUTE].max()) > 200  # anti-aliased: near 255 where the line crosses a centre
-    assert obs.state.shape == (3, 4) and obs.state.dtype == torch.float32
+    assert obs.state.shape == (3, len(STATE_NAMES)) and obs.state.dtype == torch.float32
 
 
 def test_ego_footprint_is_drivable_on_a_straight_road() -> None:

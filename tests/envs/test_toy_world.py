@@ -10,7 +10,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from training.envs.toy import ToyWaypointEnv, ToyWorldConfig
+from training.envs.toy import STATE_NAMES, ToyWaypointEnv, ToyWorldConfig
 from training.envs.toy.scenario import generate_scenarios
 from training.rl.env_interface import BatchedWaypointEnv, StepResult
 
@@ -30,7 +30,7 @@ def test_meets_the_protocol() -> None:
     env = _env(2)
     assert isinstance(env, BatchedWaypointEnv)
     assert env.spec.bev_shape == (4, 64, 64)
-    assert env.spec.state_dim == 4 and env.spec.num_waypoints == K
+    assert env.spec.state_dim == len(STATE_NAMES) and env.spec.num_waypoints == K
 
 
 @pytest.mark.parametrize(("difficulty", "num_envs"), [(0.0, 16), (1.0, 64)])

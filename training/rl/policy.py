@@ -2,7 +2,7 @@
 
 ```
 z, sft_waypoints = sft.encode(bev, state), sft.head(z)     # frozen, no gradients
-mean_delta       = max_delta * tanh(delta_head(z, sft))    # [N, K, 2] metres, 0 at initialisation
+mean_delta       = max_delta * tanh(action_scale * delta_head(z, sft))  # [N, K, 2] m, 0 at init
 delta            ~ Normal(mean_delta, exp(log_std))        # log_std: learned, state-independent
 final_waypoints  = sft_waypoints + clamp(delta, +-max_delta)
 value            = value_head(z, sft)                      # critic sees state and the base action
@@ -80,7 +80,11 @@ class DeltaHead(nn.Module):
     """Mean residual ``[N, K, 2]`` in metres, bounded to ``(-max_delta, max_delta)`` by ``tanh``.
 
     The output layer's weights and bias start at exactly zero, so the initial residual is 0
-    and the policy's mean plan is the SFT plan.
+    and the policy's mean plan is the SFT plan. ``action_scale`` multiplies the raw output
+    before the ``tanh`` (ResiP's residual scale): Adam moves every weight by about ``lr`` per
+    step whatever the gradient's size, so this gain sets how many metres one optimiser step can
+    move the plan. Without it (gain ``max_delta``) a single step at ``lr=3e-4`` shifts the mean
+    by several times the exploration std and PPO's KL stop ends each update after one step.
     """
 
     def __init__(
@@ -91,17 +95,19 @@ class DeltaHead(nn.Module):
         hidden_sizes: Sequence[int] = (256, 256),
         activation: str = "tanh",
         waypoint_scale: float = 10.0,
+        action_scale: float = 1.0,
     ) -> None:
         super().__init__()
         self.num_waypoints = num_waypoints
         self.max_delta = float(max_delta)
+        self.action_scale = float(action_scale)
         self.waypoint_scale = float(waypoint_scale)
         self.net = _mlp(feature_dim + 2 * num_waypoints, hidden_sizes, 2 * num_waypoints, activation, 0.0)
 
     def forward(self, z: Tensor, sft_waypoints: Tensor) -> Tensor:
         """``z`` ``[N, D]``, ``sft_waypoints`` ``[N, K, 2]`` (m) -> mean delta ``[N, K, 2]`` (m)."""
         raw = self.net(_head_input(z, sft_waypoints, self.waypoint_scale))
-        return (self.max_delta * torch.tanh(raw)).view(-1, self.num_waypoints, 2)
+        return (self.max_delta * torch.tanh(self.action_scale * raw)).view(-1, self.num_waypoints, 2)
 
 
 class ValueHead(nn.Module):
@@ -137,12 +143,17 @@ class PPOPolicy(nn.Module):
             attributes ``feature_dim`` (D) and ``num_waypoints`` (K). It is frozen here:
             ``requires_grad_(False)`` and kept in eval mode whatever ``train()`` is called with.
         max_delta: bound on the residual per coordinate, metres.
-        init_log_std: initial log standard deviation of the delta (``-1.6`` is about 0.2 m).
+        init_log_std: initial log standard deviation of the first waypoint's delta (``-1.6`` is
+            about 0.2 m).
+        std_horizon_exponent: waypoint ``k`` (1-based) starts with std ``exp(init_log_std) * k **
+            std_horizon_exponent``: far waypoints, which the controller barely executes before the
+            next plan, can explore widely without disturbing the driving; near ones stay precise.
         hidden_sizes: hidden layer widths of both heads.
         activation: ``"tanh"`` or ``"silu"``.
         min_log_std, max_log_std: ``log_std`` is clamped to this range wherever it is used
             (outside it the clamp passes no gradient).
         waypoint_scale: metres by which the SFT waypoints are divided before entering the heads.
+        action_scale: gain on the delta head's raw output before the ``tanh`` (see DeltaHead).
     """
 
     def __init__(
@@ -155,17 +166,23 @@ class PPOPolicy(nn.Module):
         min_log_std: float = -5.0,
         max_log_std: float = 1.0,
         waypoint_scale: float = 10.0,
+        action_scale: float = 1.0,
+        std_horizon_exponent: float = 0.0,
     ) -> None:
         super().__init__()
+        if not action_scale > 0:
+            raise UserError(f"action_scale must be > 0, got {action_scale}")
         if not max_delta > 0:
             raise UserError(f"max_delta must be > 0 metres, got {max_delta}")
-        if not min_log_std <= init_log_std <= max_log_std:
-            raise UserError(
-                f"init_log_std {init_log_std} is outside [min_log_std, max_log_std] = "
-                f"[{min_log_std}, {max_log_std}]"
-            )
         feature_dim = int(sft_model.feature_dim)
         num_waypoints = int(sft_model.num_waypoints)
+        horizon = torch.arange(1, num_waypoints + 1, dtype=torch.float32).log() * float(std_horizon_exponent)
+        initial_log_std = (float(init_log_std) + horizon)[:, None].expand(num_waypoints, 2).clone()
+        if not (min_log_std <= initial_log_std.min() and initial_log_std.max() <= max_log_std):
+            raise UserError(
+                f"initial log std {initial_log_std.min():.2f}..{initial_log_std.max():.2f} is outside "
+                f"[min_log_std, max_log_std] = [{min_log_std}, {max_log_std}]"
+            )
         self.sft_model = sft_model
         self.sft_model.requires_grad_(False)
         self.sft_model.eval()
@@ -174,10 +191,10 @@ class PPOPolicy(nn.Module):
         self.max_log_std = float(max_log_std)
         self.num_waypoints = num_waypoints
         self.delta_head = DeltaHead(
-            feature_dim, num_waypoints, max_delta, hidden_sizes, activation, waypoint_scale
+            feature_dim, num_waypoints, max_delta, hidden_sizes, activation, waypoint_scale, action_scale
         )
         self.value_head = ValueHead(feature_dim, num_waypoints, hidden_sizes, activation, waypoint_scale)
-        self.log_std = nn.Parameter(torch.full((num_waypoints, 2), float(init_log_std)))
+        self.log_std = nn.Parameter(initial_log_std)
 
     # --- modes and parameters -------------------------------------------------------------------
 

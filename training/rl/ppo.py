@@ -42,7 +42,8 @@ def ppo_update(
         minibatch_size: transitions per gradient step.
         clip_epsilon: PPO ratio clip; value_coef, entropy_coef: loss weights.
         max_grad_norm: global gradient-norm clip over the trained parameters (None: no clip).
-        target_kl: stop after the first epoch whose mean approx KL exceeds it (None: never).
+        target_kl: stop the update at the first minibatch whose approx KL exceeds 1.5 x target_kl
+            (checked before its step, as Stable-Baselines3 does; None: never).
         normalize_advantages: normalise advantages per minibatch (CleanRL).
         value_clip: clip the value change to ``+- value_clip`` around the rollout value (None: off).
         residual_l2_coef: weight of the mean squared residual mean (m^2), keeps RL near SFT.
@@ -59,8 +60,8 @@ def ppo_update(
         returns), ``std`` (mean delta std, m), ``skipped_updates`` (steps skipped because the loss
         or gradient norm was NaN/inf), ``minibatch_updates``, ``epochs`` and ``early_stopped``.
 
-    One host sync per minibatch (the finiteness check that decides whether to step) and one per
-    epoch (the KL early stop); every statistic is read once at the end.
+    Two host syncs per minibatch (the KL early stop and the finiteness check that decides
+    whether to step); every statistic is read once at the end.
     """
     if kl_coef > 0 and reference_std is None:
         raise ValueError("kl_coef > 0 needs reference_std")
@@ -75,7 +76,6 @@ def ppo_update(
 
     for _epoch in range(update_epochs):
         epochs_run += 1
-        epoch_kl: list[Tensor] = []
         for batch in buffer.minibatches(minibatch_size, generator):
             dist = policy.distribution(batch.z, batch.sft_waypoints)
             new_log_prob = sum_over_waypoints(dist.log_prob(batch.delta))
@@ -110,6 +110,12 @@ def ppo_update(
                 if kl_coef > 0:
                     loss = loss + kl_coef * kl_ref
 
+            # Approx-KL early stop before the step (Stable-Baselines3): once this minibatch shows the
+            # policy has moved more than 1.5 x target_kl from the rollout policy, stop the update.
+            if target_kl is not None and not critic_only and stats["approx_kl"].item() > 1.5 * target_kl:
+                early_stopped = True
+                break
+
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_norm)
@@ -129,13 +135,7 @@ def ppo_update(
             )
             for name, value in stats.items():
                 history[name].append(value)
-            if finite:
-                epoch_kl.append(stats["approx_kl"])
-
-        # Approx-KL early stop (CleanRL checks after each epoch): one host sync per epoch.
-        epoch_approx_kl = torch.stack(epoch_kl).mean().item() if epoch_kl else 0.0
-        if target_kl is not None and not critic_only and epoch_approx_kl > target_kl:
-            early_stopped = True
+        if early_stopped:
             break
 
     applied_mask = torch.tensor(applied, dtype=torch.bool)

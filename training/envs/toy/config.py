@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 BEV_CHANNELS = ("drivable", "route", "vehicles", "obstacles")
-STATE_NAMES = ("speed_mps", "steer_rad", "accel_mps2", "yaw_rate_radps")
+# The navigation's distance to the destination is part of the ego state: the goal ends the
+# episode, so without it no critic could tell an episode's start from its end.
+STATE_NAMES = ("speed_mps", "steer_rad", "accel_mps2", "yaw_rate_radps", "distance_to_goal_m")
 
 
 @dataclass(frozen=True)
@@ -16,12 +18,20 @@ class RewardWeights:
     speed limit covers in one policy step; ``speed`` multiplies |v - v_target| / v_road
     (Roach's speed term: drive at the curvature-limited target speed, not faster, not slower);
     ``lateral`` is per metre from the route centre line; ``heading`` per radian of heading error.
+
+    The plan terms score the whole plan, not only the part the controller executes before the
+    next policy step (about the first second): ``plan_lateral`` per metre of mean distance of the
+    K waypoints from the route centre line, ``plan_speed`` per unit of mean |planned speed -
+    target speed| / v_road over the K intervals. Without them 6 of the 8 waypoints would get no
+    learning signal at all. They use the road and its speed limits only, never the expert.
     """
 
     progress: float = 1.0
     speed: float = 0.5
     lateral: float = 0.5
     heading: float = 1.0
+    plan_lateral: float = 1.0
+    plan_speed: float = 1.0
     collision: float = 10.0
     off_road: float = 10.0
 
@@ -52,10 +62,10 @@ class ToyWorldConfig:
     curvature_per_difficulty: float = 0.04  # 1/m added at difficulty 1
     curvature_smoothing_m: float = 10.0
     # speeds
-    road_speed_mps: float = 11.0
+    road_speed_mps: float = 8.0
     max_lateral_accel: float = 2.0  # sets the curvature-limited target speed
     comfort_decel: float = 2.0  # backward-smooths the target speed before curves
-    start_speed_range: tuple[float, float] = (5.0, 10.0)
+    start_speed_range: tuple[float, float] = (4.0, 8.0)
     start_lateral_m: float = 0.6  # start offset uniform in +-this
     start_heading_rad: float = 0.08
     # vehicle (kinematic bicycle, reference point the rear axle)
@@ -81,12 +91,12 @@ class ToyWorldConfig:
     max_vehicles: int = 6
     obstacle_lateral_m: float = -2.6  # parked cars on the right shoulder
     vehicle_lateral_m: float = 3.5  # oncoming traffic in the left lane
-    vehicle_speed_range: tuple[float, float] = (6.0, 11.0)
+    vehicle_speed_range: tuple[float, float] = (5.0, 9.0)
     min_object_s_m: float = 25.0
     # BEV raster
     bev_size_px: int = 64
     bev_resolution_m: float = 0.5
-    bev_ego_row: int = 56  # row (from the top) of the ego's rear axle; the ego faces up
+    bev_ego_row: int = 58  # row (from the top) of the ego's rear axle; the ego faces up
     # reward
     reward: RewardWeights = field(default_factory=RewardWeights)
 

@@ -182,6 +182,44 @@ def frenet_to_world(
     return xy + d[..., None] * normal, heading
 
 
+def project_points_to_route(
+    route_xy: torch.Tensor,
+    route_heading: torch.Tensor,
+    points: torch.Tensor,
+    hint: torch.Tensor,
+    cfg: ToyWorldConfig,
+    window: tuple[int, int] = (-4, 16),
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Route coordinates of ``points`` ``[N, Q, 2]``, each searched near route index ``hint`` ``[N, Q]``.
+
+    The nearest route segment among indices ``hint + window[0] .. hint + window[1]`` wins.
+    Returns arc length ``s``, signed lateral offset ``d`` (left positive), route heading at the
+    projection and the segment index, each ``[N, Q]``.
+    """
+    n, q = hint.shape
+    last = route_xy.shape[1] - 1
+    offsets = torch.arange(window[0], window[1], device=points.device)
+    idx = (hint[..., None] + offsets).clamp(0, last - 1)  # [N, Q, W] segment starts
+    flat = idx.reshape(n, -1)
+    a = route_xy.gather(1, flat[..., None].expand(-1, -1, 2)).view(n, q, -1, 2)
+    b = route_xy.gather(1, (flat + 1)[..., None].expand(-1, -1, 2)).view(n, q, -1, 2)
+    seg = b - a
+    rel = points[..., None, :] - a
+    t = ((rel * seg).sum(-1) / (seg * seg).sum(-1).clamp_min(1e-9)).clamp(0.0, 1.0)
+    dist2 = ((rel - t[..., None] * seg) ** 2).sum(-1)
+    best = dist2.argmin(dim=-1, keepdim=True)  # [N, Q, 1]
+    seg_b = seg.gather(2, best[..., None].expand(-1, -1, -1, 2))[..., 0, :]
+    rel_b = rel.gather(2, best[..., None].expand(-1, -1, -1, 2))[..., 0, :]
+    t_b = t.gather(2, best)[..., 0]
+    i_b = idx.gather(2, best)[..., 0]
+    seg_len = seg_b.norm(dim=-1).clamp_min(1e-9)
+    d = (seg_b[..., 0] * rel_b[..., 1] - seg_b[..., 1] * rel_b[..., 0]) / seg_len
+    s = -cfg.lead_in_m + (i_b.to(points.dtype) + t_b) * cfg.route_spacing_m
+    h0 = route_heading.gather(1, i_b)
+    h1 = route_heading.gather(1, i_b + 1)
+    return s, d, h0 + t_b * (h1 - h0), i_b
+
+
 def project_to_route(
     route_xy: torch.Tensor,
     route_heading: torch.Tensor,
@@ -189,32 +227,15 @@ def project_to_route(
     hint: torch.Tensor,
     cfg: ToyWorldConfig,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Route coordinates of ``point`` ``[N, 2]`` searched near route index ``hint`` ``[N]``.
+    """Route coordinates of one point per world, ``point`` ``[N, 2]`` near route index ``hint`` ``[N]``.
 
     Returns arc length ``s`` [N], signed lateral offset ``d`` [N] (left positive), the route
     heading at the projection [N] and the new index hint [N].
     """
-    last = route_xy.shape[1] - 1
-    offsets = torch.arange(-4, 16, device=point.device)
-    idx = (hint[:, None] + offsets[None, :]).clamp(0, last - 1)  # [N, W] segment starts
-    a = route_xy.gather(1, idx[..., None].expand(-1, -1, 2))
-    b = route_xy.gather(1, (idx + 1)[..., None].expand(-1, -1, 2))
-    seg = b - a
-    rel = point[:, None, :] - a
-    t = ((rel * seg).sum(-1) / (seg * seg).sum(-1).clamp_min(1e-9)).clamp(0.0, 1.0)
-    foot = a + t[..., None] * seg
-    dist2 = ((point[:, None, :] - foot) ** 2).sum(-1)
-    best = dist2.argmin(dim=1, keepdim=True)
-    seg_b = seg.gather(1, best[..., None].expand(-1, -1, 2))[:, 0]
-    rel_b = rel.gather(1, best[..., None].expand(-1, -1, 2))[:, 0]
-    t_b = t.gather(1, best)[:, 0]
-    i_b = idx.gather(1, best)[:, 0]
-    seg_len = seg_b.norm(dim=-1).clamp_min(1e-9)
-    d = (seg_b[:, 0] * rel_b[:, 1] - seg_b[:, 1] * rel_b[:, 0]) / seg_len
-    s = -cfg.lead_in_m + (i_b.to(point.dtype) + t_b) * cfg.route_spacing_m
-    h0 = route_heading.gather(1, i_b[:, None])[:, 0]
-    h1 = route_heading.gather(1, (i_b + 1)[:, None])[:, 0]
-    return s, d, h0 + t_b * (h1 - h0), i_b
+    s, d, heading, index = project_points_to_route(
+        route_xy, route_heading, point[:, None], hint[:, None], cfg
+    )
+    return s[:, 0], d[:, 0], heading[:, 0], index[:, 0]
 
 
 def interpolate_profile(values: torch.Tensor, s: torch.Tensor, cfg: ToyWorldConfig) -> torch.Tensor:

@@ -28,6 +28,7 @@ from training.envs.toy.scenario import (
     frenet_to_world,
     generate_scenarios,
     interpolate_profile,
+    project_points_to_route,
     project_to_route,
 )
 from training.rl.env_interface import EnvSpec, EpisodeStats, Observation, StepInfo, StepResult
@@ -195,7 +196,8 @@ class ToyWaypointEnv:
             inputs = RenderInputs(*(getattr(inputs, f.name)[index] for f in dataclasses.fields(inputs)))
         bev = render_bev(inputs, self.config)
         yaw_rate = v.speed * torch.tan(v.steer) / self.config.wheelbase_m
-        state = torch.stack([v.speed, v.steer, v.accel, yaw_rate], dim=-1)
+        to_goal = (self.config.route_length_m - self._frenet[0]).clamp(0.0, self.config.route_length_m)
+        state = torch.stack([v.speed, v.steer, v.accel, yaw_rate, to_goal], dim=-1)
         if index is not None:
             state = state[index]
         return Observation(bev=bev, state=state.float())
@@ -239,6 +241,7 @@ class ToyWaypointEnv:
         plan_world = ego_to_world(torch.cat([origin, plan], dim=1), v0.x, v0.y, v0.yaw)
         speeds = plan_speeds(plan_world, cfg)
         s_before = self._frenet[0]
+        plan_terms = self._plan_quality(plan_world, speeds)
         collided = torch.zeros(self.num_envs, dtype=torch.bool, device=self.device)
         off_road = torch.zeros_like(collided)
         for sub in range(cfg.substeps):
@@ -246,7 +249,7 @@ class ToyWaypointEnv:
             hit, off = self._failures(*self._frenet)
             collided |= hit
             off_road |= off
-        return self._finish_step(s_before, collided, off_road)
+        return self._finish_step(s_before, collided, off_road, plan_terms)
 
     def _substep(
         self, plan_world: torch.Tensor, speeds: torch.Tensor, time_in_plan: float, frozen: torch.Tensor
@@ -264,8 +267,31 @@ class ToyWaypointEnv:
         self.time_s = self.time_s + live * cfg.sim_dt
         self._frenet = self._project()
 
-    def _reward(self, s_before: torch.Tensor, collided: torch.Tensor, off_road: torch.Tensor) -> torch.Tensor:
+    def _plan_quality(
+        self, plan_world: torch.Tensor, speeds: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean distance (m) of the plan's waypoints from the route centre line, and mean
+        |planned speed - target speed| / v_road over its intervals, both ``[N]``."""
+        cfg = self.config
+        waypoints = plan_world[:, 1:]
+        ahead = (waypoints - plan_world[:, :1]).norm(dim=-1).clamp(max=1e3) / cfg.route_spacing_m
+        hint = self.route_hint[:, None] + ahead.long()
+        s, d, _, _ = project_points_to_route(
+            self.scenarios.route_xy, self.scenarios.route_heading, waypoints, hint, cfg, window=(-8, 8)
+        )
+        target = interpolate_profile(self.scenarios.target_speed, s, cfg)
+        speed_error = (speeds - target).abs().mean(dim=1) / cfg.road_speed_mps
+        return d.abs().mean(dim=1), speed_error
+
+    def _reward(
+        self,
+        s_before: torch.Tensor,
+        collided: torch.Tensor,
+        off_road: torch.Tensor,
+        plan_terms: tuple[torch.Tensor, torch.Tensor],
+    ) -> torch.Tensor:
         cfg, w = self.config, self.config.reward
+        plan_lateral, plan_speed = plan_terms
         s, d, road_heading = self._frenet
         heading_error = torch.atan2(
             torch.sin(self.vehicle.yaw - road_heading), torch.cos(self.vehicle.yaw - road_heading)
@@ -279,15 +305,21 @@ class ToyWaypointEnv:
             - w.speed * speed_error
             - w.lateral * dc.abs()
             - w.heading * heading_error.abs()
+            - w.plan_lateral * plan_lateral
+            - w.plan_speed * plan_speed
             - w.collision * collided.float()
             - w.off_road * off_road.float()
         )
 
     def _finish_step(
-        self, s_before: torch.Tensor, collided: torch.Tensor, off_road: torch.Tensor
+        self,
+        s_before: torch.Tensor,
+        collided: torch.Tensor,
+        off_road: torch.Tensor,
+        plan_terms: tuple[torch.Tensor, torch.Tensor],
     ) -> StepResult:
         cfg = self.config
-        reward = self._reward(s_before, collided, off_road)
+        reward = self._reward(s_before, collided, off_road, plan_terms)
         s, d, road_heading = self._frenet
         heading_error = self.vehicle.yaw - road_heading
         _, dc = self._centre_frenet(s, d, heading_error)

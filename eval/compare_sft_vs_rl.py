@@ -1,0 +1,203 @@
+"""Paired closed-loop comparison of an SFT model and its RL refinement, with a report.
+
+    python -m eval.compare_sft_vs_rl --sft-checkpoint out/sft_waypoint_bc_torch_v0/model.pt \\
+        --rl-checkpoint out/rl_delta_ppo_v0/final.pt
+
+Both policies drive exactly the same held-out scenarios (same seeds, same roads, same traffic),
+deterministically. Writes ``compare.json``, ``compare.md`` and PNG plots, and prints the table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from eval.closed_loop import ClosedLoopResult, run_closed_loop
+from eval.metrics import compare_paired, summarise
+from eval.plots import plot_ade_distribution, plot_episodes, plot_metric_bars, plot_training_curves
+from eval.report import format_table, write_report
+from training.common.cli import config_field, parse_config, require
+from training.common.device import resolve_device, set_cpu_threads
+from training.common.errors import UserError, exit_on_user_error
+from training.common.io import ensure_writable_dir, file_sha256
+from training.envs.registry import check_env_choice, make_env
+from training.rl.checkpoint import build_policy, load_rl_checkpoint
+from training.rl.config import EVAL_SEED_START, TRAIN_SEED_START
+from training.sft.model import load_sft_model
+
+MAX_WORLDS = 256  # worlds simulated at once; more episodes are played in chunks
+
+
+@dataclass
+class CompareConfig:
+    """Settings of one SFT-vs-RL comparison."""
+
+    sft_checkpoint: str = config_field(dataclasses.MISSING, "SFT model.pt")
+    rl_checkpoint: str = config_field(
+        dataclasses.MISSING, "RL checkpoint (final.pt) trained from that SFT model"
+    )
+    env: str = config_field("toy", "environment: toy")
+    episodes: int = config_field(100, "scenarios, each driven by both policies", "episodes")
+    seed: int = config_field(EVAL_SEED_START, "first scenario seed (held out from SFT and RL training)")
+    out_dir: str | None = config_field(None, "output folder (default: compare/ next to the RL checkpoint)")
+    device: str = config_field("auto", "auto, cpu, cuda or cuda:N")
+    num_threads: int = config_field(1, "torch CPU threads (small ops run fastest on 1; 0: torch's default)")
+    difficulty: float | None = config_field(None, "toy world difficulty (default: the RL run's)")
+    allow_mismatch: bool = config_field(
+        False, "compare even if the RL run was trained from another SFT model"
+    )
+    bootstrap_resamples: int = config_field(2000, "bootstrap resamples for the confidence intervals")
+    plot_episodes: int = config_field(4, "episodes drawn from above in episodes.png")
+
+    def validate(self) -> None:
+        require(self.episodes >= 1, f"--episodes must be >= 1, got {self.episodes}")
+        require(
+            self.seed >= EVAL_SEED_START and self.seed + self.episodes <= TRAIN_SEED_START,
+            f"--seed must be in [{EVAL_SEED_START}, {TRAIN_SEED_START - self.episodes}] so the scenarios "
+            "are held out from training",
+        )
+        require(self.difficulty is None or 0 <= self.difficulty <= 1, "--difficulty must be in [0, 1]")
+        require(self.bootstrap_resamples >= 100, "--bootstrap-resamples must be >= 100")
+        require(self.plot_episodes >= 0, "--plot-episodes must be >= 0")
+        require(self.num_threads >= 0, f"--num-threads must be >= 0, got {self.num_threads}")
+        check_env_choice(self.env)
+
+    def resolved_out_dir(self) -> Path:
+        return Path(self.out_dir) if self.out_dir else Path(self.rl_checkpoint).resolve().parent / "compare"
+
+
+def check_pair(config: CompareConfig, rl_checkpoint: dict[str, Any]) -> str:
+    """The RL run must have been trained from this SFT checkpoint (sha256), unless allowed."""
+    sft_sha = file_sha256(config.sft_checkpoint)
+    if rl_checkpoint["sft_sha256"] != sft_sha and not config.allow_mismatch:
+        raise UserError(
+            f"{config.rl_checkpoint} was trained from another SFT checkpoint "
+            f"({rl_checkpoint.get('sft_checkpoint', '?')}, sha256 {rl_checkpoint['sft_sha256'][:12]}...) "
+            f"than {config.sft_checkpoint} (sha256 {sft_sha[:12]}...); "
+            "pass --allow-mismatch to compare anyway"
+        )
+    return sft_sha
+
+
+def drive(env: Any, policy_fn: Any, config: CompareConfig) -> ClosedLoopResult:
+    return run_closed_loop(
+        env,
+        policy_fn,
+        seed=config.seed,
+        num_episodes=config.episodes,
+        record_trajectories=config.plot_episodes,
+    )
+
+
+def _read_run_metrics(rl_checkpoint: Path) -> tuple[list[dict], list[dict]]:
+    """The RL run's ``train_metrics.json`` and ``eval_metrics.json`` when they sit beside it."""
+    records = []
+    for name in ("train_metrics.json", "eval_metrics.json"):
+        path = rl_checkpoint.parent / name
+        try:
+            records.append(json.loads(path.read_text()))
+        except (OSError, json.JSONDecodeError):
+            records.append([])
+    return records[0], records[1]
+
+
+def make_plots(
+    out_dir: Path, config: CompareConfig, rows: list, sft: ClosedLoopResult, rl: ClosedLoopResult, env: Any
+) -> dict[str, Path]:
+    plots_dir = out_dir / "plots"
+    plots = {
+        "Metrics with 95% intervals of the paired difference": plot_metric_bars(rows, plots_dir / "bars.png"),
+        "ADE per episode": plot_ade_distribution(
+            [e["ade"] for e in sft.episodes],
+            [e["ade"] for e in rl.episodes],
+            plots_dir / "ade_distribution.png",
+        ),
+    }
+    train, evals = _read_run_metrics(Path(config.rl_checkpoint))
+    if train or evals:
+        plots["Training curves of the RL run"] = plot_training_curves(
+            train, evals, plots_dir / "training_curves.png"
+        )
+    if sft.trajectories:
+        routes = None
+        if hasattr(env, "route_xy_for_seeds"):
+            seeds = [t["scenario_seed"] for t in sft.trajectories]
+            routes = [r for r in env.route_xy_for_seeds(seeds).cpu().numpy()]
+        plots["Episodes from above (SFT vs RL)"] = plot_episodes(
+            sft.trajectories, rl.trajectories, plots_dir / "episodes.png", route_xy=routes
+        )
+    return plots
+
+
+def compare(config: CompareConfig) -> dict[str, Any]:
+    """Run the comparison and write the report; returns paths and the rows."""
+    config.validate()
+    set_cpu_threads(config.num_threads)
+    device = resolve_device(config.device)
+    rl_checkpoint = load_rl_checkpoint(config.rl_checkpoint)
+    sft_sha = check_pair(config, rl_checkpoint)
+    sft_model = load_sft_model(config.sft_checkpoint, device)
+    policy = build_policy(load_sft_model(config.sft_checkpoint, device), rl_checkpoint["config"]).to(device)
+    policy.load_heads_state_dict({k: v.to(device) for k, v in rl_checkpoint["heads"].items()})
+    policy.eval()
+    out_dir = ensure_writable_dir(config.resolved_out_dir())
+
+    difficulty = config.difficulty
+    if difficulty is None:
+        difficulty = rl_checkpoint["config"].get("difficulty")
+    env = make_env(config.env, min(config.episodes, MAX_WORLDS), device, difficulty)
+    with torch.inference_mode():
+        sft = drive(env, lambda obs: sft_model(obs.bev, obs.state), config)
+        rl = drive(env, lambda obs: policy.deterministic_waypoints(obs.bev, obs.state), config)
+
+    rows = compare_paired(sft.episodes, rl.episodes, num_resamples=config.bootstrap_resamples, seed=0)
+    plots = make_plots(out_dir, config, rows, sft, rl, env)
+    metadata = {
+        "sft_checkpoint": config.sft_checkpoint,
+        "sft_sha256": sft_sha,
+        "rl_checkpoint": config.rl_checkpoint,
+        "rl_iterations": rl_checkpoint.get("iteration"),
+        "env": config.env,
+        "difficulty": difficulty,
+        "episodes": config.episodes,
+        "first_scenario_seed": config.seed,
+        "device": str(device),
+        "sft_wall_time_s": sft.wall_time_s,
+        "rl_wall_time_s": rl.wall_time_s,
+    }
+    json_path, md_path = write_report(
+        out_dir,
+        rows,
+        summarise(sft.episodes),
+        summarise(rl.episodes),
+        sft.episodes,
+        rl.episodes,
+        metadata,
+        plots,
+    )
+    return {"rows": rows, "compare_json": json_path, "compare_md": md_path}
+
+
+@exit_on_user_error
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    config = parse_config(
+        CompareConfig,
+        argv,
+        prog="python -m eval.compare_sft_vs_rl",
+        description="Paired closed-loop comparison of an SFT model and its RL refinement.",
+    )
+    result = compare(config)
+    print(format_table(result["rows"]))
+    print(f"\nreport: {result['compare_md']}\nnumbers: {result['compare_json']}", file=sys.stdout)
+    return result
+
+
+if __name__ == "__main__":
+    main()

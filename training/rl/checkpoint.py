@@ -1,0 +1,78 @@
+"""RL checkpoints: the trained heads, the optimiser, RNG and world state, and the SFT link.
+
+An RL checkpoint does not repeat the SFT weights; it records the SFT checkpoint's path and
+sha256, so a comparison can refuse a mismatched pair. Everything is tensors and plain data
+(``weights_only=True`` loads it).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from training.common.errors import UserError
+from training.common.io import load_checkpoint, save_checkpoint
+from training.rl.policy import PPOPolicy
+from training.sft.model import WaypointModel, load_sft_model
+
+RL_CHECKPOINT_KIND = "ppo_delta_waypoint"
+RL_FORMAT_VERSION = 1
+
+
+def policy_kwargs(config: dict[str, Any]) -> dict[str, Any]:
+    """``PPOPolicy`` constructor arguments from a ``PPOConfig`` dict."""
+    return {
+        "max_delta": float(config["max_delta"]),
+        "init_log_std": float(config["init_log_std"]),
+        "hidden_sizes": (int(config["hidden_size"]),) * 2,
+        "min_log_std": float(config["min_log_std"]),
+        "max_log_std": float(config["max_log_std"]),
+        "action_scale": float(config["action_scale"]),
+        "std_horizon_exponent": float(config["std_horizon_exponent"]),
+    }
+
+
+def build_policy(sft_model: WaypointModel, config: dict[str, Any]) -> PPOPolicy:
+    return PPOPolicy(sft_model, **policy_kwargs(config))
+
+
+def save_rl_checkpoint(path: str | Path, policy: PPOPolicy, run: dict[str, Any], **state: Any) -> None:
+    """Write an RL checkpoint atomically.
+
+    Args:
+        run: ``config`` (the PPOConfig dict), ``sft_checkpoint`` (path) and ``sft_sha256``.
+        state: resumable state: ``iteration``, ``env_steps``, ``optimizer``, ``rng`` ...
+    """
+    checkpoint = {
+        "kind": RL_CHECKPOINT_KIND,
+        "format_version": RL_FORMAT_VERSION,
+        "heads": {k: v.detach().cpu() for k, v in policy.heads_state_dict().items()},
+        **run,
+        **state,
+    }
+    save_checkpoint(path, checkpoint)
+
+
+def load_rl_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load and check an RL checkpoint (``weights_only=True``); ``UserError`` when it is not one."""
+    checkpoint = load_checkpoint(path, expected_kind=RL_CHECKPOINT_KIND)
+    for key in ("format_version", "heads", "config", "sft_sha256"):
+        if key not in checkpoint:
+            raise UserError(f"RL checkpoint {path} is malformed: missing {key}")
+    if checkpoint["format_version"] != RL_FORMAT_VERSION:
+        raise UserError(f"RL checkpoint {path} has format_version {checkpoint['format_version']!r}")
+    return checkpoint
+
+
+def load_rl_policy(
+    rl_path: str | Path, sft_path: str | Path, device: torch.device | str = "cpu"
+) -> tuple[PPOPolicy, dict[str, Any]]:
+    """Rebuild the trained policy from an RL checkpoint and the SFT checkpoint it refines."""
+    checkpoint = load_rl_checkpoint(rl_path)
+    sft_model = load_sft_model(sft_path, device)
+    policy = build_policy(sft_model, checkpoint["config"]).to(device)
+    policy.load_heads_state_dict({k: v.to(device) for k, v in checkpoint["heads"].items()})
+    policy.eval()
+    return policy, checkpoint

@@ -1,0 +1,115 @@
+"""``PPOConfig``: every setting of a residual PPO run; the command line is generated from it."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from training.common.cli import config_field, require
+from training.envs.registry import check_env_choice
+
+# Training scenario seeds are ``seed * TRAIN_SEEDS_PER_RUN + k``; evaluation seeds start at
+# ``EVAL_SEED_START`` and SFT demonstrations stay below it, so the three never overlap.
+TRAIN_SEEDS_PER_RUN = 1_000_000
+TRAIN_SEED_START = 2_000_000_000
+EVAL_SEED_START = 1_000_000_000
+
+
+@dataclass
+class PPOConfig:
+    """Residual delta-waypoint PPO on top of a frozen SFT model."""
+
+    sft_checkpoint: str = config_field(dataclasses.MISSING, "SFT model.pt to refine (frozen)")
+    out_dir: str = config_field("out/rl_delta_ppo_v0", "folder for config, metrics, checkpoints, TensorBoard")
+    env: str = config_field("toy", "environment: toy")
+    num_iterations: int = config_field(100, "PPO iterations (one rollout + one update each)")
+    batch_size: int = config_field(64, "PPO minibatch size", "transitions")
+    lr: float = config_field(3e-4, "Adam learning rate of the heads and log std")
+    clip_epsilon: float = config_field(0.2, "PPO ratio clip range")
+    value_coef: float = config_field(0.5, "value loss weight")
+    entropy_coef: float = config_field(0.01, "entropy bonus weight (per plan, summed over waypoints)")
+    gamma: float = config_field(0.99, "discount factor per policy step")
+    gae_lambda: float = config_field(0.95, "GAE lambda")
+    num_envs: int = config_field(32, "parallel worlds in the rollout")
+    rollout_steps: int = config_field(32, "policy steps per world per rollout", "steps")
+    update_epochs: int = config_field(4, "passes over each rollout")
+    max_grad_norm: float = config_field(0.5, "global gradient-norm clip")
+    target_kl: float | None = config_field(
+        0.05, "stop an update's epochs once approx KL exceeds this (none: off)"
+    )
+    max_delta: float = config_field(2.0, "bound on the residual per waypoint coordinate", "m")
+    init_log_std: float = config_field(-2.3, "initial log std of the first waypoint's residual (-2.3: 0.1 m)")
+    std_horizon_exponent: float = config_field(
+        1.0, "waypoint k starts with std exp(init_log_std) * k^this: far waypoints explore more"
+    )
+    min_log_std: float = config_field(-4.0, "lower clamp of the log std")
+    max_log_std: float = config_field(0.0, "upper clamp of the log std (0: 1 m)")
+    action_scale: float = config_field(0.1, "gain on the delta head's raw output before tanh (ResiP)")
+    hidden_size: int = config_field(256, "width of the delta and value heads' two hidden layers")
+    residual_l2_coef: float = config_field(0.01, "L2 penalty on the mean residual (ResiP)", "1/m^2")
+    reward_scale: float = config_field(0.1, "rewards are multiplied by this before GAE")
+    critic_warmup_iterations: int = config_field(2, "first iterations train only the value head")
+    anneal_lr: bool = config_field(True, "linearly anneal the learning rate to 0")
+    difficulty: float = config_field(0.5, "toy world difficulty in [0, 1] (curvature, traffic)")
+    eval_every: int = config_field(10, "evaluate every N iterations (0: only at start and end)")
+    eval_episodes: int = config_field(50, "held-out scenarios per evaluation", "episodes")
+    eval_seed: int = config_field(EVAL_SEED_START, "first held-out evaluation scenario seed")
+    save_every: int = config_field(25, "write checkpoint_iter_X.pt every N iterations (0: off)")
+    device: str = config_field("auto", "auto, cpu, cuda or cuda:N")
+    num_threads: int = config_field(
+        1, "torch CPU threads (the world's many small ops run fastest on 1; 0: torch's default)"
+    )
+    seed: int = config_field(0, "run seed: network init, sampling, training scenarios")
+    overwrite: bool = config_field(False, "replace a run already in --out-dir")
+    progress: bool = config_field(True, "show a progress bar")
+
+    def validate(self) -> None:
+        """Reject values no run could use, with one line naming the flag."""
+        require(self.num_iterations >= 1, f"--num-iterations must be >= 1, got {self.num_iterations}")
+        require(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
+        require(self.num_envs >= 1, f"--num-envs must be >= 1, got {self.num_envs}")
+        require(self.rollout_steps >= 1, f"--rollout-steps must be >= 1, got {self.rollout_steps}")
+        rollout = self.num_envs * self.rollout_steps
+        require(
+            self.batch_size <= rollout,
+            f"--batch-size {self.batch_size} is larger than a rollout "
+            f"(--num-envs {self.num_envs} x --rollout-steps {self.rollout_steps} = {rollout})",
+        )
+        require(self.lr > 0, f"--lr must be > 0, got {self.lr}")
+        require(self.clip_epsilon > 0, f"--clip-epsilon must be > 0, got {self.clip_epsilon}")
+        require(0.0 <= self.gamma <= 1.0, f"--gamma must be in [0, 1], got {self.gamma}")
+        require(0.0 <= self.gae_lambda <= 1.0, f"--gae-lambda must be in [0, 1], got {self.gae_lambda}")
+        require(self.value_coef >= 0, f"--value-coef must be >= 0, got {self.value_coef}")
+        require(self.entropy_coef >= 0, f"--entropy-coef must be >= 0, got {self.entropy_coef}")
+        require(self.update_epochs >= 1, f"--update-epochs must be >= 1, got {self.update_epochs}")
+        require(self.max_grad_norm > 0, f"--max-grad-norm must be > 0, got {self.max_grad_norm}")
+        require(
+            self.target_kl is None or self.target_kl > 0, f"--target-kl must be > 0, got {self.target_kl}"
+        )
+        require(self.max_delta > 0, f"--max-delta must be > 0 metres, got {self.max_delta}")
+        require(self.std_horizon_exponent >= 0, "--std-horizon-exponent must be >= 0")
+        require(self.min_log_std < self.max_log_std, "--min-log-std must be below --max-log-std")
+        require(self.action_scale > 0, f"--action-scale must be > 0, got {self.action_scale}")
+        require(self.num_threads >= 0, f"--num-threads must be >= 0, got {self.num_threads}")
+        require(self.hidden_size >= 1, f"--hidden-size must be >= 1, got {self.hidden_size}")
+        require(self.residual_l2_coef >= 0, "--residual-l2-coef must be >= 0")
+        require(self.reward_scale > 0, f"--reward-scale must be > 0, got {self.reward_scale}")
+        require(self.critic_warmup_iterations >= 0, "--critic-warmup-iterations must be >= 0")
+        require(0.0 <= self.difficulty <= 1.0, f"--difficulty must be in [0, 1], got {self.difficulty}")
+        require(self.eval_every >= 0, f"--eval-every must be >= 0, got {self.eval_every}")
+        require(self.eval_episodes >= 1, f"--eval-episodes must be >= 1, got {self.eval_episodes}")
+        require(self.save_every >= 0, f"--save-every must be >= 0, got {self.save_every}")
+        require(
+            0 <= self.seed < (EVAL_SEED_START // TRAIN_SEEDS_PER_RUN),
+            f"--seed must be in [0, {EVAL_SEED_START // TRAIN_SEEDS_PER_RUN}), got {self.seed}",
+        )
+        require(
+            EVAL_SEED_START <= self.eval_seed < TRAIN_SEED_START,
+            f"--eval-seed must be in [{EVAL_SEED_START}, {TRAIN_SEED_START}) (held-out scenarios)",
+        )
+        check_env_choice(self.env)
+
+    @property
+    def train_seed_start(self) -> int:
+        """First training scenario seed of this run (disjoint from SFT and evaluation seeds)."""
+        return TRAIN_SEED_START + self.seed * TRAIN_SEEDS_PER_RUN

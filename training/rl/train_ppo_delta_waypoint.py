@@ -1,0 +1,41 @@
+"""Residual PPO on a frozen SFT waypoint model.
+
+    python -m training.rl.train_ppo_delta_waypoint --sft-checkpoint out/sft_waypoint_bc_torch_v0/model.pt \\
+        --out-dir out/rl_delta_ppo_v0 --env toy --num-iterations 100 --batch-size 64 --lr 3e-4
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from training.common.cli import parse_config
+from training.common.errors import exit_on_user_error
+from training.rl.config import PPOConfig
+from training.rl.trainer import train_ppo
+
+
+@exit_on_user_error
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    config = parse_config(
+        PPOConfig,
+        argv,
+        prog="python -m training.rl.train_ppo_delta_waypoint",
+        description="Train a bounded residual on a frozen SFT waypoint model with PPO.",
+    )
+    result = train_ppo(config)
+    base, final = result["baseline"], result["final"]
+    print(
+        f"SFT baseline: ADE {base['ade']:.3f} m, route completion {base['route_completion']:.3f}, "
+        f"collision {base['collision_rate']:.3f}, off-road {base['off_road_rate']:.3f}\n"
+        f"RL final:     ADE {final['ade']:.3f} m, route completion {final['route_completion']:.3f}, "
+        f"collision {final['collision_rate']:.3f}, off-road {final['off_road_rate']:.3f}\n"
+        f"run written to {result['out_dir']} (final.pt, train_metrics.json, eval_metrics.json)",
+        file=sys.stdout,
+    )
+    return result
+
+
+if __name__ == "__main__":
+    main()

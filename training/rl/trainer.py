@@ -1,0 +1,362 @@
+"""The residual PPO loop: collect a rollout, compute advantages, update the heads, log, evaluate.
+
+Reads top to bottom like CleanRL's ``ppo_continuous_action.py``; the pieces live next door:
+``policy.py`` (heads and distribution), ``buffer.py`` (storage and GAE), ``ppo.py`` (the update),
+``checkpoint.py`` (files), ``eval/closed_loop.py`` (deterministic evaluation).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from eval.closed_loop import run_closed_loop
+from eval.metrics import summarise
+from training.common.device import resolve_device, set_cpu_threads
+from training.common.errors import UserError
+from training.common.io import atomic_write_json, ensure_writable_dir, file_sha256, load_checkpoint
+from training.envs.registry import make_env
+from training.rl.buffer import RolloutBuffer
+from training.rl.checkpoint import build_policy, save_rl_checkpoint
+from training.rl.config import PPOConfig
+from training.rl.env_interface import BatchedWaypointEnv, Observation, StepResult
+from training.rl.policy import PPOPolicy
+from training.rl.ppo import ppo_update
+from training.sft.model import SFT_CHECKPOINT_KIND, model_from_checkpoint
+
+RUN_FILES = ("config.json", "train_metrics.json", "eval_metrics.json", "final.pt")
+
+
+# ---------------------------------------------------------------------------------------- set-up
+def prepare_out_dir(config: PPOConfig) -> Path:
+    """Create ``--out-dir``; refuse to overwrite a run there unless ``--overwrite``."""
+    out_dir = Path(config.out_dir)
+    existing = [name for name in RUN_FILES if (out_dir / name).exists()]
+    existing += [p.name for p in out_dir.glob("checkpoint_iter_*.pt")] if out_dir.is_dir() else []
+    if existing and not config.overwrite:
+        raise UserError(f"{out_dir} already holds a run ({existing[0]}); pass --overwrite to replace it")
+    ensure_writable_dir(out_dir)
+    if config.overwrite:
+        for name in existing:
+            (out_dir / name).unlink(missing_ok=True)
+        for events in out_dir.glob("events.out.tfevents.*"):
+            events.unlink()
+    return out_dir
+
+
+def check_spec_matches(env: BatchedWaypointEnv, sft_checkpoint: dict[str, Any], path: str) -> None:
+    """The SFT model must read this environment's observations and emit its waypoint count."""
+    spec = sft_checkpoint.get("env_spec", {})
+    checks = (
+        ("BEV shape", list(spec.get("bev_shape", [])), list(env.spec.bev_shape)),
+        ("ego state size", spec.get("state_dim"), env.spec.state_dim),
+        ("waypoint count", spec.get("num_waypoints"), env.spec.num_waypoints),
+    )
+    for what, model_value, env_value in checks:
+        if model_value != env_value:
+            raise UserError(
+                f"SFT checkpoint {path} was trained for {what} {model_value}, the environment has {env_value}"
+            )
+
+
+def package_versions() -> dict[str, str]:
+    import gymnasium
+    import numpy
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "gymnasium": gymnasium.__version__,
+    }
+
+
+# ---------------------------------------------------------------------------------------- rollout
+@dataclasses.dataclass
+class EpisodeTally:
+    """Statistics of the training episodes that ended during one rollout (device tensors)."""
+
+    count: torch.Tensor
+    ret: torch.Tensor
+    route_completion: torch.Tensor
+    collision: torch.Tensor
+    off_road: torch.Tensor
+
+    @classmethod
+    def zeros(cls, device: torch.device) -> EpisodeTally:
+        return cls(*(torch.zeros((), device=device) for _ in range(5)))
+
+    def add(self, result: StepResult) -> None:
+        ep = result.info.episode
+        done = ep.done.float()
+        self.count += done.sum()
+        self.ret += (done * ep.episode_return).sum()
+        self.route_completion += (done * ep.route_completion).sum()
+        self.collision += (done * ep.collision.float()).sum()
+        self.off_road += (done * ep.off_road.float()).sum()
+
+    def means(self) -> dict[str, float]:
+        """Read once per iteration; NaN when no episode ended."""
+        count = self.count.item()
+        if count == 0:
+            nan = float("nan")
+            return {
+                "episodes": 0,
+                "episode_return": nan,
+                "route_completion": nan,
+                "collision_rate": nan,
+                "off_road_rate": nan,
+            }
+        return {
+            "episodes": int(count),
+            "episode_return": self.ret.item() / count,
+            "route_completion": self.route_completion.item() / count,
+            "collision_rate": self.collision.item() / count,
+            "off_road_rate": self.off_road.item() / count,
+        }
+
+
+def bootstrap_values(policy: PPOPolicy, result: StepResult, next_value: torch.Tensor) -> torch.Tensor:
+    """``V`` of the state after each step: ``V(final_observation)`` where the episode was truncated.
+
+    Terminated steps get no bootstrap in GAE, so their entry does not matter. On the CPU only
+    the truncated worlds are encoded again; on CUDA all are (no host synchronisation).
+    """
+    truncated = result.truncated
+    final = result.info.final_observation
+    if next_value.device.type == "cpu":
+        if not bool(truncated.any()):
+            return next_value
+        index = truncated.nonzero()[:, 0]
+        z, sft = policy.features(final.bev[index], final.state[index])
+        values = next_value.clone()
+        values[index] = policy.value(z, sft)
+        return values
+    z, sft = policy.features(final.bev, final.state)
+    return torch.where(truncated, policy.value(z, sft), next_value)
+
+
+@torch.no_grad()
+def collect_rollout(
+    policy: PPOPolicy,
+    env: BatchedWaypointEnv,
+    buffer: RolloutBuffer,
+    obs: Observation,
+    generator: torch.Generator,
+    reward_scale: float,
+) -> tuple[Observation, EpisodeTally]:
+    """Fill ``buffer`` with ``buffer.num_steps`` steps of every world; return the next observation."""
+    tally = EpisodeTally.zeros(env.device)
+    z, sft_waypoints = policy.features(obs.bev, obs.state)
+    for step in range(buffer.num_steps):
+        delta, log_prob, value = policy.act(z, sft_waypoints, generator=generator)
+        result = env.step(policy.final_waypoints(sft_waypoints, delta))
+        next_z, next_sft = policy.features(result.obs.bev, result.obs.state)
+        next_value = bootstrap_values(policy, result, policy.value(next_z, next_sft))
+        buffer.add(
+            step,
+            z=z,
+            sft_waypoints=sft_waypoints,
+            delta=delta,
+            log_prob=log_prob,
+            value=value,
+            reward=result.reward * reward_scale,
+            terminated=result.terminated,
+            truncated=result.truncated,
+            next_value=next_value,
+        )
+        tally.add(result)
+        obs, z, sft_waypoints = result.obs, next_z, next_sft
+    return obs, tally
+
+
+# ---------------------------------------------------------------------------------------- evaluation
+def evaluate(
+    policy: PPOPolicy, env: BatchedWaypointEnv, config: PPOConfig, iteration: int, env_steps: int
+) -> dict[str, Any]:
+    """Deterministic closed-loop evaluation on the fixed held-out scenarios."""
+    policy.eval()
+    result = run_closed_loop(
+        env,
+        lambda obs: policy.deterministic_waypoints(obs.bev, obs.state),
+        seed=config.eval_seed,
+        num_episodes=config.eval_episodes,
+    )
+    policy.train()
+    summary = summarise(result.episodes)
+    record = {"iteration": iteration, "env_steps": env_steps}
+    for key in (
+        "ade",
+        "fde",
+        "episode_return",
+        "route_completion",
+        "collision_rate",
+        "off_road_rate",
+        "goal_rate",
+    ):
+        record[key] = summary.get(key, float("nan"))
+    record["mean_abs_lateral_m"] = summary.get("mean_abs_lateral_m", float("nan"))
+    record["episodes"] = len(result.episodes)
+    record["wall_time_s"] = result.wall_time_s
+    return record
+
+
+# ---------------------------------------------------------------------------------------- the loop
+def train_ppo(config: PPOConfig) -> dict[str, Any]:
+    """Run residual PPO as configured; returns the final evaluation record."""
+    config.validate()
+    set_cpu_threads(config.num_threads)
+    device = resolve_device(config.device)
+    sft_raw = load_checkpoint(config.sft_checkpoint, expected_kind=SFT_CHECKPOINT_KIND)
+    sft_model = model_from_checkpoint(sft_raw, source=config.sft_checkpoint).to(device)
+    env = make_env(config.env, config.num_envs, device, config.difficulty)
+    check_spec_matches(env, sft_raw, config.sft_checkpoint)
+    out_dir = prepare_out_dir(config)
+
+    torch.manual_seed(config.seed)
+    policy = build_policy(sft_model, dataclasses.asdict(config)).to(device)
+    policy.train()
+    optimizer = torch.optim.Adam(policy.trainable_parameters(), lr=config.lr, eps=1e-5)
+    buffer = RolloutBuffer(
+        config.rollout_steps, config.num_envs, sft_model.feature_dim, sft_model.num_waypoints, device=device
+    )
+    sample_gen = torch.Generator(device=device).manual_seed(config.seed)
+    batch_gen = torch.Generator(device=device).manual_seed(config.seed + 1)
+    eval_env = make_env(config.env, config.eval_episodes, device, config.difficulty)
+
+    run_info = {
+        "config": dataclasses.asdict(config),
+        "sft_checkpoint": str(config.sft_checkpoint),
+        "sft_sha256": file_sha256(config.sft_checkpoint),
+    }
+    atomic_write_json(
+        out_dir / "config.json",
+        {
+            **dataclasses.asdict(config),
+            "sft_sha256": run_info["sft_sha256"],
+            "resolved_device": str(device),
+            "env_spec": env.spec.to_dict(),
+            "versions": package_versions(),
+        },
+    )
+    writer = SummaryWriter(log_dir=str(out_dir))
+    train_records: list[dict[str, Any]] = []
+    eval_records = [evaluate(policy, eval_env, config, 0, 0)]
+    atomic_write_json(out_dir / "eval_metrics.json", eval_records)
+    _log_scalars(writer, "eval", eval_records[-1], 0)
+
+    obs = env.reset(seed=config.train_seed_start)
+    steps_per_iteration = config.num_envs * config.rollout_steps
+    env_steps = 0
+    bar = tqdm(
+        range(1, config.num_iterations + 1), desc="ppo", disable=not config.progress, dynamic_ncols=True
+    )
+    for iteration in bar:
+        started = time.perf_counter()
+        if config.anneal_lr:
+            optimizer.param_groups[0]["lr"] = config.lr * (1.0 - (iteration - 1) / config.num_iterations)
+
+        # 1. rollout with the current policy
+        obs, tally = collect_rollout(policy, env, buffer, obs, sample_gen, config.reward_scale)
+        env_steps += steps_per_iteration
+
+        # 2. advantages (GAE; bootstraps through truncation, never through termination)
+        buffer.compute_advantages(config.gamma, config.gae_lambda)
+
+        # 3. PPO epochs on the cached features
+        stats = ppo_update(
+            policy,
+            optimizer,
+            buffer,
+            update_epochs=config.update_epochs,
+            minibatch_size=config.batch_size,
+            clip_epsilon=config.clip_epsilon,
+            value_coef=config.value_coef,
+            entropy_coef=config.entropy_coef,
+            max_grad_norm=config.max_grad_norm,
+            target_kl=config.target_kl,
+            residual_l2_coef=config.residual_l2_coef,
+            critic_only=iteration <= config.critic_warmup_iterations,
+            generator=batch_gen,
+        )
+
+        # 4. log once per iteration
+        elapsed = time.perf_counter() - started
+        record = {"iteration": iteration, "env_steps": env_steps, **stats, **tally.means()}
+        record["steps_per_s"] = steps_per_iteration / elapsed
+        record["lr"] = optimizer.param_groups[0]["lr"]
+        record["delta_norm"] = _mean_delta_norm(buffer, policy)
+        train_records.append(record)
+        atomic_write_json(out_dir / "train_metrics.json", train_records)
+        _log_scalars(writer, "train", record, env_steps)
+
+        if (config.eval_every and iteration % config.eval_every == 0) or iteration == config.num_iterations:
+            eval_records.append(evaluate(policy, eval_env, config, iteration, env_steps))
+            atomic_write_json(out_dir / "eval_metrics.json", eval_records)
+            _log_scalars(writer, "eval", eval_records[-1], env_steps)
+        if config.save_every and iteration % config.save_every == 0:
+            save_rl_checkpoint(
+                out_dir / f"checkpoint_iter_{iteration}.pt",
+                policy,
+                run_info,
+                iteration=iteration,
+                env_steps=env_steps,
+                optimizer=optimizer.state_dict(),
+            )
+        bar.set_postfix(
+            steps_s=f"{record['steps_per_s']:.0f}",
+            ret=f"{record['episode_return']:.2f}",
+            ade=f"{eval_records[-1]['ade']:.3f}",
+        )
+
+    save_rl_checkpoint(
+        out_dir / "final.pt",
+        policy,
+        run_info,
+        iteration=config.num_iterations,
+        env_steps=env_steps,
+        optimizer=optimizer.state_dict(),
+    )
+    writer.close()
+    return {"out_dir": str(out_dir), "baseline": eval_records[0], "final": eval_records[-1], "policy": policy}
+
+
+_TB_GROUPS = {
+    "policy_loss": "losses",
+    "value_loss": "losses",
+    "entropy": "losses",
+    "approx_kl": "losses",
+    "clip_fraction": "losses",
+    "explained_variance": "losses",
+    "loss": "losses",
+    "grad_norm": "losses",
+    "residual_l2": "losses",
+    "std": "policy",
+    "delta_norm": "policy",
+    "lr": "charts",
+    "steps_per_s": "charts",
+}
+
+
+def _log_scalars(writer: SummaryWriter, split: str, record: dict[str, Any], step: int) -> None:
+    """TensorBoard scalars under the same names as the metrics files (``losses/value_loss`` ...)."""
+    for key, value in record.items():
+        if key in ("iteration", "env_steps") or not isinstance(value, int | float):
+            continue
+        group = "eval" if split == "eval" else _TB_GROUPS.get(key, "charts")
+        writer.add_scalar(f"{group}/{key}", value, step)
+
+
+def _mean_delta_norm(buffer: RolloutBuffer, policy: PPOPolicy) -> float:
+    """Mean L2 norm (m) of the mean residual per waypoint over the rollout's states."""
+    with torch.no_grad():
+        z = buffer.z.flatten(0, 1)
+        sft = buffer.sft_waypoints.flatten(0, 1)
+        return policy.delta_head(z, sft).norm(dim=-1).mean().item()
