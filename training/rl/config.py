@@ -61,6 +61,8 @@ class PPOConfig:
     )
     seed: int = config_field(0, "run seed: network init, sampling, training scenarios")
     overwrite: bool = config_field(False, "replace a run already in --out-dir")
+    resume: bool = config_field(False, "continue the run in --out-dir from its latest checkpoint")
+    max_bad_iterations: int = config_field(3, "stop after this many updates in a row skipped for NaN/inf")
     progress: bool = config_field(True, "show a progress bar")
 
     def validate(self) -> None:
@@ -98,6 +100,8 @@ class PPOConfig:
         require(0.0 <= self.difficulty <= 1.0, f"--difficulty must be in [0, 1], got {self.difficulty}")
         require(self.eval_every >= 0, f"--eval-every must be >= 0, got {self.eval_every}")
         require(self.eval_episodes >= 1, f"--eval-episodes must be >= 1, got {self.eval_episodes}")
+        require(not (self.resume and self.overwrite), "--resume and --overwrite exclude each other")
+        require(self.max_bad_iterations >= 1, "--max-bad-iterations must be >= 1")
         require(self.save_every >= 0, f"--save-every must be >= 0, got {self.save_every}")
         require(
             0 <= self.seed < (EVAL_SEED_START // TRAIN_SEEDS_PER_RUN),

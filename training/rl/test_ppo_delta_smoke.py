@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         "--work-dir", type=Path, default=None, help="where to write (default: a temporary folder)"
     )
     args = parser.parse_args(argv)
-    torch.set_num_threads(min(2, torch.get_num_threads()))
+    torch.set_num_threads(1)
     with tempfile.TemporaryDirectory(prefix="ppo-smoke-") as tmp:
         work_dir = args.work_dir or Path(tmp)
         try:

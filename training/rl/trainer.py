@@ -21,10 +21,10 @@ from eval.closed_loop import run_closed_loop
 from eval.metrics import summarise
 from training.common.device import resolve_device, set_cpu_threads
 from training.common.errors import UserError
-from training.common.io import atomic_write_json, ensure_writable_dir, file_sha256, load_checkpoint
+from training.common.io import atomic_write_json, ensure_writable_dir, file_sha256, load_checkpoint, read_json
 from training.envs.registry import make_env
 from training.rl.buffer import RolloutBuffer
-from training.rl.checkpoint import build_policy, save_rl_checkpoint
+from training.rl.checkpoint import build_policy, load_rl_checkpoint, save_rl_checkpoint
 from training.rl.config import PPOConfig
 from training.rl.env_interface import BatchedWaypointEnv, Observation, StepResult
 from training.rl.policy import PPOPolicy
@@ -36,19 +36,36 @@ RUN_FILES = ("config.json", "train_metrics.json", "eval_metrics.json", "final.pt
 
 # ---------------------------------------------------------------------------------------- set-up
 def prepare_out_dir(config: PPOConfig) -> Path:
-    """Create ``--out-dir``; refuse to overwrite a run there unless ``--overwrite``."""
+    """Create ``--out-dir``; refuse to overwrite a run there unless ``--overwrite`` or ``--resume``."""
     out_dir = Path(config.out_dir)
     existing = [name for name in RUN_FILES if (out_dir / name).exists()]
     existing += [p.name for p in out_dir.glob("checkpoint_iter_*.pt")] if out_dir.is_dir() else []
-    if existing and not config.overwrite:
-        raise UserError(f"{out_dir} already holds a run ({existing[0]}); pass --overwrite to replace it")
+    if existing and not (config.overwrite or config.resume):
+        raise UserError(
+            f"{out_dir} already holds a run ({existing[0]}); "
+            "pass --resume to continue it or --overwrite to replace it"
+        )
     ensure_writable_dir(out_dir)
+    for leftover in out_dir.glob(".*.tmp"):  # an atomic write interrupted by a crash
+        leftover.unlink()
     if config.overwrite:
         for name in existing:
             (out_dir / name).unlink(missing_ok=True)
         for events in out_dir.glob("events.out.tfevents.*"):
             events.unlink()
     return out_dir
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    """The checkpoint a resumed run continues from: ``final.pt``, else the highest iteration."""
+    if (out_dir / "final.pt").is_file():
+        return out_dir / "final.pt"
+    numbered = []
+    for path in out_dir.glob("checkpoint_iter_*.pt"):
+        suffix = path.stem.removeprefix("checkpoint_iter_")
+        if suffix.isdigit():
+            numbered.append((int(suffix), path))
+    return max(numbered)[1] if numbered else None
 
 
 def check_spec_matches(env: BatchedWaypointEnv, sft_checkpoint: dict[str, Any], path: str) -> None:
@@ -88,10 +105,11 @@ class EpisodeTally:
     route_completion: torch.Tensor
     collision: torch.Tensor
     off_road: torch.Tensor
+    nonfinite: torch.Tensor  # non-finite reward or observation entries seen
 
     @classmethod
     def zeros(cls, device: torch.device) -> EpisodeTally:
-        return cls(*(torch.zeros((), device=device) for _ in range(5)))
+        return cls(*(torch.zeros((), device=device) for _ in range(6)))
 
     def add(self, result: StepResult) -> None:
         ep = result.info.episode
@@ -105,9 +123,11 @@ class EpisodeTally:
     def means(self) -> dict[str, float]:
         """Read once per iteration; NaN when no episode ended."""
         count = self.count.item()
+        nonfinite = int(self.nonfinite.item())
         if count == 0:
             nan = float("nan")
             return {
+                "nonfinite_inputs": nonfinite,
                 "episodes": 0,
                 "episode_return": nan,
                 "route_completion": nan,
@@ -115,6 +135,7 @@ class EpisodeTally:
                 "off_road_rate": nan,
             }
         return {
+            "nonfinite_inputs": nonfinite,
             "episodes": int(count),
             "episode_return": self.ret.item() / count,
             "route_completion": self.route_completion.item() / count,
@@ -152,7 +173,11 @@ def collect_rollout(
     generator: torch.Generator,
     reward_scale: float,
 ) -> tuple[Observation, EpisodeTally]:
-    """Fill ``buffer`` with ``buffer.num_steps`` steps of every world; return the next observation."""
+    """Fill ``buffer`` with ``buffer.num_steps`` steps of every world; return the next observation.
+
+    Non-finite rewards and observations are counted in ``tally.nonfinite`` (read once per
+    iteration, no per-step host synchronisation); the caller skips the update when any appeared.
+    """
     tally = EpisodeTally.zeros(env.device)
     z, sft_waypoints = policy.features(obs.bev, obs.state)
     for step in range(buffer.num_steps):
@@ -173,6 +198,7 @@ def collect_rollout(
             next_value=next_value,
         )
         tally.add(result)
+        tally.nonfinite += (~torch.isfinite(result.reward)).sum() + (~torch.isfinite(result.obs.state)).sum()
         obs, z, sft_waypoints = result.obs, next_z, next_sft
     return obs, tally
 
@@ -209,9 +235,51 @@ def evaluate(
 
 
 # ---------------------------------------------------------------------------------------- the loop
-def train_ppo(config: PPOConfig) -> dict[str, Any]:
-    """Run residual PPO as configured; returns the final evaluation record."""
-    config.validate()
+# Settings that may differ between a run and its resumption (they do not change the numbers).
+_RESUME_FREE = {"resume", "overwrite", "progress", "num_threads", "device"}
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything a training run holds; :meth:`state` is what a checkpoint saves to resume it."""
+
+    config: PPOConfig
+    policy: PPOPolicy
+    optimizer: torch.optim.Optimizer
+    env: BatchedWaypointEnv
+    eval_env: BatchedWaypointEnv
+    buffer: RolloutBuffer
+    sample_gen: torch.Generator
+    batch_gen: torch.Generator
+    out_dir: Path
+    info: dict[str, Any]
+    obs: Observation | None = None
+    iteration: int = 0
+    env_steps: int = 0
+    bad_iterations: int = 0
+    train_records: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    eval_records: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "iteration": self.iteration,
+            "env_steps": self.env_steps,
+            "bad_iterations": self.bad_iterations,
+            "optimizer": self.optimizer.state_dict(),
+            "rng": {
+                "sample": self.sample_gen.get_state(),
+                "batch": self.batch_gen.get_state(),
+                "torch": torch.get_rng_state(),
+            },
+            "world": self.env.state_dict(),
+        }
+
+    def save(self, name: str) -> None:
+        save_rl_checkpoint(self.out_dir / name, self.policy, self.info, **self.state())
+
+
+def build_run(config: PPOConfig) -> Run:
+    """Load the SFT model, build worlds, policy, optimiser and buffer (nothing written yet but the folder)."""
     set_cpu_threads(config.num_threads)
     device = resolve_device(config.device)
     sft_raw = load_checkpoint(config.sft_checkpoint, expected_kind=SFT_CHECKPOINT_KIND)
@@ -223,58 +291,110 @@ def train_ppo(config: PPOConfig) -> dict[str, Any]:
     torch.manual_seed(config.seed)
     policy = build_policy(sft_model, dataclasses.asdict(config)).to(device)
     policy.train()
-    optimizer = torch.optim.Adam(policy.trainable_parameters(), lr=config.lr, eps=1e-5)
-    buffer = RolloutBuffer(
-        config.rollout_steps, config.num_envs, sft_model.feature_dim, sft_model.num_waypoints, device=device
+    return Run(
+        config=config,
+        policy=policy,
+        optimizer=torch.optim.Adam(policy.trainable_parameters(), lr=config.lr, eps=1e-5),
+        env=env,
+        eval_env=make_env(config.env, config.eval_episodes, device, config.difficulty),
+        buffer=RolloutBuffer(
+            config.rollout_steps,
+            config.num_envs,
+            sft_model.feature_dim,
+            sft_model.num_waypoints,
+            device=device,
+        ),
+        sample_gen=torch.Generator(device=device).manual_seed(config.seed),
+        batch_gen=torch.Generator(device=device).manual_seed(config.seed + 1),
+        out_dir=out_dir,
+        info={
+            "config": dataclasses.asdict(config),
+            "sft_checkpoint": str(config.sft_checkpoint),
+            "sft_sha256": file_sha256(config.sft_checkpoint),
+        },
     )
-    sample_gen = torch.Generator(device=device).manual_seed(config.seed)
-    batch_gen = torch.Generator(device=device).manual_seed(config.seed + 1)
-    eval_env = make_env(config.env, config.eval_episodes, device, config.difficulty)
 
-    run_info = {
-        "config": dataclasses.asdict(config),
-        "sft_checkpoint": str(config.sft_checkpoint),
-        "sft_sha256": file_sha256(config.sft_checkpoint),
-    }
+
+def start_fresh(run: Run) -> None:
+    """Write ``config.json``, evaluate the SFT baseline (iteration 0) and reset the worlds."""
+    config = run.config
     atomic_write_json(
-        out_dir / "config.json",
+        run.out_dir / "config.json",
         {
             **dataclasses.asdict(config),
-            "sft_sha256": run_info["sft_sha256"],
-            "resolved_device": str(device),
-            "env_spec": env.spec.to_dict(),
+            "sft_sha256": run.info["sft_sha256"],
+            "resolved_device": str(run.env.device),
+            "env_spec": run.env.spec.to_dict(),
             "versions": package_versions(),
         },
     )
-    writer = SummaryWriter(log_dir=str(out_dir))
-    train_records: list[dict[str, Any]] = []
-    eval_records = [evaluate(policy, eval_env, config, 0, 0)]
-    atomic_write_json(out_dir / "eval_metrics.json", eval_records)
-    _log_scalars(writer, "eval", eval_records[-1], 0)
+    for stale in ("train_metrics.json", "eval_metrics.json"):
+        (run.out_dir / stale).unlink(missing_ok=True)
+    run.eval_records = [evaluate(run.policy, run.eval_env, config, 0, 0)]
+    atomic_write_json(run.out_dir / "eval_metrics.json", run.eval_records)
+    run.obs = run.env.reset(seed=config.train_seed_start)
 
-    obs = env.reset(seed=config.train_seed_start)
-    steps_per_iteration = config.num_envs * config.rollout_steps
-    env_steps = 0
-    bar = tqdm(
-        range(1, config.num_iterations + 1), desc="ppo", disable=not config.progress, dynamic_ncols=True
+
+def resume_from(run: Run, path: Path) -> None:
+    """Restore the run saved in ``path``; metrics files keep each iteration up to it exactly once."""
+    checkpoint = load_rl_checkpoint(path)
+    saved = {k: v for k, v in checkpoint["config"].items() if k not in _RESUME_FREE}
+    current = {k: v for k, v in dataclasses.asdict(run.config).items() if k not in _RESUME_FREE}
+    changed = sorted(k for k in current if saved.get(k) != current[k])
+    if changed:
+        raise UserError(
+            f"--resume: the run in {run.out_dir} was started with other settings ({', '.join(changed)})"
+        )
+    if checkpoint["sft_sha256"] != run.info["sft_sha256"]:
+        raise UserError(
+            f"--resume: {run.config.sft_checkpoint} is not the SFT checkpoint this run started from"
+        )
+    device = run.env.device
+    run.policy.load_heads_state_dict({k: v.to(device) for k, v in checkpoint["heads"].items()})
+    run.optimizer.load_state_dict(checkpoint["optimizer"])
+    run.sample_gen.set_state(checkpoint["rng"]["sample"])
+    run.batch_gen.set_state(checkpoint["rng"]["batch"])
+    torch.set_rng_state(checkpoint["rng"]["torch"])
+    run.obs = run.env.load_state_dict(checkpoint["world"])
+    run.iteration, run.env_steps = checkpoint["iteration"], checkpoint["env_steps"]
+    run.bad_iterations = checkpoint["bad_iterations"]
+    run.train_records = _records_up_to(run.out_dir / "train_metrics.json", run.iteration)
+    run.eval_records = _records_up_to(run.out_dir / "eval_metrics.json", run.iteration)
+    atomic_write_json(run.out_dir / "train_metrics.json", run.train_records)
+    atomic_write_json(run.out_dir / "eval_metrics.json", run.eval_records)
+
+
+def _records_up_to(path: Path, iteration: int) -> list[dict[str, Any]]:
+    try:
+        records = read_json(path)
+    except UserError:
+        return []
+    return [r for r in records if isinstance(r, dict) and r.get("iteration", -1) <= iteration]
+
+
+def train_iteration(run: Run) -> dict[str, Any]:
+    """One PPO iteration: rollout, advantages, update (skipped on non-finite inputs), metrics."""
+    config, iteration = run.config, run.iteration
+    started = time.perf_counter()
+    if config.anneal_lr:
+        run.optimizer.param_groups[0]["lr"] = config.lr * (1.0 - (iteration - 1) / config.num_iterations)
+
+    # 1. rollout with the current policy
+    run.obs, tally = collect_rollout(
+        run.policy, run.env, run.buffer, run.obs, run.sample_gen, config.reward_scale
     )
-    for iteration in bar:
-        started = time.perf_counter()
-        if config.anneal_lr:
-            optimizer.param_groups[0]["lr"] = config.lr * (1.0 - (iteration - 1) / config.num_iterations)
+    run.env_steps += config.num_envs * config.rollout_steps
+    episodes = tally.means()
 
-        # 1. rollout with the current policy
-        obs, tally = collect_rollout(policy, env, buffer, obs, sample_gen, config.reward_scale)
-        env_steps += steps_per_iteration
-
-        # 2. advantages (GAE; bootstraps through truncation, never through termination)
-        buffer.compute_advantages(config.gamma, config.gae_lambda)
-
+    # 2. advantages (GAE; bootstraps through truncation, never through termination)
+    stats: dict[str, Any] = {}
+    if episodes["nonfinite_inputs"] == 0:
+        run.buffer.compute_advantages(config.gamma, config.gae_lambda)
         # 3. PPO epochs on the cached features
         stats = ppo_update(
-            policy,
-            optimizer,
-            buffer,
+            run.policy,
+            run.optimizer,
+            run.buffer,
             update_epochs=config.update_epochs,
             minibatch_size=config.batch_size,
             clip_epsilon=config.clip_epsilon,
@@ -284,48 +404,75 @@ def train_ppo(config: PPOConfig) -> dict[str, Any]:
             target_kl=config.target_kl,
             residual_l2_coef=config.residual_l2_coef,
             critic_only=iteration <= config.critic_warmup_iterations,
-            generator=batch_gen,
+            generator=run.batch_gen,
         )
+    healthy = bool(stats) and stats["minibatch_updates"] > 0
+    run.bad_iterations = 0 if healthy else run.bad_iterations + 1
 
-        # 4. log once per iteration
-        elapsed = time.perf_counter() - started
-        record = {"iteration": iteration, "env_steps": env_steps, **stats, **tally.means()}
-        record["steps_per_s"] = steps_per_iteration / elapsed
-        record["lr"] = optimizer.param_groups[0]["lr"]
-        record["delta_norm"] = _mean_delta_norm(buffer, policy)
-        train_records.append(record)
-        atomic_write_json(out_dir / "train_metrics.json", train_records)
-        _log_scalars(writer, "train", record, env_steps)
+    # 4. the iteration's record
+    elapsed = time.perf_counter() - started
+    record = {"iteration": iteration, "env_steps": run.env_steps, **stats, **episodes}
+    record["update_skipped"] = not healthy
+    record["steps_per_s"] = config.num_envs * config.rollout_steps / elapsed
+    record["lr"] = run.optimizer.param_groups[0]["lr"]
+    record["delta_norm"] = _mean_delta_norm(run.buffer, run.policy)
+    return record
 
-        if (config.eval_every and iteration % config.eval_every == 0) or iteration == config.num_iterations:
-            eval_records.append(evaluate(policy, eval_env, config, iteration, env_steps))
-            atomic_write_json(out_dir / "eval_metrics.json", eval_records)
-            _log_scalars(writer, "eval", eval_records[-1], env_steps)
-        if config.save_every and iteration % config.save_every == 0:
-            save_rl_checkpoint(
-                out_dir / f"checkpoint_iter_{iteration}.pt",
-                policy,
-                run_info,
-                iteration=iteration,
-                env_steps=env_steps,
-                optimizer=optimizer.state_dict(),
+
+def train_ppo(config: PPOConfig) -> dict[str, Any]:
+    """Run (or with ``config.resume`` continue) residual PPO; returns the baseline and final evaluations."""
+    config.validate()
+    run = build_run(config)
+    checkpoint = latest_checkpoint(run.out_dir) if config.resume else None
+    if checkpoint is None:
+        start_fresh(run)
+    else:
+        resume_from(run, checkpoint)
+    writer = SummaryWriter(log_dir=str(run.out_dir), purge_step=run.env_steps if checkpoint else None)
+    if checkpoint is None:
+        _log_scalars(writer, "eval", run.eval_records[0], 0)
+
+    bar = tqdm(total=config.num_iterations, initial=run.iteration, desc="ppo", disable=not config.progress)
+    while run.iteration < config.num_iterations:
+        run.iteration += 1
+        record = train_iteration(run)
+        run.train_records.append(record)
+        atomic_write_json(run.out_dir / "train_metrics.json", run.train_records)
+        _log_scalars(writer, "train", record, run.env_steps)
+        if run.bad_iterations >= config.max_bad_iterations:
+            writer.close()
+            raise TrainingDiverged(
+                f"{run.bad_iterations} updates in a row were skipped for NaN/inf "
+                f"(iteration {run.iteration}); "
+                f"stopped, the last good checkpoint in {run.out_dir} is kept"
             )
+        last = run.iteration == config.num_iterations
+        if (config.eval_every and run.iteration % config.eval_every == 0) or last:
+            run.eval_records.append(evaluate(run.policy, run.eval_env, config, run.iteration, run.env_steps))
+            atomic_write_json(run.out_dir / "eval_metrics.json", run.eval_records)
+            _log_scalars(writer, "eval", run.eval_records[-1], run.env_steps)
+        if (config.save_every and run.iteration % config.save_every == 0) or last:
+            run.save("final.pt" if last else f"checkpoint_iter_{run.iteration}.pt")
+            if last and config.save_every and run.iteration % config.save_every == 0:
+                run.save(f"checkpoint_iter_{run.iteration}.pt")
+        bar.update(1)
         bar.set_postfix(
             steps_s=f"{record['steps_per_s']:.0f}",
             ret=f"{record['episode_return']:.2f}",
-            ade=f"{eval_records[-1]['ade']:.3f}",
+            ade=f"{run.eval_records[-1]['ade']:.3f}",
         )
-
-    save_rl_checkpoint(
-        out_dir / "final.pt",
-        policy,
-        run_info,
-        iteration=config.num_iterations,
-        env_steps=env_steps,
-        optimizer=optimizer.state_dict(),
-    )
+    bar.close()
     writer.close()
-    return {"out_dir": str(out_dir), "baseline": eval_records[0], "final": eval_records[-1], "policy": policy}
+    return {
+        "out_dir": str(run.out_dir),
+        "baseline": run.eval_records[0],
+        "final": run.eval_records[-1],
+        "policy": run.policy,
+    }
+
+
+class TrainingDiverged(UserError):
+    """Updates kept meeting non-finite values; the run stops and keeps its last good checkpoint."""
 
 
 _TB_GROUPS = {

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from training.common.cli import config_field, config_to_dict, parse_config, require
-from training.common.device import resolve_device
+from training.common.device import resolve_device, set_cpu_threads
 from training.common.errors import UserError, exit_on_user_error
 from training.common.io import atomic_write_json, ensure_writable_dir
 from training.envs.registry import check_env_choice, make_env
@@ -71,6 +71,9 @@ class SFTTrainConfig:
     device: str = config_field(
         "auto", "torch device: auto (cuda when available, else cpu), cpu, cuda, cuda:N"
     )
+    num_threads: int = config_field(
+        1, "torch CPU threads (0: torch's default; see training/common/device.py)"
+    )
     seed: int = config_field(0, "seed of weights, shuffling and scenario seeds (0 <= seed < 500)")
     overwrite: bool = config_field(False, "replace an out-dir that already holds a model.pt")
 
@@ -102,6 +105,7 @@ class SFTTrainConfig:
         require(self.waypoint_scale > 0, f"--waypoint-scale must be > 0, got {self.waypoint_scale}")
         max_seed = VAL_SEED_OFFSET // SEEDS_PER_RUN_SEED
         require(0 <= self.seed < max_seed, f"--seed must be in [0, {max_seed}), got {self.seed}")
+        require(self.num_threads >= 0, f"--num-threads must be >= 0, got {self.num_threads}")
         resolve_device(self.device)
 
 
@@ -177,6 +181,7 @@ def train_sft(config: SFTTrainConfig, show_progress: bool = True) -> dict[str, A
     from tqdm import tqdm
 
     config.validate()
+    set_cpu_threads(config.num_threads)
     started = time.perf_counter()
     out_dir = Path(config.out_dir)
     model_path = out_dir / "model.pt"

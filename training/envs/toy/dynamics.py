@@ -25,7 +25,8 @@ class VehicleState:
     steer: torch.Tensor
     accel: torch.Tensor
 
-    def fields(self) -> tuple[str, ...]:
+    @staticmethod
+    def fields() -> tuple[str, ...]:
         return ("x", "y", "yaw", "speed", "steer", "accel")
 
 

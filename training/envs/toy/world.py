@@ -395,3 +395,45 @@ class ToyWaypointEnv:
 
     def close(self) -> None:
         """Nothing to release: the worlds live in this process's tensors."""
+
+    # ------------------------------------------------------------------ save and restore
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Every tensor of the worlds' state (CPU copies), so a resumed run continues exactly."""
+        if self._obs is None:
+            raise RuntimeError("call reset() before state_dict()")
+        state = {f"vehicle.{f}": getattr(self.vehicle, f) for f in self.vehicle.fields()}
+        state |= {
+            f"scenarios.{f.name}": getattr(self.scenarios, f.name) for f in dataclasses.fields(Scenarios)
+        }
+        state |= {f"acc.{k}": v for k, v in self._acc.items()}
+        state |= {f"frenet.{i}": v for i, v in enumerate(self._frenet)}
+        state |= {
+            "route_hint": self.route_hint,
+            "t": self.t,
+            "time_s": self.time_s,
+            "best_s": self.best_s,
+            "scenario_seed": self.scenario_seed,
+            "next_seed": self._next_seed,
+            "obs.bev": self._obs.bev,
+            "obs.state": self._obs.state,
+        }
+        return {k: v.detach().cpu().clone() for k, v in state.items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> Observation:
+        """Restore what :meth:`state_dict` returned; returns the observation to act on next."""
+        try:
+            dev = {k: v.to(self.device) for k, v in state.items()}
+            self.vehicle = VehicleState(*(dev[f"vehicle.{f}"] for f in VehicleState.fields()))
+            self.scenarios = Scenarios(*(dev[f"scenarios.{f.name}"] for f in dataclasses.fields(Scenarios)))
+            self._acc = {k[len("acc.") :]: v for k, v in dev.items() if k.startswith("acc.")}
+            self._frenet = (dev["frenet.0"], dev["frenet.1"], dev["frenet.2"])
+            self.route_hint, self.t, self.time_s = dev["route_hint"], dev["t"], dev["time_s"]
+            self.best_s, self.scenario_seed = dev["best_s"], dev["scenario_seed"]
+            self._next_seed = dev["next_seed"]
+            self._obs = Observation(dev["obs.bev"], dev["obs.state"])
+        except KeyError as missing:
+            raise ValueError(f"world state lacks {missing}") from None
+        if self.t.shape[0] != self.num_envs:
+            raise ValueError(f"world state holds {self.t.shape[0]} worlds, this env has {self.num_envs}")
+        self._seeded = True
+        return self._obs

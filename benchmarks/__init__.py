@@ -1,0 +1,1 @@
+"""Benchmarks and reproducible measurements; results are recorded in docs/."""

@@ -1,0 +1,142 @@
+"""A run killed with SIGKILL at any moment and resumed ends exactly where an uninterrupted run does."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from training.common.errors import UserError
+from training.rl.config import PPOConfig
+from training.rl.trainer import train_ppo
+
+SETTINGS = {
+    "num_iterations": 5,
+    "num_envs": 4,
+    "rollout_steps": 8,
+    "batch_size": 16,
+    "update_epochs": 2,
+    "eval_every": 2,
+    "eval_episodes": 4,
+    "save_every": 1,
+    "device": "cpu",
+    "critic_warmup_iterations": 1,
+}
+
+
+def _flags(sft: Path, out_dir: Path) -> list[str]:
+    flags = ["--sft-checkpoint", str(sft), "--out-dir", str(out_dir), "--no-progress"]
+    for key, value in SETTINGS.items():
+        flags += ["--" + key.replace("_", "-"), str(value)]
+    return flags
+
+
+def _heads(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, weights_only=True)["heads"]
+
+
+def _assert_same_heads(a: Path, b: Path) -> None:
+    heads_a, heads_b = _heads(a), _heads(b)
+    assert heads_a.keys() == heads_b.keys()
+    for name in heads_a:
+        assert torch.equal(heads_a[name], heads_b[name]), name
+
+
+def _assert_clean_metrics(out_dir: Path) -> None:
+    train = json.loads((out_dir / "train_metrics.json").read_text())
+    evals = json.loads((out_dir / "eval_metrics.json").read_text())
+    assert [r["iteration"] for r in train] == list(range(1, SETTINGS["num_iterations"] + 1))
+    assert [r["iteration"] for r in evals] == [0, 2, 4, 5]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_run: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out_dir = tmp_path_factory.mktemp("reference")
+    train_ppo(
+        PPOConfig(sft_checkpoint=str(tiny_run["sft"]), out_dir=str(out_dir), progress=False, **SETTINGS)
+    )
+    return out_dir
+
+
+def test_in_process_resume_from_a_middle_checkpoint_matches(
+    reference: Path, tiny_run, tmp_path: Path
+) -> None:
+    out_dir = tmp_path / "run"
+    config = PPOConfig(sft_checkpoint=str(tiny_run["sft"]), out_dir=str(out_dir), progress=False, **SETTINGS)
+    train_ppo(config)
+    # Forget everything after iteration 2, as if the process had died just after that checkpoint.
+    for name in ("final.pt", "checkpoint_iter_3.pt", "checkpoint_iter_4.pt", "checkpoint_iter_5.pt"):
+        (out_dir / name).unlink()
+    resumed = PPOConfig(**{**config.__dict__, "resume": True})
+    train_ppo(resumed)
+    _assert_same_heads(reference / "final.pt", out_dir / "final.pt")
+    _assert_clean_metrics(out_dir)
+
+
+def test_resume_refuses_changed_settings(reference: Path, tiny_run, tmp_path: Path) -> None:
+    config = PPOConfig(
+        sft_checkpoint=str(tiny_run["sft"]),
+        out_dir=str(reference),
+        progress=False,
+        resume=True,
+        **{**SETTINGS, "lr": 1e-3},
+    )
+    with pytest.raises(UserError, match="other settings"):
+        train_ppo(config)
+
+
+def _kill_and_resume(sft: Path, out_dir: Path, delays: list[float]) -> int:
+    """Start, SIGKILL after each delay, resume; finish the run. Returns how many kills hit a live run."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    kills = 0
+    for delay in delays:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "training.rl.train_ppo_delta_waypoint", *_flags(sft, out_dir), "--resume"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env=env,
+        )
+        time.sleep(delay)
+        if process.poll() is None:
+            process.send_signal(signal.SIGKILL)
+            kills += 1
+        process.wait()
+        for path in out_dir.glob("*.json"):  # every JSON parses after a SIGKILL at any moment
+            json.loads(path.read_text())
+    finish = subprocess.run(
+        [sys.executable, "-m", "training.rl.train_ppo_delta_waypoint", *_flags(sft, out_dir), "--resume"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert finish.returncode == 0, finish.stderr
+    return kills
+
+
+def test_sigkill_at_random_moments_then_resume_matches(reference: Path, tiny_run, tmp_path: Path) -> None:
+    rng = random.Random(1234)
+    delays = [rng.uniform(3.0, 9.0) for _ in range(2)]
+    out_dir = tmp_path / "killed"
+    assert _kill_and_resume(tiny_run["sft"], out_dir, delays) >= 1, "no kill interrupted the run"
+    _assert_same_heads(reference / "final.pt", out_dir / "final.pt")
+    _assert_clean_metrics(out_dir)
+    assert not list(out_dir.glob(".*.tmp"))
+
+
+@pytest.mark.slow
+def test_many_sigkills_then_resume_matches(reference: Path, tiny_run, tmp_path: Path) -> None:
+    rng = random.Random(99)
+    delays = [rng.uniform(0.5, 8.0) for _ in range(8)]
+    out_dir = tmp_path / "killed_often"
+    assert _kill_and_resume(tiny_run["sft"], out_dir, delays) >= 3
+    _assert_same_heads(reference / "final.pt", out_dir / "final.pt")
+    _assert_clean_metrics(out_dir)
