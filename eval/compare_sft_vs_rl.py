@@ -142,9 +142,9 @@ def compare(config: CompareConfig) -> dict[str, Any]:
     set_cpu_threads(config.num_threads)
     device = resolve_device(config.device)
     rl_checkpoint = load_rl_checkpoint(config.rl_checkpoint)
+    sft_model = load_sft_model(config.sft_checkpoint, device)  # checks the file before hashing it
     sft_sha = check_pair(config, rl_checkpoint)
-    sft_model = load_sft_model(config.sft_checkpoint, device)
-    policy = build_policy(load_sft_model(config.sft_checkpoint, device), rl_checkpoint["config"]).to(device)
+    policy = build_policy(sft_model, rl_checkpoint["config"]).to(device)  # freezes sft_model, eval mode
     policy.load_heads_state_dict({k: v.to(device) for k, v in rl_checkpoint["heads"].items()})
     policy.eval()
     out_dir = ensure_writable_dir(config.resolved_out_dir())

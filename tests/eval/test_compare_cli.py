@@ -264,11 +264,6 @@ def test_corrupt_sft_checkpoint_exits_2_with_one_line(
     assert not out.exists()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: check_pair hashes the SFT file before loading it, so a missing file raises "
-    "FileNotFoundError (traceback, exit 1) instead of a one-line error",
-)
 def test_missing_sft_checkpoint_exits_2_with_one_line(
     tiny_run: dict[str, Path], tmp_path: Path, capsys
 ) -> None:

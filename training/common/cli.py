@@ -76,6 +76,7 @@ def build_parser(config_cls: type, prog: str, description: str) -> argparse.Argu
         kwargs: dict[str, Any] = {"help": help_text, "dest": field.name}
         if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
             kwargs["required"] = True
+            kwargs["default"] = argparse.SUPPRESS  # no "(default: None)" in --help
         else:
             kwargs["default"] = (
                 field.default if field.default is not dataclasses.MISSING else field.default_factory()

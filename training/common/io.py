@@ -103,11 +103,13 @@ def load_checkpoint(path: str | Path, expected_kind: str | None = None) -> dict[
         raise UserError(f"checkpoint not found: {path}")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else "unsafe content"
-        raise UserError(
-            f"refusing to load {path}: it is not a plain checkpoint of tensors and data ({first_line})"
-        ) from None
+    except pickle.UnpicklingError:
+        if zipfile.is_zipfile(path):
+            raise UserError(
+                f"refusing to load {path}: it holds objects that would run code when loaded; "
+                "only checkpoints of tensors and plain data are accepted"
+            ) from None
+        raise UserError(f"checkpoint {path} is not a torch checkpoint or is corrupt") from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"checkpoint {path} is truncated or corrupt ({reason})") from None
