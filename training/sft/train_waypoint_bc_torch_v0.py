@@ -52,7 +52,7 @@ class SFTTrainConfig:
     )
     env: str = config_field("toy", "environment whose expert is cloned (only 'toy' for now)")
     difficulty: float = config_field(0.5, "toy world difficulty in [0, 1] (curvature, traffic)")
-    num_episodes: int = config_field(400, "expert episodes recorded for training")
+    num_episodes: int = config_field(200, "expert episodes recorded for training")
     val_episodes: int = config_field(60, "held-out expert episodes (disjoint scenario seeds) for ADE/FDE")
     episodes_per_batch: int = config_field(120, "worlds simulated together while recording")
     record_every: int = config_field(2, "record every n-th policy step of an episode")
