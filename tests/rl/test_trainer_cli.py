@@ -395,3 +395,26 @@ def test_rl_checkpoint_is_plain_data_tied_to_its_sft(tiny_run: dict[str, Path]) 
         assert not any(key.startswith("sft_model.") for key in checkpoint["heads"])
         assert checkpoint["config"]["num_iterations"] == 2
     assert torch.load(tiny_run["rl_dir"] / "final.pt", weights_only=True)["iteration"] == 2
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "what"),
+    [
+        ("num_waypoints", 6, "waypoint count"),
+        ("bev_shape", [4, 32, 32], "BEV shape"),
+        ("state_dim", 3, "ego state"),
+    ],
+)
+def test_sft_model_built_for_another_world_is_refused(
+    key: str, value, what: str, tiny_run: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    checkpoint = torch.load(tiny_run["sft"], weights_only=True)
+    checkpoint["env_spec"][key] = value
+    other = tmp_path / "other_world.pt"
+    torch.save(checkpoint, other)
+    out = tmp_path / "run"
+    code, _, err = run_main(
+        ["--sft-checkpoint", str(other), "--out-dir", str(out), "--device", "cpu"], capsys
+    )
+    assert_one_line_error(code, err, what)
+    assert not out.exists() or not any(out.iterdir())

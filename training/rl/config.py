@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 from training.common.cli import config_field, require
@@ -77,8 +78,11 @@ class PPOConfig:
             f"--batch-size {self.batch_size} is larger than a rollout "
             f"(--num-envs {self.num_envs} x --rollout-steps {self.rollout_steps} = {rollout})",
         )
-        require(self.lr > 0, f"--lr must be > 0, got {self.lr}")
-        require(self.clip_epsilon > 0, f"--clip-epsilon must be > 0, got {self.clip_epsilon}")
+        require(math.isfinite(self.lr) and self.lr > 0, f"--lr must be > 0, got {self.lr}")
+        require(
+            math.isfinite(self.clip_epsilon) and self.clip_epsilon > 0,
+            f"--clip-epsilon must be > 0, got {self.clip_epsilon}",
+        )
         require(0.0 <= self.gamma <= 1.0, f"--gamma must be in [0, 1], got {self.gamma}")
         require(0.0 <= self.gae_lambda <= 1.0, f"--gae-lambda must be in [0, 1], got {self.gae_lambda}")
         require(self.value_coef >= 0, f"--value-coef must be >= 0, got {self.value_coef}")

@@ -1,0 +1,57 @@
+"""Property tests: PPOConfig.validate accepts exactly the values a run can use."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from training.common.errors import UserError
+from training.rl.config import PPOConfig
+
+BASE = PPOConfig(sft_checkpoint="model.pt", num_envs=8, rollout_steps=16, batch_size=64)
+ANY_FLOAT = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.floats(-2.0, 2.0),
+    st.sampled_from([0.0, -0.0, 1.0, 1.0 + 1e-9, -1e-9, 1e-12]),
+)
+ANY_INT = st.integers(-5, 200)
+
+# field -> (values to try, the rule from the issue, stated independently of the code)
+RULES: dict[str, tuple[st.SearchStrategy, Callable[[float], bool]]] = {
+    "lr": (ANY_FLOAT, lambda v: math.isfinite(v) and v > 0),
+    "clip_epsilon": (ANY_FLOAT, lambda v: math.isfinite(v) and v > 0),
+    "gamma": (ANY_FLOAT, lambda v: 0 <= v <= 1),
+    "gae_lambda": (ANY_FLOAT, lambda v: 0 <= v <= 1),
+    "num_envs": (ANY_INT, lambda v: v >= 1 and BASE.batch_size <= v * BASE.rollout_steps),
+    "rollout_steps": (ANY_INT, lambda v: v >= 1 and BASE.batch_size <= BASE.num_envs * v),
+    "batch_size": (st.integers(-5, 300), lambda v: 1 <= v <= BASE.num_envs * BASE.rollout_steps),
+}
+
+
+def test_the_base_config_is_valid() -> None:
+    BASE.validate()
+
+
+@pytest.mark.parametrize("field", sorted(RULES))
+@settings(max_examples=150, deadline=None)
+@given(data=st.data())
+def test_validate_accepts_exactly_the_usable_values(field: str, data: st.DataObject) -> None:
+    values, rule = RULES[field]
+    value = data.draw(values, label=field)
+    config = dataclasses.replace(BASE, **{field: value})
+    if rule(value):
+        config.validate()
+    else:
+        with pytest.raises(UserError, match=field.replace("_", "-")):
+            config.validate()
+
+
+@pytest.mark.parametrize("env", ["carla2", "", "TOY"])
+def test_unknown_env_is_rejected(env: str) -> None:
+    with pytest.raises(UserError, match="unknown --env"):
+        dataclasses.replace(BASE, env=env).validate()

@@ -1,0 +1,90 @@
+"""Non-finite rewards or observations: the update is skipped and logged; a streak stops the run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import training.rl.trainer as trainer
+from training.envs.toy import ToyWaypointEnv
+from training.rl.config import PPOConfig
+from training.rl.env_interface import StepResult
+from training.rl.trainer import TrainingDiverged, train_ppo
+
+
+class PoisonedRewards:
+    """Wraps the training world: rewards become NaN during the given rollouts (1-based)."""
+
+    def __init__(self, env: ToyWaypointEnv, bad_rollouts: set[int], steps_per_rollout: int) -> None:
+        self.env, self.bad, self.per_rollout, self.steps = env, bad_rollouts, steps_per_rollout, 0
+        self.num_envs, self.device, self.spec = env.num_envs, env.device, env.spec
+
+    def __getattr__(self, name: str):
+        return getattr(self.env, name)
+
+    def step(self, waypoints: torch.Tensor) -> StepResult:
+        result = self.env.step(waypoints)
+        rollout = self.steps // self.per_rollout + 1
+        self.steps += 1
+        if rollout in self.bad:
+            result = result._replace(reward=torch.full_like(result.reward, float("nan")))
+        return result
+
+
+def _config(sft: Path, out_dir: Path, iterations: int) -> PPOConfig:
+    return PPOConfig(
+        sft_checkpoint=str(sft),
+        out_dir=str(out_dir),
+        num_iterations=iterations,
+        num_envs=4,
+        rollout_steps=8,
+        batch_size=16,
+        update_epochs=1,
+        eval_every=0,
+        eval_episodes=2,
+        save_every=1,
+        device="cpu",
+        progress=False,
+        critic_warmup_iterations=0,
+        max_bad_iterations=2,
+    )
+
+
+def _poison(monkeypatch: pytest.MonkeyPatch, bad: set[int]) -> None:
+    made = []
+    real_make_env = trainer.make_env
+
+    def make_env(name, num_envs, device, difficulty=None):
+        env = real_make_env(name, num_envs, device, difficulty)
+        made.append(env)
+        return PoisonedRewards(env, bad, 8) if len(made) == 1 else env  # the first is the training world
+
+    monkeypatch.setattr(trainer, "make_env", make_env)
+
+
+def test_a_poisoned_rollout_skips_its_update_and_the_run_goes_on(tiny_run, tmp_path, monkeypatch) -> None:
+    _poison(monkeypatch, {2})
+    train_ppo(_config(tiny_run["sft"], tmp_path, iterations=3))
+    records = json.loads((tmp_path / "train_metrics.json").read_text())
+    assert [r["update_skipped"] for r in records] == [False, True, False]
+    assert records[1]["nonfinite_inputs"] == 4 * 8
+    # The skipped iteration left the heads as they were after iteration 1.
+    after_1 = torch.load(tmp_path / "checkpoint_iter_1.pt", weights_only=True)["heads"]
+    after_2 = torch.load(tmp_path / "checkpoint_iter_2.pt", weights_only=True)["heads"]
+    assert all(torch.equal(after_1[k], after_2[k]) for k in after_1)
+    assert all(torch.isfinite(v).all() for v in after_2.values())
+
+
+def test_a_streak_of_poisoned_rollouts_stops_the_run_keeping_the_good_checkpoint(
+    tiny_run, tmp_path, monkeypatch
+) -> None:
+    _poison(monkeypatch, {2, 3, 4})
+    with pytest.raises(TrainingDiverged, match="2 updates in a row"):
+        train_ppo(_config(tiny_run["sft"], tmp_path, iterations=5))
+    assert (tmp_path / "checkpoint_iter_1.pt").is_file()
+    assert not (tmp_path / "final.pt").exists()
+    records = json.loads((tmp_path / "train_metrics.json").read_text())
+    assert [r["iteration"] for r in records] == [1, 2, 3]
