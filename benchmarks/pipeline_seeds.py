@@ -10,14 +10,11 @@ import argparse
 import json
 import platform
 import statistics
-import time
 from pathlib import Path
 
 import torch
 
-from eval.compare_sft_vs_rl import main as compare_main
-from training.rl.train_ppo_delta_waypoint import main as ppo_main
-from training.sft.train_waypoint_bc_torch_v0 import main as sft_main
+from training.demo import run_pipeline
 
 KEYS = (
     "ade",
@@ -31,47 +28,13 @@ KEYS = (
 
 
 def run_seed(seed: int, root: Path, device: str) -> dict:
-    sft_dir, rl_dir = root / f"seed{seed}" / "sft", root / f"seed{seed}" / "rl"
-    common = ["--device", device, "--seed", str(seed), "--overwrite"]
-    t0 = time.perf_counter()
-    sft_main(["--out-dir", str(sft_dir), *common])
-    t1 = time.perf_counter()
-    ppo_main(
-        [
-            "--sft-checkpoint",
-            str(sft_dir / "model.pt"),
-            "--out-dir",
-            str(rl_dir),
-            "--env",
-            "toy",
-            "--num-iterations",
-            "100",
-            "--batch-size",
-            "64",
-            "--lr",
-            "3e-4",
-            "--no-progress",
-            *common,
-        ]
-    )
-    t2 = time.perf_counter()
-    compare_main(
-        [
-            "--sft-checkpoint",
-            str(sft_dir / "model.pt"),
-            "--rl-checkpoint",
-            str(rl_dir / "final.pt"),
-            "--device",
-            device,
-        ]
-    )
-    t3 = time.perf_counter()
-    report = json.loads((rl_dir / "compare" / "compare.json").read_text())
+    result = run_pipeline(root / f"seed{seed}", device, seed, progress=False)
+    report = json.loads(Path(result["compare_json"]).read_text())
     return {
         "seed": seed,
         "sft": {k: report["sft"][k] for k in KEYS},
         "rl": {k: report["rl"][k] for k in KEYS},
-        "wall_time_s": {"sft": t1 - t0, "rl": t2 - t1, "compare": t3 - t2},
+        "wall_time_s": result["timings"],
     }
 
 

@@ -13,26 +13,15 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A tiny SFT model and a 2-iteration RL run on it (about 15 s on one CPU core)."""
-    from training.rl.config import PPOConfig
-    from training.rl.test_ppo_delta_smoke import make_tiny_sft
+    import dataclasses
+
+    from training.rl.test_ppo_delta_smoke import make_tiny_sft, smoke_config
     from training.rl.trainer import train_ppo
 
     root = tmp_path_factory.mktemp("tiny_run")
     sft = make_tiny_sft(root / "sft")
-    config = PPOConfig(
-        sft_checkpoint=str(sft),
-        out_dir=str(root / "rl"),
-        num_iterations=2,
-        num_envs=4,
-        rollout_steps=8,
-        batch_size=16,
-        update_epochs=2,
-        eval_every=1,
-        eval_episodes=4,
-        save_every=1,
-        device="cpu",
-        progress=False,
-        critic_warmup_iterations=0,
+    config = dataclasses.replace(
+        smoke_config(sft, root / "rl"), num_iterations=2, save_every=1, critic_warmup_iterations=0
     )
     train_ppo(config)
     return {"sft": sft, "rl_dir": root / "rl", "root": root}
