@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from eval import compare_sft_vs_rl
+from tests.cli_helpers import assert_one_line_error, run_cli
 
 SUMMARY_KEYS = ("ade", "fde", "episode_return", "route_completion", "collision_rate", "off_road_rate")
 EPISODE_KEYS = ("scenario_seed", "ade", "fde", "episode_return", "route_completion", "collision", "off_road")
@@ -39,26 +40,7 @@ def compare_argv(sft: Path, rl: Path, out_dir: Path, *extra: str) -> list[str]:
 
 
 def run_main(argv: Sequence[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    """Run the command's ``main`` in-process; return ``(exit code, stdout, stderr)``."""
-    capsys.readouterr()
-    try:
-        compare_sft_vs_rl.main(list(argv))
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def assert_one_line_error(code: int, err: str, *fragments: str) -> str:
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("error:"), err
-    assert "Traceback" not in err
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
+    return run_cli(compare_sft_vs_rl.main, argv, capsys)
 
 
 def numbers(report: dict[str, Any]) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.cli_helpers import assert_one_line_error, run_cli
 from training.common.errors import UserError
 from training.common.io import load_checkpoint
 from training.rl import train_ppo_delta_waypoint
@@ -73,31 +74,12 @@ TINY = [
 
 
 def run_main(argv: Sequence[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    """Run the trainer's ``main`` in-process; return ``(exit code, stdout, stderr)``."""
-    capsys.readouterr()
-    try:
-        train_ppo_delta_waypoint.main(list(argv))
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+    return run_cli(train_ppo_delta_waypoint.main, argv, capsys)
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
     """Every file under ``folder`` (relative path -> bytes)."""
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def assert_one_line_error(code: int, err: str, *fragments: str) -> str:
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("error:"), err
-    assert "Traceback" not in err
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
 
 
 def help_entries(text: str) -> dict[str, str]:

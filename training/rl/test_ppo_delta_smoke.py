@@ -26,7 +26,7 @@ from training.common.errors import exit_on_user_error
 from training.envs.registry import make_env
 from training.rl.checkpoint import build_policy, load_rl_checkpoint
 from training.rl.config import PPOConfig
-from training.rl.trainer import train_ppo
+from training.rl.trainer import EVAL_METRICS, train_ppo
 from training.sft import load_sft_model
 
 TRAIN_KEYS = (
@@ -41,15 +41,7 @@ TRAIN_KEYS = (
     "episode_return",
     "steps_per_s",
 )
-EVAL_KEYS = (
-    "iteration",
-    "ade",
-    "fde",
-    "episode_return",
-    "route_completion",
-    "collision_rate",
-    "off_road_rate",
-)
+EVAL_KEYS = ("iteration", *EVAL_METRICS)
 
 
 class SmokeFailure(AssertionError):

@@ -32,6 +32,17 @@ from training.rl.ppo import ppo_update
 from training.sft.model import SFT_CHECKPOINT_KIND, model_from_checkpoint
 
 RUN_FILES = ("config.json", "train_metrics.json", "eval_metrics.json", "final.pt")
+# What every evaluation record holds besides iteration and env_steps (means over the held-out episodes).
+EVAL_METRICS = (
+    "ade",
+    "fde",
+    "episode_return",
+    "route_completion",
+    "collision_rate",
+    "off_road_rate",
+    "goal_rate",
+    "mean_abs_lateral_m",
+)
 
 
 # ---------------------------------------------------------------------------------------- set-up
@@ -218,17 +229,7 @@ def evaluate(
     policy.train()
     summary = summarise(result.episodes)
     record = {"iteration": iteration, "env_steps": env_steps}
-    for key in (
-        "ade",
-        "fde",
-        "episode_return",
-        "route_completion",
-        "collision_rate",
-        "off_road_rate",
-        "goal_rate",
-    ):
-        record[key] = summary.get(key, float("nan"))
-    record["mean_abs_lateral_m"] = summary.get("mean_abs_lateral_m", float("nan"))
+    record |= {key: summary.get(key, float("nan")) for key in EVAL_METRICS}
     record["episodes"] = len(result.episodes)
     record["wall_time_s"] = result.wall_time_s
     return record
