@@ -93,40 +93,56 @@ def test_resume_refuses_changed_settings(reference: Path, tiny_run, tmp_path: Pa
         train_ppo(config)
 
 
-def _kill_and_resume(sft: Path, out_dir: Path, delays: list[float]) -> int:
-    """Start, SIGKILL after each delay, resume; finish the run. Returns how many kills hit a live run."""
+def _iterations_done(out_dir: Path) -> int:
+    try:
+        return len(json.loads((out_dir / "train_metrics.json").read_text()))
+    except (OSError, ValueError):
+        return 0
+
+
+def _kill_and_resume(sft: Path, out_dir: Path, kill_points: list[tuple[int, float]]) -> int:
+    """Start (or resume) the run and SIGKILL it at each point, then let it finish.
+
+    A kill point ``(k, extra)`` waits until the run has logged ``k`` more iterations than when it
+    started, then ``extra`` seconds more, so the kills land mid-run on a fast or a slow machine.
+    Returns how many kills hit a live process.
+    """
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable,
+        "-m",
+        "training.rl.train_ppo_delta_waypoint",
+        *_flags(sft, out_dir),
+        "--resume",
+    ]
     kills = 0
-    for delay in delays:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "training.rl.train_ppo_delta_waypoint", *_flags(sft, out_dir), "--resume"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            env=env,
-        )
-        time.sleep(delay)
+    for more_iterations, extra in kill_points:
+        target = _iterations_done(out_dir) + more_iterations
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+        deadline = time.monotonic() + 120
+        while process.poll() is None and _iterations_done(out_dir) < target and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(extra)
         if process.poll() is None:
             process.send_signal(signal.SIGKILL)
             kills += 1
         process.wait()
         for path in out_dir.glob("*.json"):  # every JSON parses after a SIGKILL at any moment
             json.loads(path.read_text())
-    finish = subprocess.run(
-        [sys.executable, "-m", "training.rl.train_ppo_delta_waypoint", *_flags(sft, out_dir), "--resume"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
+    finish = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert finish.returncode == 0, finish.stderr
     return kills
 
 
+def _random_kill_points(seed: int, count: int) -> list[tuple[int, float]]:
+    rng = random.Random(seed)
+    return [(rng.randint(0, 2), rng.uniform(0.0, 0.4)) for _ in range(count)]
+
+
 def test_sigkill_at_random_moments_then_resume_matches(reference: Path, tiny_run, tmp_path: Path) -> None:
-    rng = random.Random(1234)
-    delays = [rng.uniform(3.0, 9.0) for _ in range(2)]
     out_dir = tmp_path / "killed"
-    assert _kill_and_resume(tiny_run["sft"], out_dir, delays) >= 1, "no kill interrupted the run"
+    kills = _kill_and_resume(tiny_run["sft"], out_dir, _random_kill_points(1234, 2))
+    assert kills >= 1, "no kill interrupted the run"
     _assert_same_heads(reference / "final.pt", out_dir / "final.pt")
     _assert_clean_metrics(out_dir)
     assert not list(out_dir.glob(".*.tmp"))
@@ -134,9 +150,7 @@ def test_sigkill_at_random_moments_then_resume_matches(reference: Path, tiny_run
 
 @pytest.mark.slow
 def test_many_sigkills_then_resume_matches(reference: Path, tiny_run, tmp_path: Path) -> None:
-    rng = random.Random(99)
-    delays = [rng.uniform(0.5, 8.0) for _ in range(8)]
     out_dir = tmp_path / "killed_often"
-    assert _kill_and_resume(tiny_run["sft"], out_dir, delays) >= 3
+    assert _kill_and_resume(tiny_run["sft"], out_dir, _random_kill_points(99, 8)) >= 3
     _assert_same_heads(reference / "final.pt", out_dir / "final.pt")
     _assert_clean_metrics(out_dir)
