@@ -154,3 +154,32 @@ def test_many_sigkills_then_resume_matches(reference: Path, tiny_run, tmp_path: 
     assert _kill_and_resume(tiny_run["sft"], out_dir, _random_kill_points(99, 8)) >= 3
     _assert_same_heads(reference / "final.pt", out_dir / "final.pt")
     _assert_clean_metrics(out_dir)
+
+
+class _WorldWithoutState:
+    """A world that cannot save its state (as a simulator in another process may not)."""
+
+    def __init__(self, env) -> None:
+        self._env = env
+
+    def __getattr__(self, name: str):
+        if name in ("state_dict", "load_state_dict"):
+            raise AttributeError(name)
+        return getattr(self._env, name)
+
+
+def test_a_world_without_state_is_reseeded_on_resume(tiny_run, tmp_path: Path, monkeypatch) -> None:
+    import training.rl.trainer as trainer
+
+    real_make_env = trainer.make_env
+    monkeypatch.setattr(trainer, "make_env", lambda *args: _WorldWithoutState(real_make_env(*args)))
+    out_dir = tmp_path / "stateless"
+    config = PPOConfig(sft_checkpoint=str(tiny_run["sft"]), out_dir=str(out_dir), progress=False, **SETTINGS)
+    train_ppo(config)
+    checkpoint = torch.load(out_dir / "checkpoint_iter_3.pt", weights_only=True)
+    assert checkpoint["world"] is None
+    for name in ("final.pt", "checkpoint_iter_4.pt", "checkpoint_iter_5.pt"):
+        (out_dir / name).unlink()
+    train_ppo(PPOConfig(**{**config.__dict__, "resume": True}))
+    _assert_clean_metrics(out_dir)
+    assert all(torch.isfinite(v).all() for v in _heads(out_dir / "final.pt").values())

@@ -21,6 +21,9 @@ Conventions
 * Terminated (collision, off-road, goal reached) and truncated (time limit) are different:
   a learner bootstraps the value of ``info.final_observation`` through a truncation, never
   through a termination.
+* Optional: ``state_dict() -> dict[str, Tensor]`` and ``load_state_dict(state) -> Observation``
+  save and restore every world exactly, so a resumed training run continues as if never stopped
+  (the toy world has them). A world without them is re-seeded on fresh scenarios on resume.
 """
 
 from __future__ import annotations

@@ -236,6 +236,8 @@ def evaluate(
 
 
 # ---------------------------------------------------------------------------------------- the loop
+# Resuming a world without state_dict() re-seeds it from here on within the run's seed range.
+RESEED_OFFSET = 500_000
 # Settings that may differ between a run and its resumption (they do not change the numbers).
 _RESUME_FREE = {"resume", "overwrite", "progress", "num_threads", "device"}
 
@@ -272,7 +274,8 @@ class Run:
                 "batch": self.batch_gen.get_state(),
                 "torch": torch.get_rng_state(),
             },
-            "world": self.env.state_dict(),
+            # Worlds that can save their state (the toy world) resume exactly; others are re-seeded.
+            "world": self.env.state_dict() if hasattr(self.env, "state_dict") else None,
         }
 
     def save(self, name: str) -> None:
@@ -356,8 +359,13 @@ def resume_from(run: Run, path: Path) -> None:
     run.sample_gen.set_state(checkpoint["rng"]["sample"])
     run.batch_gen.set_state(checkpoint["rng"]["batch"])
     torch.set_rng_state(checkpoint["rng"]["torch"])
-    run.obs = run.env.load_state_dict(checkpoint["world"])
     run.iteration, run.env_steps = checkpoint["iteration"], checkpoint["env_steps"]
+    if checkpoint["world"] is not None:
+        run.obs = run.env.load_state_dict(checkpoint["world"])
+    else:  # a clean re-seed on fresh training scenarios of this run
+        run.obs = run.env.reset(
+            seed=run.config.train_seed_start + RESEED_OFFSET + run.iteration * run.config.num_envs
+        )
     run.bad_iterations = checkpoint["bad_iterations"]
     run.train_records = _records_up_to(run.out_dir / "train_metrics.json", run.iteration)
     run.eval_records = _records_up_to(run.out_dir / "eval_metrics.json", run.iteration)
