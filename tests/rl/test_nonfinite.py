@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import training.rl.trainer as trainer
+import training.rl.run as run_module
 from training.envs.toy import ToyWaypointEnv
 from training.rl.config import PPOConfig
 from training.rl.env_interface import StepResult
@@ -55,14 +55,14 @@ def _config(sft: Path, out_dir: Path, iterations: int) -> PPOConfig:
 
 def _poison(monkeypatch: pytest.MonkeyPatch, bad: set[int]) -> None:
     made = []
-    real_make_env = trainer.make_env
+    real_make_env = run_module.make_env
 
     def make_env(name, num_envs, device, difficulty=None):
         env = real_make_env(name, num_envs, device, difficulty)
         made.append(env)
         return PoisonedRewards(env, bad, 8) if len(made) == 1 else env  # the first is the training world
 
-    monkeypatch.setattr(trainer, "make_env", make_env)
+    monkeypatch.setattr(run_module, "make_env", make_env)
 
 
 def test_a_poisoned_rollout_skips_its_update_and_the_run_goes_on(tiny_run, tmp_path, monkeypatch) -> None:

@@ -169,10 +169,10 @@ class _WorldWithoutState:
 
 
 def test_a_world_without_state_is_reseeded_on_resume(tiny_run, tmp_path: Path, monkeypatch) -> None:
-    import training.rl.trainer as trainer
+    import training.rl.run as run_module
 
-    real_make_env = trainer.make_env
-    monkeypatch.setattr(trainer, "make_env", lambda *args: _WorldWithoutState(real_make_env(*args)))
+    real_make_env = run_module.make_env
+    monkeypatch.setattr(run_module, "make_env", lambda *args: _WorldWithoutState(real_make_env(*args)))
     out_dir = tmp_path / "stateless"
     config = PPOConfig(sft_checkpoint=str(tiny_run["sft"]), out_dir=str(out_dir), progress=False, **SETTINGS)
     train_ppo(config)

@@ -2,15 +2,14 @@
 
 Reads top to bottom like CleanRL's ``ppo_continuous_action.py``; the pieces live next door:
 ``policy.py`` (heads and distribution), ``buffer.py`` (storage and GAE), ``ppo.py`` (the update),
-``checkpoint.py`` (files), ``eval/closed_loop.py`` (deterministic evaluation).
+``run.py`` (the run's state, files, checkpoints and resuming), ``eval/closed_loop.py``
+(deterministic evaluation).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import platform
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,19 +18,15 @@ from tqdm import tqdm
 
 from eval.closed_loop import run_closed_loop
 from eval.metrics import summarise
-from training.common.device import resolve_device, set_cpu_threads
 from training.common.errors import UserError
-from training.common.io import atomic_write_json, ensure_writable_dir, file_sha256, load_checkpoint, read_json
-from training.envs.registry import make_env
+from training.common.io import atomic_write_json
 from training.rl.buffer import RolloutBuffer
-from training.rl.checkpoint import build_policy, load_rl_checkpoint, save_rl_checkpoint
 from training.rl.config import PPOConfig
 from training.rl.env_interface import BatchedWaypointEnv, Observation, StepResult
 from training.rl.policy import PPOPolicy
 from training.rl.ppo import ppo_update
-from training.sft.model import SFT_CHECKPOINT_KIND, model_from_checkpoint
+from training.rl.run import Run, build_run, latest_checkpoint, resume_from, write_run_config
 
-RUN_FILES = ("config.json", "train_metrics.json", "eval_metrics.json", "final.pt")
 # What every evaluation record holds besides iteration and env_steps (means over the held-out episodes).
 EVAL_METRICS = (
     "ade",
@@ -43,67 +38,6 @@ EVAL_METRICS = (
     "goal_rate",
     "mean_abs_lateral_m",
 )
-
-
-# ---------------------------------------------------------------------------------------- set-up
-def prepare_out_dir(config: PPOConfig) -> Path:
-    """Create ``--out-dir``; refuse to overwrite a run there unless ``--overwrite`` or ``--resume``."""
-    out_dir = Path(config.out_dir)
-    existing = [name for name in RUN_FILES if (out_dir / name).exists()]
-    existing += [p.name for p in out_dir.glob("checkpoint_iter_*.pt")] if out_dir.is_dir() else []
-    if existing and not (config.overwrite or config.resume):
-        raise UserError(
-            f"{out_dir} already holds a run ({existing[0]}); "
-            "pass --resume to continue it or --overwrite to replace it"
-        )
-    ensure_writable_dir(out_dir)
-    for leftover in out_dir.glob(".*.tmp"):  # an atomic write interrupted by a crash
-        leftover.unlink()
-    if config.overwrite:
-        for name in existing:
-            (out_dir / name).unlink(missing_ok=True)
-        for events in out_dir.glob("events.out.tfevents.*"):
-            events.unlink()
-    return out_dir
-
-
-def latest_checkpoint(out_dir: Path) -> Path | None:
-    """The checkpoint a resumed run continues from: ``final.pt``, else the highest iteration."""
-    if (out_dir / "final.pt").is_file():
-        return out_dir / "final.pt"
-    numbered = []
-    for path in out_dir.glob("checkpoint_iter_*.pt"):
-        suffix = path.stem.removeprefix("checkpoint_iter_")
-        if suffix.isdigit():
-            numbered.append((int(suffix), path))
-    return max(numbered)[1] if numbered else None
-
-
-def check_spec_matches(env: BatchedWaypointEnv, sft_checkpoint: dict[str, Any], path: str) -> None:
-    """The SFT model must read this environment's observations and emit its waypoint count."""
-    spec = sft_checkpoint.get("env_spec", {})
-    checks = (
-        ("BEV shape", list(spec.get("bev_shape", [])), list(env.spec.bev_shape)),
-        ("ego state size", spec.get("state_dim"), env.spec.state_dim),
-        ("waypoint count", spec.get("num_waypoints"), env.spec.num_waypoints),
-    )
-    for what, model_value, env_value in checks:
-        if model_value != env_value:
-            raise UserError(
-                f"SFT checkpoint {path} was trained for {what} {model_value}, the environment has {env_value}"
-            )
-
-
-def package_versions() -> dict[str, str]:
-    import gymnasium
-    import numpy
-
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "numpy": numpy.__version__,
-        "gymnasium": gymnasium.__version__,
-    }
 
 
 # ---------------------------------------------------------------------------------------- rollout
@@ -236,149 +170,12 @@ def evaluate(
 
 
 # ---------------------------------------------------------------------------------------- the loop
-# Resuming a world without state_dict() re-seeds it from here on within the run's seed range.
-RESEED_OFFSET = 500_000
-# Settings that may differ between a run and its resumption (they do not change the numbers).
-_RESUME_FREE = {"resume", "overwrite", "progress", "num_threads", "device"}
-
-
-@dataclasses.dataclass
-class Run:
-    """Everything a training run holds; :meth:`state` is what a checkpoint saves to resume it."""
-
-    config: PPOConfig
-    policy: PPOPolicy
-    optimizer: torch.optim.Optimizer
-    env: BatchedWaypointEnv
-    eval_env: BatchedWaypointEnv
-    buffer: RolloutBuffer
-    sample_gen: torch.Generator
-    batch_gen: torch.Generator
-    out_dir: Path
-    info: dict[str, Any]
-    obs: Observation | None = None
-    iteration: int = 0
-    env_steps: int = 0
-    bad_iterations: int = 0
-    train_records: list[dict[str, Any]] = dataclasses.field(default_factory=list)
-    eval_records: list[dict[str, Any]] = dataclasses.field(default_factory=list)
-
-    def state(self) -> dict[str, Any]:
-        return {
-            "iteration": self.iteration,
-            "env_steps": self.env_steps,
-            "bad_iterations": self.bad_iterations,
-            "optimizer": self.optimizer.state_dict(),
-            "rng": {
-                "sample": self.sample_gen.get_state(),
-                "batch": self.batch_gen.get_state(),
-                "torch": torch.get_rng_state(),
-            },
-            # Worlds that can save their state (the toy world) resume exactly; others are re-seeded.
-            "world": self.env.state_dict() if hasattr(self.env, "state_dict") else None,
-        }
-
-    def save(self, name: str) -> None:
-        save_rl_checkpoint(self.out_dir / name, self.policy, self.info, **self.state())
-
-
-def build_run(config: PPOConfig) -> Run:
-    """Load the SFT model, build worlds, policy, optimiser and buffer (nothing written yet but the folder)."""
-    set_cpu_threads(config.num_threads)
-    device = resolve_device(config.device)
-    sft_raw = load_checkpoint(config.sft_checkpoint, expected_kind=SFT_CHECKPOINT_KIND)
-    sft_model = model_from_checkpoint(sft_raw, source=config.sft_checkpoint).to(device)
-    env = make_env(config.env, config.num_envs, device, config.difficulty)
-    check_spec_matches(env, sft_raw, config.sft_checkpoint)
-    out_dir = prepare_out_dir(config)
-
-    torch.manual_seed(config.seed)
-    policy = build_policy(sft_model, dataclasses.asdict(config)).to(device)
-    policy.train()
-    return Run(
-        config=config,
-        policy=policy,
-        optimizer=torch.optim.Adam(policy.trainable_parameters(), lr=config.lr, eps=1e-5),
-        env=env,
-        eval_env=make_env(config.env, config.eval_episodes, device, config.difficulty),
-        buffer=RolloutBuffer(
-            config.rollout_steps,
-            config.num_envs,
-            sft_model.feature_dim,
-            sft_model.num_waypoints,
-            device=device,
-        ),
-        sample_gen=torch.Generator(device=device).manual_seed(config.seed),
-        batch_gen=torch.Generator(device=device).manual_seed(config.seed + 1),
-        out_dir=out_dir,
-        info={
-            "config": dataclasses.asdict(config),
-            "sft_checkpoint": str(config.sft_checkpoint),
-            "sft_sha256": file_sha256(config.sft_checkpoint),
-        },
-    )
-
-
 def start_fresh(run: Run) -> None:
     """Write ``config.json``, evaluate the SFT baseline (iteration 0) and reset the worlds."""
-    config = run.config
-    atomic_write_json(
-        run.out_dir / "config.json",
-        {
-            **dataclasses.asdict(config),
-            "sft_sha256": run.info["sft_sha256"],
-            "resolved_device": str(run.env.device),
-            "env_spec": run.env.spec.to_dict(),
-            "versions": package_versions(),
-        },
-    )
-    for stale in ("train_metrics.json", "eval_metrics.json"):
-        (run.out_dir / stale).unlink(missing_ok=True)
-    run.eval_records = [evaluate(run.policy, run.eval_env, config, 0, 0)]
+    write_run_config(run)
+    run.eval_records = [evaluate(run.policy, run.eval_env, run.config, 0, 0)]
     atomic_write_json(run.out_dir / "eval_metrics.json", run.eval_records)
-    run.obs = run.env.reset(seed=config.train_seed_start)
-
-
-def resume_from(run: Run, path: Path) -> None:
-    """Restore the run saved in ``path``; metrics files keep each iteration up to it exactly once."""
-    checkpoint = load_rl_checkpoint(path)
-    saved = {k: v for k, v in checkpoint["config"].items() if k not in _RESUME_FREE}
-    current = {k: v for k, v in dataclasses.asdict(run.config).items() if k not in _RESUME_FREE}
-    changed = sorted(k for k in current if saved.get(k) != current[k])
-    if changed:
-        raise UserError(
-            f"--resume: the run in {run.out_dir} was started with other settings ({', '.join(changed)})"
-        )
-    if checkpoint["sft_sha256"] != run.info["sft_sha256"]:
-        raise UserError(
-            f"--resume: {run.config.sft_checkpoint} is not the SFT checkpoint this run started from"
-        )
-    device = run.env.device
-    run.policy.load_heads_state_dict({k: v.to(device) for k, v in checkpoint["heads"].items()})
-    run.optimizer.load_state_dict(checkpoint["optimizer"])
-    run.sample_gen.set_state(checkpoint["rng"]["sample"])
-    run.batch_gen.set_state(checkpoint["rng"]["batch"])
-    torch.set_rng_state(checkpoint["rng"]["torch"])
-    run.iteration, run.env_steps = checkpoint["iteration"], checkpoint["env_steps"]
-    if checkpoint["world"] is not None:
-        run.obs = run.env.load_state_dict(checkpoint["world"])
-    else:  # a clean re-seed on fresh training scenarios of this run
-        run.obs = run.env.reset(
-            seed=run.config.train_seed_start + RESEED_OFFSET + run.iteration * run.config.num_envs
-        )
-    run.bad_iterations = checkpoint["bad_iterations"]
-    run.train_records = _records_up_to(run.out_dir / "train_metrics.json", run.iteration)
-    run.eval_records = _records_up_to(run.out_dir / "eval_metrics.json", run.iteration)
-    atomic_write_json(run.out_dir / "train_metrics.json", run.train_records)
-    atomic_write_json(run.out_dir / "eval_metrics.json", run.eval_records)
-
-
-def _records_up_to(path: Path, iteration: int) -> list[dict[str, Any]]:
-    try:
-        records = read_json(path)
-    except UserError:
-        return []
-    return [r for r in records if isinstance(r, dict) and r.get("iteration", -1) <= iteration]
+    run.obs = run.env.reset(seed=run.config.train_seed_start)
 
 
 def train_iteration(run: Run) -> dict[str, Any]:
