@@ -367,20 +367,25 @@ class ToyWaypointEnv:
         order = torch.cumsum(done.long(), dim=0) - 1
         seeds = torch.where(done, self._next_seed + order, self.scenario_seed)
         self._next_seed += done.long().sum()
-        fresh = generate_scenarios(seeds, self.config)
-        self.scenarios = Scenarios(
-            *(
-                torch.where(
-                    done.view(-1, *([1] * (getattr(fresh, f.name).dim() - 1))),
-                    getattr(fresh, f.name),
-                    getattr(self.scenarios, f.name),
+        if on_cpu:  # generate only the finished worlds' scenarios (a scenario depends only on its seed)
+            index = done.nonzero()[:, 0]
+            fresh = generate_scenarios(seeds[index], self.config)
+            for f in dataclasses.fields(Scenarios):
+                getattr(self.scenarios, f.name)[index] = getattr(fresh, f.name)
+        else:  # no host synchronisation: generate for every world and keep the finished ones'
+            fresh = generate_scenarios(seeds, self.config)
+            self.scenarios = Scenarios(
+                *(
+                    torch.where(
+                        done.view(-1, *([1] * (getattr(fresh, f.name).dim() - 1))),
+                        getattr(fresh, f.name),
+                        getattr(self.scenarios, f.name),
+                    )
+                    for f in dataclasses.fields(Scenarios)
                 )
-                for f in dataclasses.fields(Scenarios)
             )
-        )
         self._start_episodes(done, self.scenarios, seeds)
         if on_cpu:
-            index = done.nonzero()[:, 0]
             fresh_obs = self._observe(index)
             bev, state = final_obs.bev.clone(), final_obs.state.clone()
             bev[index] = fresh_obs.bev
