@@ -28,7 +28,7 @@ from training.common.device import resolve_device, set_cpu_threads
 from training.common.errors import UserError, exit_on_user_error
 from training.common.io import ensure_writable_dir, file_sha256
 from training.envs.registry import check_env_choice, make_env
-from training.rl.checkpoint import build_policy, load_rl_checkpoint
+from training.rl.checkpoint import load_rl_checkpoint, trained_policy
 from training.rl.config import EVAL_SEED_START, TRAIN_SEED_START
 from training.sft.model import load_sft_model
 
@@ -144,9 +144,7 @@ def compare(config: CompareConfig) -> dict[str, Any]:
     rl_checkpoint = load_rl_checkpoint(config.rl_checkpoint)
     sft_model = load_sft_model(config.sft_checkpoint, device)  # checks the file before hashing it
     sft_sha = check_pair(config, rl_checkpoint)
-    policy = build_policy(sft_model, rl_checkpoint["config"]).to(device)  # freezes sft_model, eval mode
-    policy.load_heads_state_dict({k: v.to(device) for k, v in rl_checkpoint["heads"].items()})
-    policy.eval()
+    policy = trained_policy(rl_checkpoint, sft_model)  # freezes sft_model, which then drives as SFT too
     out_dir = ensure_writable_dir(config.resolved_out_dir())
 
     difficulty = config.difficulty

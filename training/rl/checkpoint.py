@@ -66,13 +66,20 @@ def load_rl_checkpoint(path: str | Path) -> dict[str, Any]:
     return checkpoint
 
 
+def trained_policy(checkpoint: dict[str, Any], sft_model: WaypointModel) -> PPOPolicy:
+    """The policy an RL checkpoint describes, on ``sft_model``'s device, in eval mode.
+
+    ``sft_model`` must be the model the run refined (compare ``checkpoint["sft_sha256"]``).
+    """
+    device = next(sft_model.parameters()).device
+    policy = build_policy(sft_model, checkpoint["config"]).to(device)
+    policy.load_heads_state_dict(checkpoint["heads"])  # load_state_dict copies across devices
+    return policy.eval()
+
+
 def load_rl_policy(
     rl_path: str | Path, sft_path: str | Path, device: torch.device | str = "cpu"
 ) -> tuple[PPOPolicy, dict[str, Any]]:
     """Rebuild the trained policy from an RL checkpoint and the SFT checkpoint it refines."""
     checkpoint = load_rl_checkpoint(rl_path)
-    sft_model = load_sft_model(sft_path, device)
-    policy = build_policy(sft_model, checkpoint["config"]).to(device)
-    policy.load_heads_state_dict({k: v.to(device) for k, v in checkpoint["heads"].items()})
-    policy.eval()
-    return policy, checkpoint
+    return trained_policy(checkpoint, load_sft_model(sft_path, device)), checkpoint

@@ -184,8 +184,7 @@ def resume_from(run: Run, path: Path) -> None:
         raise UserError(
             f"--resume: {run.config.sft_checkpoint} is not the SFT checkpoint this run started from"
         )
-    device = run.env.device
-    run.policy.load_heads_state_dict({k: v.to(device) for k, v in checkpoint["heads"].items()})
+    run.policy.load_heads_state_dict(checkpoint["heads"])
     run.optimizer.load_state_dict(checkpoint["optimizer"])
     run.sample_gen.set_state(checkpoint["rng"]["sample"])
     run.batch_gen.set_state(checkpoint["rng"]["batch"])
