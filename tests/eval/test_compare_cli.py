@@ -3,6 +3,7 @@ policies, the SFT/RL pairing check and one-line errors for bad checkpoints."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from collections.abc import Sequence
@@ -72,23 +73,17 @@ def report(tiny_run: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) 
 @pytest.fixture(scope="module")
 def zero_residual_run(tiny_run: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An RL checkpoint whose actor never trained: one critic-only warm-up iteration."""
-    from training.rl.config import PPOConfig
+    from training.rl.test_ppo_delta_smoke import smoke_config
     from training.rl.trainer import train_ppo
 
     out = tmp_path_factory.mktemp("zero_residual") / "rl"
-    config = PPOConfig(
-        sft_checkpoint=str(tiny_run["sft"]),
-        out_dir=str(out),
+    config = dataclasses.replace(
+        smoke_config(tiny_run["sft"], out),
         num_iterations=1,
         critic_warmup_iterations=1,
-        num_envs=4,
-        rollout_steps=8,
-        batch_size=16,
         update_epochs=1,
         eval_episodes=1,
         save_every=0,
-        device="cpu",
-        progress=False,
     )
     train_ppo(config)
     return out / "final.pt"

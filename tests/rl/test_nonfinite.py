@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import training.rl.run as run_module
 from training.envs.toy import ToyWaypointEnv
 from training.rl.config import PPOConfig
 from training.rl.env_interface import StepResult
+from training.rl.test_ppo_delta_smoke import smoke_config
 from training.rl.trainer import TrainingDiverged, train_ppo
 
 
@@ -35,19 +37,13 @@ class PoisonedRewards:
 
 
 def _config(sft: Path, out_dir: Path, iterations: int) -> PPOConfig:
-    return PPOConfig(
-        sft_checkpoint=str(sft),
-        out_dir=str(out_dir),
+    return dataclasses.replace(
+        smoke_config(sft, out_dir),
         num_iterations=iterations,
-        num_envs=4,
-        rollout_steps=8,
-        batch_size=16,
         update_epochs=1,
         eval_every=0,
         eval_episodes=2,
         save_every=1,
-        device="cpu",
-        progress=False,
         critic_warmup_iterations=0,
         max_bad_iterations=2,
     )

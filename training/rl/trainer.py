@@ -67,25 +67,15 @@ class EpisodeTally:
 
     def means(self) -> dict[str, float]:
         """Read once per iteration; NaN when no episode ended."""
-        count = self.count.item()
-        nonfinite = int(self.nonfinite.item())
-        if count == 0:
-            nan = float("nan")
-            return {
-                "nonfinite_inputs": nonfinite,
-                "episodes": 0,
-                "episode_return": nan,
-                "route_completion": nan,
-                "collision_rate": nan,
-                "off_road_rate": nan,
-            }
+        count = int(self.count.item())
+        per_episode = (lambda total: total.item() / count) if count else (lambda total: float("nan"))
         return {
-            "nonfinite_inputs": nonfinite,
-            "episodes": int(count),
-            "episode_return": self.ret.item() / count,
-            "route_completion": self.route_completion.item() / count,
-            "collision_rate": self.collision.item() / count,
-            "off_road_rate": self.off_road.item() / count,
+            "nonfinite_inputs": int(self.nonfinite.item()),
+            "episodes": count,
+            "episode_return": per_episode(self.ret),
+            "route_completion": per_episode(self.route_completion),
+            "collision_rate": per_episode(self.collision),
+            "off_road_rate": per_episode(self.off_road),
         }
 
 
