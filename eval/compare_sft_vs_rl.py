@@ -27,6 +27,7 @@ from training.common.cli import config_field, parse_config, require
 from training.common.device import resolve_device, set_cpu_threads
 from training.common.errors import UserError, exit_on_user_error
 from training.common.io import ensure_writable_dir, file_sha256
+from training.envs.options import SimulatorFlags
 from training.envs.registry import check_env_choice, make_env
 from training.rl.checkpoint import load_rl_checkpoint, trained_policy
 from training.rl.config import EVAL_SEED_START, TRAIN_SEED_START
@@ -36,14 +37,14 @@ MAX_WORLDS = 256  # worlds simulated at once; more episodes are played in chunks
 
 
 @dataclass
-class CompareConfig:
+class CompareConfig(SimulatorFlags):
     """Settings of one SFT-vs-RL comparison."""
 
     sft_checkpoint: str = config_field(dataclasses.MISSING, "SFT model.pt")
     rl_checkpoint: str = config_field(
         dataclasses.MISSING, "RL checkpoint (final.pt) trained from that SFT model"
     )
-    env: str = config_field("toy", "environment: toy")
+    env: str = config_field("toy", "environment: toy, metadrive or carla")
     episodes: int = config_field(100, "scenarios, each driven by both policies", "episodes")
     seed: int = config_field(EVAL_SEED_START, "first scenario seed (held out from SFT and RL training)")
     out_dir: str | None = config_field(None, "output folder (default: compare/ next to the RL checkpoint)")
@@ -68,6 +69,7 @@ class CompareConfig:
         require(self.plot_episodes >= 0, "--plot-episodes must be >= 0")
         require(self.num_threads >= 0, f"--num-threads must be >= 0, got {self.num_threads}")
         check_env_choice(self.env)
+        self.validate_simulator_flags()
 
     def resolved_out_dir(self) -> Path:
         return Path(self.out_dir) if self.out_dir else Path(self.rl_checkpoint).resolve().parent / "compare"
@@ -150,7 +152,9 @@ def compare(config: CompareConfig) -> dict[str, Any]:
     difficulty = config.difficulty
     if difficulty is None:
         difficulty = rl_checkpoint["config"].get("difficulty")
-    env = make_env(config.env, min(config.episodes, MAX_WORLDS), device, difficulty)
+    env = make_env(
+        config.env, min(config.episodes, MAX_WORLDS), device, options=config.env_options(difficulty)
+    )
     with torch.inference_mode():
         sft = drive(env, lambda obs: sft_model(obs.bev, obs.state), config)
         rl = drive(env, lambda obs: policy.deterministic_waypoints(obs.bev, obs.state), config)

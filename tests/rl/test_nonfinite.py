@@ -53,8 +53,8 @@ def _poison(monkeypatch: pytest.MonkeyPatch, bad: set[int]) -> None:
     made = []
     real_make_env = run_module.make_env
 
-    def make_env(name, num_envs, device, difficulty=None):
-        env = real_make_env(name, num_envs, device, difficulty)
+    def make_env(*args, **kwargs):
+        env = real_make_env(*args, **kwargs)
         made.append(env)
         return PoisonedRewards(env, bad, 8) if len(made) == 1 else env  # the first is the training world
 

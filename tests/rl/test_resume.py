@@ -172,7 +172,9 @@ def test_a_world_without_state_is_reseeded_on_resume(tiny_run, tmp_path: Path, m
     import training.rl.run as run_module
 
     real_make_env = run_module.make_env
-    monkeypatch.setattr(run_module, "make_env", lambda *args: _WorldWithoutState(real_make_env(*args)))
+    monkeypatch.setattr(
+        run_module, "make_env", lambda *args, **kwargs: _WorldWithoutState(real_make_env(*args, **kwargs))
+    )
     out_dir = tmp_path / "stateless"
     config = PPOConfig(sft_checkpoint=str(tiny_run["sft"]), out_dir=str(out_dir), progress=False, **SETTINGS)
     train_ppo(config)

@@ -14,7 +14,7 @@ from training.sft.data import WaypointDemoDataset
 from training.sft.train_waypoint_bc_torch_v0 import SFTTrainConfig, main, train_sft
 
 
-def _fake_make_env(name: str, num_envs: int, device: torch.device, difficulty: float) -> FakeWaypointEnv:
+def _fake_make_env(name: str, num_envs: int, device: torch.device, **_options: object) -> FakeWaypointEnv:
     return FakeWaypointEnv(num_envs, device)
 
 
@@ -42,7 +42,7 @@ def _small_config(out_dir, **overrides) -> SFTTrainConfig:
         (["--epochs", "0"], "--epochs must be >= 1"),
         (["--batch-size", "0"], "--batch-size must be >= 1"),
         (["--num-episodes", "0"], "--num-episodes must be >= 1"),
-        (["--env", "carla"], "unknown --env"),
+        (["--env", "carla2"], "unknown --env"),
         (["--seed", "500"], "--seed must be in"),
         (["--device", "tpu"], "--device"),
         (["--difficulty", "2"], "--difficulty must be in [0, 1]"),

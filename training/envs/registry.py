@@ -1,38 +1,80 @@
-"""Build a batched environment by name: the one place ``--env`` is resolved."""
+"""Build a batched environment by name: the one place ``--env`` is resolved.
+
+The simulators' packages are optional extras, imported only when their environment is asked
+for; a missing extra is a ``UserError`` naming the install command, never an ImportError.
+"""
 
 from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
 
 import torch
 
 from training.common.errors import UserError
+from training.envs.options import EnvOptions
 from training.rl.env_interface import BatchedWaypointEnv
 
-KNOWN_ENVS = ("toy",)
+EnvFactory = Callable[[int, torch.device | str, EnvOptions], BatchedWaypointEnv]
+
+# name -> (module, factory function, pip extra that provides its simulator or None)
+_FACTORIES: dict[str, tuple[str, str, str | None]] = {
+    "toy": ("training.envs.registry", "make_toy_env", None),
+    "metadrive": ("training.envs.metadrive", "make_metadrive_env", "metadrive"),
+    "carla": ("training.envs.carla", "make_carla_env", "carla"),
+}
+KNOWN_ENVS = tuple(_FACTORIES)
+
+
+def make_toy_env(num_envs: int, device: torch.device | str, options: EnvOptions) -> BatchedWaypointEnv:
+    from training.envs.toy import ToyWaypointEnv, ToyWorldConfig
+
+    config = ToyWorldConfig(num_envs=num_envs)
+    if options.difficulty is not None:
+        config = ToyWorldConfig(num_envs=num_envs, difficulty=options.difficulty)
+    return ToyWaypointEnv(config, device=device)
 
 
 def make_env(
-    name: str, num_envs: int, device: torch.device | str = "cpu", difficulty: float | None = None
+    name: str,
+    num_envs: int,
+    device: torch.device | str = "cpu",
+    difficulty: float | None = None,
+    options: EnvOptions | None = None,
 ) -> BatchedWaypointEnv:
     """The named environment with ``num_envs`` worlds on ``device``.
 
+    ``difficulty`` overrides ``options.difficulty`` when given.
+
     Raises:
-        UserError: an unknown name or a bad size.
+        UserError: an unknown name, a bad size, a missing extra, or a simulator that cannot start.
     """
+    check_env_choice(name)
     if num_envs < 1:
         raise UserError(f"num-envs must be >= 1, got {num_envs}")
-    if name == "toy":
-        from training.envs.toy import ToyWaypointEnv, ToyWorldConfig
+    options = options or EnvOptions()
+    if difficulty is not None:
+        options = EnvOptions(**{**options.__dict__, "difficulty": difficulty})
+    if options.difficulty is not None and not 0.0 <= options.difficulty <= 1.0:
+        raise UserError(f"difficulty must be in [0, 1], got {options.difficulty}")
+    return _factory(name)(num_envs, device, options)
 
-        config = ToyWorldConfig(num_envs=num_envs)
-        if difficulty is not None:
-            if not 0.0 <= difficulty <= 1.0:
-                raise UserError(f"difficulty must be in [0, 1], got {difficulty}")
-            config = ToyWorldConfig(num_envs=num_envs, difficulty=difficulty)
-        return ToyWaypointEnv(config, device=device)
-    raise UserError(f"unknown --env {name!r} (known: {', '.join(KNOWN_ENVS)})")
+
+def _factory(name: str) -> EnvFactory:
+    module_name, function_name, extra = _FACTORIES[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        if extra is None:
+            raise
+        raise UserError(
+            f"--env {name} needs the '{extra}' extra, which is not installed ({error}); "
+            f"install it with: pip install -e '.[{extra}]'"
+        ) from None
+    return getattr(module, function_name)
 
 
 def check_env_choice(name: str) -> None:
     """Validate an ``--env`` value early (before anything is written)."""
-    if name not in KNOWN_ENVS:
+    if name not in _FACTORIES:
         raise UserError(f"unknown --env {name!r} (known: {', '.join(KNOWN_ENVS)})")

@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass
 
 from training.common.cli import config_field, require
+from training.envs.options import SimulatorFlags
 from training.envs.registry import check_env_choice
 
 # Training scenario seeds are ``seed * TRAIN_SEEDS_PER_RUN + k``; evaluation seeds start at
@@ -17,12 +18,12 @@ EVAL_SEED_START = 1_000_000_000
 
 
 @dataclass
-class PPOConfig:
+class PPOConfig(SimulatorFlags):
     """Residual delta-waypoint PPO on top of a frozen SFT model."""
 
     sft_checkpoint: str = config_field(dataclasses.MISSING, "SFT model.pt to refine (frozen)")
     out_dir: str = config_field("out/rl_delta_ppo_v0", "folder for config, metrics, checkpoints, TensorBoard")
-    env: str = config_field("toy", "environment: toy")
+    env: str = config_field("toy", "environment: toy, metadrive or carla")
     num_iterations: int = config_field(100, "PPO iterations (one rollout + one update each)")
     batch_size: int = config_field(64, "PPO minibatch size", "transitions")
     lr: float = config_field(3e-4, "Adam learning rate of the heads and log std")
@@ -116,6 +117,7 @@ class PPOConfig:
             f"--eval-seed must be in [{EVAL_SEED_START}, {TRAIN_SEED_START}) (held-out scenarios)",
         )
         check_env_choice(self.env)
+        self.validate_simulator_flags()
 
     @property
     def train_seed_start(self) -> int:

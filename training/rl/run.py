@@ -139,7 +139,7 @@ def build_run(config: PPOConfig) -> Run:
     device = resolve_device(config.device)
     sft_raw = load_checkpoint(config.sft_checkpoint, expected_kind=SFT_CHECKPOINT_KIND)
     sft_model = model_from_checkpoint(sft_raw, source=config.sft_checkpoint).to(device)
-    env = make_env(config.env, config.num_envs, device, config.difficulty)
+    env = make_env(config.env, config.num_envs, device, options=config.env_options(config.difficulty))
     check_spec_matches(env, sft_raw, config.sft_checkpoint)
     out_dir = prepare_out_dir(config)
 
@@ -151,7 +151,9 @@ def build_run(config: PPOConfig) -> Run:
         policy=policy,
         optimizer=torch.optim.Adam(policy.trainable_parameters(), lr=config.lr, eps=1e-5),
         env=env,
-        eval_env=make_env(config.env, config.eval_episodes, device, config.difficulty),
+        eval_env=make_env(
+            config.env, config.eval_episodes, device, options=config.env_options(config.difficulty)
+        ),
         buffer=RolloutBuffer(
             config.rollout_steps,
             config.num_envs,

@@ -29,6 +29,7 @@ from training.common.cli import config_field, config_to_dict, parse_config, requ
 from training.common.device import resolve_device, set_cpu_threads
 from training.common.errors import UserError, exit_on_user_error
 from training.common.io import atomic_write_json, ensure_writable_dir
+from training.envs.options import SimulatorFlags
 from training.envs.registry import check_env_choice, make_env
 from training.rl.env_interface import BatchedWaypointEnv
 from training.sft.data import (
@@ -44,13 +45,13 @@ LOSSES = ("smooth_l1", "l1")
 
 
 @dataclass
-class SFTTrainConfig:
+class SFTTrainConfig(SimulatorFlags):
     """Every setting of one behaviour-cloning run (written to ``config.json``)."""
 
     out_dir: str = config_field(
         "out/sft_waypoint_bc_torch_v0", "output folder: model.pt, config.json, metrics.json, demos/, events"
     )
-    env: str = config_field("toy", "environment whose expert is cloned (only 'toy' for now)")
+    env: str = config_field("toy", "environment whose expert is cloned (toy, metadrive or carla)")
     difficulty: float = config_field(0.5, "toy world difficulty in [0, 1] (curvature, traffic)")
     num_episodes: int = config_field(200, "expert episodes recorded for training")
     val_episodes: int = config_field(60, "held-out expert episodes (disjoint scenario seeds) for ADE/FDE")
@@ -79,6 +80,7 @@ class SFTTrainConfig:
 
     def validate(self) -> None:
         check_env_choice(self.env)
+        self.validate_simulator_flags()
         require(0.0 <= self.difficulty <= 1.0, f"--difficulty must be in [0, 1], got {self.difficulty}")
         require(self.num_episodes >= 1, f"--num-episodes must be >= 1, got {self.num_episodes}")
         require(
@@ -144,7 +146,7 @@ def _record_demos(config: SFTTrainConfig, demo_dir: Path, device: torch.device, 
     from tqdm import tqdm
 
     def factory(num_envs: int) -> BatchedWaypointEnv:
-        return make_env(config.env, num_envs, device, config.difficulty)
+        return make_env(config.env, num_envs, device, options=config.env_options(config.difficulty))
 
     total = config.num_episodes + config.val_episodes
     with tqdm(total=total, desc="expert demos", unit="ep", disable=not show_progress) as bar:

@@ -1,0 +1,57 @@
+"""Settings that only some environments read, shared by the three commands' flags.
+
+``SimulatorFlags`` is a keyword-only dataclass mixin: the SFT trainer, the PPO trainer and the
+comparison inherit it, so ``--carla-host``, ``--carla-port``, ``--carla-timeout``, ``--town`` and
+``--sim-workers`` mean the same thing everywhere and are validated in one place.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from training.common.cli import config_field, require
+
+
+@dataclass(frozen=True)
+class EnvOptions:
+    """What ``make_env`` passes to an environment factory besides size and device."""
+
+    difficulty: float | None = None  # toy world: 0..1; simulators map it to traffic density
+    carla_host: str = "localhost"
+    carla_port: int = 2000
+    carla_timeout: float = 10.0  # seconds
+    town: str = "Town01"
+    sim_workers: int = 0  # worker processes for per-process simulators; 0: one per world, up to the CPUs
+
+
+@dataclass(kw_only=True)
+class SimulatorFlags:
+    """Command-line flags of the real simulators (ignored by the toy world)."""
+
+    carla_host: str = config_field("localhost", "CARLA server host (--env carla)")
+    carla_port: int = config_field(2000, "CARLA server RPC port (--env carla)")
+    carla_timeout: float = config_field(10.0, "CARLA client timeout (--env carla)", "s")
+    town: str = config_field("Town01", "CARLA map to load (--env carla)")
+    sim_workers: int = config_field(
+        0, "worker processes for per-process simulators (--env metadrive); 0: one per world, up to the CPUs"
+    )
+
+    def validate_simulator_flags(self) -> None:
+        require(bool(self.carla_host.strip()), "--carla-host must not be empty")
+        require(0 < self.carla_port < 65536, f"--carla-port must be in [1, 65535], got {self.carla_port}")
+        require(
+            math.isfinite(self.carla_timeout) and self.carla_timeout > 0,
+            f"--carla-timeout must be > 0 seconds, got {self.carla_timeout}",
+        )
+        require(self.sim_workers >= 0, f"--sim-workers must be >= 0, got {self.sim_workers}")
+
+    def env_options(self, difficulty: float | None) -> EnvOptions:
+        return EnvOptions(
+            difficulty=difficulty,
+            carla_host=self.carla_host,
+            carla_port=self.carla_port,
+            carla_timeout=self.carla_timeout,
+            town=self.town,
+            sim_workers=self.sim_workers,
+        )
