@@ -12,7 +12,7 @@ DEVICE ?= cpu
 $(STAMP): pyproject.toml constraints-ci.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
-	$(PIP) install --quiet -c constraints-ci.txt -e '.[test]'
+	$(PIP) install --quiet -c constraints-ci.txt -e '.[test,metadrive,carla,bench]'
 	touch $(STAMP)
 
 install: $(STAMP)
