@@ -50,15 +50,13 @@ def _config(sft: Path, out_dir: Path, iterations: int) -> PPOConfig:
 
 
 def _poison(monkeypatch: pytest.MonkeyPatch, bad: set[int]) -> None:
-    made = []
-    real_make_env = run_module.make_env
-
-    def make_env(*args, **kwargs):
-        env = real_make_env(*args, **kwargs)
-        made.append(env)
-        return PoisonedRewards(env, bad, 8) if len(made) == 1 else env  # the first is the training world
-
-    monkeypatch.setattr(run_module, "make_env", make_env)
+    """Poison the training world's rewards at the given policy steps (the evaluation worlds stay clean)."""
+    real_make_env_mix = run_module.make_env_mix
+    monkeypatch.setattr(
+        run_module,
+        "make_env_mix",
+        lambda *args, **kwargs: PoisonedRewards(real_make_env_mix(*args, **kwargs), bad, 8),
+    )
 
 
 def test_a_poisoned_rollout_skips_its_update_and_the_run_goes_on(tiny_run, tmp_path, monkeypatch) -> None:

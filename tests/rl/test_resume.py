@@ -171,9 +171,11 @@ class _WorldWithoutState:
 def test_a_world_without_state_is_reseeded_on_resume(tiny_run, tmp_path: Path, monkeypatch) -> None:
     import training.rl.run as run_module
 
-    real_make_env = run_module.make_env
+    real_make_env_mix = run_module.make_env_mix
     monkeypatch.setattr(
-        run_module, "make_env", lambda *args, **kwargs: _WorldWithoutState(real_make_env(*args, **kwargs))
+        run_module,
+        "make_env_mix",
+        lambda *args, **kwargs: _WorldWithoutState(real_make_env_mix(*args, **kwargs)),
     )
     out_dir = tmp_path / "stateless"
     config = PPOConfig(sft_checkpoint=str(tiny_run["sft"]), out_dir=str(out_dir), progress=False, **SETTINGS)

@@ -78,3 +78,68 @@ def check_env_choice(name: str) -> None:
     """Validate an ``--env`` value early (before anything is written)."""
     if name not in _FACTORIES:
         raise UserError(f"unknown --env {name!r} (known: {', '.join(KNOWN_ENVS)})")
+
+
+def split_env_mix(env: str, weights: str | None, num_envs: int) -> list[tuple[str, int]]:
+    """``[(name, worlds)]`` for ``--env a,b`` and ``--env-weights wa,wb`` sharing ``num_envs`` worlds.
+
+    Worlds are shared in proportion to the weights (largest remainder), each environment at
+    least one. A single ``--env`` gets all the worlds.
+
+    Raises:
+        UserError: an unknown or repeated name, malformed or non-positive weights, a count of
+            weights that differs from the environments', or fewer worlds than environments.
+    """
+    names = [name.strip() for name in env.split(",")]
+    for name in names:
+        check_env_choice(name)
+    if len(set(names)) != len(names):
+        raise UserError(f"--env {env!r} names an environment twice")
+    shares = _parse_weights(weights, len(names))
+    if num_envs < len(names):
+        raise UserError(f"--num-envs {num_envs} cannot give each of the {len(names)} environments a world")
+    exact = [num_envs * share / sum(shares) for share in shares]
+    counts = [max(1, int(value)) for value in exact]
+    by_remainder = sorted(range(len(names)), key=lambda i: exact[i] - int(exact[i]), reverse=True)
+    for i in by_remainder:
+        if sum(counts) >= num_envs:
+            break
+        counts[i] += 1
+    while sum(counts) > num_envs:  # the minimum of one world per environment overshot
+        largest = max(range(len(counts)), key=counts.__getitem__)
+        counts[largest] -= 1
+    return list(zip(names, counts, strict=True))
+
+
+def _parse_weights(weights: str | None, count: int) -> list[float]:
+    if weights is None:
+        return [1.0] * count
+    try:
+        shares = [float(part) for part in weights.split(",")]
+    except ValueError:
+        raise UserError(f"--env-weights must be numbers separated by commas, got {weights!r}") from None
+    if len(shares) != count:
+        raise UserError(f"--env-weights has {len(shares)} weights for {count} environments")
+    if not all(share > 0 and share < float("inf") for share in shares):
+        raise UserError(f"--env-weights must all be > 0, got {weights!r}")
+    return shares
+
+
+def make_env_mix(
+    mix: list[tuple[str, int]], device: torch.device | str, options: EnvOptions
+) -> BatchedWaypointEnv:
+    """One batched environment from ``[(name, worlds)]``: the named one, or a ``MixedEnv`` of several."""
+    if len(mix) == 1:
+        name, count = mix[0]
+        return make_env(name, count, device, options=options)
+    from training.envs.mixed import MixedEnv
+
+    built: list[tuple[str, BatchedWaypointEnv]] = []
+    try:
+        for name, count in mix:
+            built.append((name, make_env(name, count, device, options=options)))
+        return MixedEnv(built)
+    except BaseException:
+        for _, env in built:
+            env.close()
+        raise

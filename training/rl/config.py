@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from training.common.cli import config_field, require
 from training.envs.options import SimulatorFlags
-from training.envs.registry import check_env_choice
+from training.envs.registry import split_env_mix
 
 # Training scenario seeds are ``seed * TRAIN_SEEDS_PER_RUN + k``; evaluation seeds start at
 # ``EVAL_SEED_START`` and SFT demonstrations stay below it, so the three never overlap.
@@ -23,7 +23,9 @@ class PPOConfig(SimulatorFlags):
 
     sft_checkpoint: str = config_field(dataclasses.MISSING, "SFT model.pt to refine (frozen)")
     out_dir: str = config_field("out/rl_delta_ppo_v0", "folder for config, metrics, checkpoints, TensorBoard")
-    env: str = config_field("toy", "environment: toy, metadrive or carla")
+    env: str = config_field(
+        "toy", "environment: toy, metadrive or carla; a mix trains on several, e.g. toy,metadrive"
+    )
     num_iterations: int = config_field(100, "PPO iterations (one rollout + one update each)")
     batch_size: int = config_field(64, "PPO minibatch size", "transitions")
     lr: float = config_field(3e-4, "Adam learning rate of the heads and log std")
@@ -49,6 +51,27 @@ class PPOConfig(SimulatorFlags):
     action_scale: float = config_field(0.1, "gain on the delta head's raw output before tanh (ResiP)")
     hidden_size: int = config_field(256, "width of the delta and value heads' two hidden layers")
     residual_l2_coef: float = config_field(0.01, "L2 penalty on the mean residual (ResiP)", "1/m^2")
+    kl_coef: float = config_field(
+        0.0, "weight of the KL from the SFT reference policy (a Gaussian on the SFT plan); 0: off"
+    )
+    kl_target: float | None = config_field(
+        None, "adapt --kl-coef after each iteration to steer the measured KL to SFT to this (nats/plan)"
+    )
+    exploration_warmup_iterations: int = config_field(
+        0, "grow the residual's noise from --exploration-start-scale to full over these iterations (0: off)"
+    )
+    exploration_start_scale: float = config_field(0.2, "noise (and bound) scale at the first iteration")
+    warmup_bound: bool = config_field(False, "grow the residual bound --max-delta on the same schedule")
+    curriculum: bool = config_field(
+        False, "start easy and raise the difficulty toward --difficulty as the success rate passes a bar"
+    )
+    curriculum_start: float = config_field(0.0, "difficulty of the curriculum's first level")
+    curriculum_step: float = config_field(0.25, "difficulty added per curriculum level")
+    curriculum_threshold: float = config_field(0.8, "success rate (goal reached) that raises the level")
+    curriculum_min_episodes: int = config_field(64, "training episodes at a level before it may rise")
+    env_weights: str | None = config_field(
+        None, "with --env a,b: the share of worlds per environment, e.g. 3,1 (default: equal)"
+    )
     reward_scale: float = config_field(0.1, "rewards are multiplied by this before GAE")
     critic_warmup_iterations: int = config_field(2, "first iterations train only the value head")
     anneal_lr: bool = config_field(True, "linearly anneal the learning rate to 0")
@@ -116,8 +139,49 @@ class PPOConfig(SimulatorFlags):
             EVAL_SEED_START <= self.eval_seed < TRAIN_SEED_START,
             f"--eval-seed must be in [{EVAL_SEED_START}, {TRAIN_SEED_START}) (held-out scenarios)",
         )
-        check_env_choice(self.env)
+        self._validate_kl_and_exploration()
+        self._validate_curriculum()
+        self.env_mix()  # raises on a malformed --env / --env-weights
         self.validate_simulator_flags()
+
+    def _validate_kl_and_exploration(self) -> None:
+        require(
+            math.isfinite(self.kl_coef) and self.kl_coef >= 0, f"--kl-coef must be >= 0, got {self.kl_coef}"
+        )
+        require(
+            self.kl_target is None or (math.isfinite(self.kl_target) and self.kl_target > 0),
+            f"--kl-target must be > 0, got {self.kl_target}",
+        )
+        require(
+            self.kl_target is None or self.kl_coef > 0,
+            "--kl-target adapts --kl-coef from its starting value: give --kl-coef > 0 too",
+        )
+        require(
+            0 <= self.exploration_warmup_iterations <= self.num_iterations,
+            "--exploration-warmup-iterations must be in [0, --num-iterations]",
+        )
+        require(
+            0 < self.exploration_start_scale <= 1,
+            f"--exploration-start-scale must be in (0, 1], got {self.exploration_start_scale}",
+        )
+
+    def _validate_curriculum(self) -> None:
+        require(
+            0.0 <= self.curriculum_start <= self.difficulty,
+            "--curriculum-start must be in [0, --difficulty] (the curriculum climbs to --difficulty)",
+        )
+        require(
+            0 < self.curriculum_step <= 1, f"--curriculum-step must be in (0, 1], got {self.curriculum_step}"
+        )
+        require(
+            0 < self.curriculum_threshold <= 1,
+            f"--curriculum-threshold must be in (0, 1], got {self.curriculum_threshold}",
+        )
+        require(self.curriculum_min_episodes >= 1, "--curriculum-min-episodes must be >= 1")
+
+    def env_mix(self) -> list[tuple[str, int]]:
+        """``[(env name, worlds)]``: ``--env`` split by commas, ``--num-envs`` shared by ``--env-weights``."""
+        return split_env_mix(self.env, self.env_weights, self.num_envs)
 
     @property
     def train_seed_start(self) -> int:

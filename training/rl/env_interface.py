@@ -24,6 +24,8 @@ Conventions
 * Optional: ``state_dict() -> dict[str, Tensor]`` and ``load_state_dict(state) -> Observation``
   save and restore every world exactly, so a resumed training run continues as if never stopped
   (the toy world has them). A world without them is re-seeded on fresh scenarios on resume.
+* Optional: ``set_difficulty(level: float)`` with ``level`` in [0, 1] changes the scenarios
+  generated from then on (a training curriculum uses it; the toy world has it).
 """
 
 from __future__ import annotations

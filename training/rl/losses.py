@@ -79,12 +79,12 @@ def residual_l2_penalty(mean_delta: Tensor) -> Tensor:
     return mean_delta.pow(2).mean()
 
 
-def kl_to_reference(mean_delta: Tensor, std: Tensor, reference_std: float) -> Tensor:
-    """``KL(Normal(mean_delta, std) || Normal(0, reference_std))`` per sample ``[B]``.
+def kl_to_reference(mean_delta: Tensor, std: Tensor, reference_std: Tensor | float) -> Tensor:
+    """``KL(Normal(mean_delta, std) || Normal(0, reference_std))`` per sample ``[B]`` (nats).
 
     The reference is the SFT policy seen as a Gaussian centred on the SFT plan (delta 0).
-    ``mean_delta`` ``[B, K, 2]`` and ``std`` (broadcastable, e.g. ``[K, 2]``) in metres;
-    summed over waypoints and axes.
+    ``mean_delta`` ``[B, K, 2]``, ``std`` and ``reference_std`` (broadcastable, e.g. ``[K, 2]``)
+    in metres; summed over waypoints and axes.
     """
     variance_ratio = (std / reference_std) ** 2
     per_coordinate = 0.5 * (variance_ratio + (mean_delta / reference_std) ** 2 - 1.0 - variance_ratio.log())

@@ -130,6 +130,16 @@ class ValueHead(nn.Module):
         return self.net(_head_input(z, sft_waypoints, self.waypoint_scale)).squeeze(-1)
 
 
+def initial_std(num_waypoints: int, init_log_std: float, std_horizon_exponent: float) -> Tensor:
+    """The delta's starting std ``[K, 2]`` (m): ``exp(init_log_std) * k ** std_horizon_exponent``.
+
+    It is also the SFT reference policy's std for the KL penalty: a Gaussian centred on the SFT
+    plan with exactly the exploration noise the run starts from, so the KL is 0 at the start.
+    """
+    horizon = torch.arange(1, num_waypoints + 1, dtype=torch.float32).log() * float(std_horizon_exponent)
+    return (float(init_log_std) + horizon)[:, None].expand(num_waypoints, 2).exp().clone()
+
+
 def sum_over_waypoints(x: Tensor) -> Tensor:
     """Sum a per-coordinate quantity ``[N, K, 2]`` over waypoints and axes -> ``[N]``."""
     return x.sum(dim=(-2, -1))
@@ -176,8 +186,7 @@ class PPOPolicy(nn.Module):
             raise UserError(f"max_delta must be > 0 metres, got {max_delta}")
         feature_dim = int(sft_model.feature_dim)
         num_waypoints = int(sft_model.num_waypoints)
-        horizon = torch.arange(1, num_waypoints + 1, dtype=torch.float32).log() * float(std_horizon_exponent)
-        initial_log_std = (float(init_log_std) + horizon)[:, None].expand(num_waypoints, 2).clone()
+        initial_log_std = initial_std(num_waypoints, init_log_std, std_horizon_exponent).log()
         if not (min_log_std <= initial_log_std.min() and initial_log_std.max() <= max_log_std):
             raise UserError(
                 f"initial log std {initial_log_std.min():.2f}..{initial_log_std.max():.2f} is outside "
@@ -195,6 +204,21 @@ class PPOPolicy(nn.Module):
         )
         self.value_head = ValueHead(feature_dim, num_waypoints, hidden_sizes, activation, waypoint_scale)
         self.log_std = nn.Parameter(initial_log_std)
+        self.base_max_delta = self.max_delta
+        self.exploration_scale = 1.0
+
+    def set_exploration(self, noise_scale: float = 1.0, bound_scale: float = 1.0) -> None:
+        """Scale the exploration noise and the residual bound (progressive exploration).
+
+        ``std()`` becomes ``noise_scale * exp(log_std)`` and the bound ``bound_scale * max_delta``.
+        Plain attributes, not parameters or buffers: a schedule sets them from the iteration
+        number, so checkpoints hold no copy and a loaded policy drives at full scale.
+        """
+        if not (0 < noise_scale <= 1 and 0 < bound_scale <= 1):
+            raise ValueError(f"exploration scales must be in (0, 1], got {noise_scale}, {bound_scale}")
+        self.exploration_scale = float(noise_scale)
+        self.max_delta = self.base_max_delta * float(bound_scale)
+        self.delta_head.max_delta = self.max_delta
 
     # --- modes and parameters -------------------------------------------------------------------
 
@@ -258,8 +282,9 @@ class PPOPolicy(nn.Module):
     # --- distribution, value, actions -----------------------------------------------------------
 
     def std(self) -> Tensor:
-        """Standard deviation of the delta ``[K, 2]`` in metres (``exp`` of the clamped ``log_std``)."""
-        return self.log_std.clamp(self.min_log_std, self.max_log_std).exp()
+        """Standard deviation of the delta ``[K, 2]`` in metres (``exp`` of the clamped ``log_std``,
+        times the exploration schedule's noise scale)."""
+        return self.log_std.clamp(self.min_log_std, self.max_log_std).exp() * self.exploration_scale
 
     def distribution(self, z: Tensor, sft_waypoints: Tensor) -> Normal:
         """Per-coordinate ``Normal`` over the delta, batch shape ``[N, K, 2]`` (metres).

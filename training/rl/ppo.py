@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from training.rl.buffer import RolloutBuffer
+from training.rl.distributed import DistContext
 from training.rl.losses import explained_variance, kl_to_reference, ppo_loss, residual_l2_penalty
 from training.rl.policy import PPOPolicy, sum_over_waypoints
 
@@ -28,9 +29,10 @@ def ppo_update(
     value_clip: float | None = None,
     residual_l2_coef: float = 0.0,
     kl_coef: float = 0.0,
-    reference_std: float | None = None,
+    reference_std: Tensor | float | None = None,
     critic_only: bool = False,
     generator: torch.Generator | None = None,
+    dist_ctx: DistContext | None = None,
 ) -> dict[str, float]:
     """Run PPO epochs over ``buffer`` (advantages already computed) and return mean statistics.
 
@@ -49,9 +51,12 @@ def ppo_update(
         residual_l2_coef: weight of the mean squared residual mean (m^2), keeps RL near SFT.
         kl_coef: weight of ``KL(policy || Normal(sft_plan, reference_std))`` per plan; a trainer
             with an adaptive coefficient reads ``kl_to_reference`` from the result.
-        reference_std: metres, the SFT reference policy's std (needed when ``kl_coef > 0``).
+        reference_std: metres, scalar or ``[K, 2]``, the SFT reference policy's std (needed when
+            ``kl_coef > 0``).
         critic_only: warm-up mode: only the value loss produces gradients (no policy change).
         generator: draws the minibatch order (seeded: deterministic).
+        dist_ctx: in a distributed run, gradients are averaged over processes before each step,
+            and the KL stop and the NaN guard decide on values reduced over processes.
 
     Returns:
         Means over the applied minibatch steps of ``loss``, ``policy_loss``, ``value_loss``,
@@ -65,6 +70,7 @@ def ppo_update(
     """
     if kl_coef > 0 and reference_std is None:
         raise ValueError("kl_coef > 0 needs reference_std")
+    ctx = dist_ctx or DistContext()
     policy.train()
     params = policy.trainable_parameters()
     clip_norm = float("inf") if max_grad_norm is None else max_grad_norm
@@ -112,15 +118,20 @@ def ppo_update(
 
             # Approx-KL early stop before the step (Stable-Baselines3): once this minibatch shows the
             # policy has moved more than 1.5 x target_kl from the rollout policy, stop the update.
-            if target_kl is not None and not critic_only and stats["approx_kl"].item() > 1.5 * target_kl:
+            if (
+                target_kl is not None
+                and not critic_only
+                and ctx.mean(stats["approx_kl"]).item() > 1.5 * target_kl
+            ):
                 early_stopped = True
                 break
 
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            ctx.average_gradients(params)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_norm)
             # NaN/inf guard: a bad step never reaches the parameters (nor Adam's moments).
-            finite = bool(torch.isfinite(loss) & torch.isfinite(grad_norm))
+            finite = ctx.all_agree(bool(torch.isfinite(loss) & torch.isfinite(grad_norm)))
             if finite:
                 optimizer.step()
             else:

@@ -16,12 +16,15 @@ import torch
 from training.common.device import resolve_device, set_cpu_threads
 from training.common.errors import UserError
 from training.common.io import atomic_write_json, ensure_writable_dir, file_sha256, load_checkpoint, read_json
-from training.envs.registry import make_env
+from training.envs.options import EnvOptions
+from training.envs.registry import make_env, make_env_mix
 from training.rl.buffer import RolloutBuffer
 from training.rl.checkpoint import build_policy, load_rl_checkpoint, save_rl_checkpoint
 from training.rl.config import PPOConfig
+from training.rl.curriculum import Curriculum, curriculum_levels
+from training.rl.distributed import RANK_SEED_STRIDE, DistContext
 from training.rl.env_interface import BatchedWaypointEnv, Observation
-from training.rl.policy import PPOPolicy
+from training.rl.policy import PPOPolicy, initial_std
 from training.sft.model import SFT_CHECKPOINT_KIND, model_from_checkpoint
 
 RUN_FILES = ("config.json", "train_metrics.json", "eval_metrics.json", "final.pt")
@@ -89,6 +92,8 @@ def package_versions() -> dict[str, str]:
 
 # Resuming a world without state_dict() re-seeds it from here on within the run's seed range.
 RESEED_OFFSET = 500_000
+# Sampling and minibatch generators of rank r are seeded this far from rank 0's.
+RANK_GENERATOR_STRIDE = 1_000_003
 # Settings that may differ between a run and its resumption (they do not change the numbers).
 _RESUME_FREE = {"resume", "overwrite", "progress", "num_threads", "device"}
 
@@ -101,12 +106,16 @@ class Run:
     policy: PPOPolicy
     optimizer: torch.optim.Optimizer
     env: BatchedWaypointEnv
-    eval_env: BatchedWaypointEnv
+    eval_envs: dict[str, BatchedWaypointEnv]  # held-out worlds per environment (rank 0 only)
     buffer: RolloutBuffer
     sample_gen: torch.Generator
     batch_gen: torch.Generator
     out_dir: Path
     info: dict[str, Any]
+    reference_std: torch.Tensor  # [K, 2] m, the SFT reference policy's std for the KL
+    ctx: DistContext = dataclasses.field(default_factory=DistContext)
+    curriculum: Curriculum | None = None
+    kl_coef: float = 0.0
     obs: Observation | None = None
     iteration: int = 0
     env_steps: int = 0
@@ -114,12 +123,14 @@ class Run:
     train_records: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     eval_records: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
-    def state(self) -> dict[str, Any]:
+    @property
+    def train_seed_start(self) -> int:
+        """This process's first training scenario seed (ranks draw from disjoint blocks)."""
+        return self.config.train_seed_start + self.ctx.rank * RANK_SEED_STRIDE
+
+    def _local_state(self) -> dict[str, Any]:
+        """What differs between processes: worlds and sampling generators."""
         return {
-            "iteration": self.iteration,
-            "env_steps": self.env_steps,
-            "bad_iterations": self.bad_iterations,
-            "optimizer": self.optimizer.state_dict(),
             "rng": {
                 "sample": self.sample_gen.get_state(),
                 "batch": self.batch_gen.get_state(),
@@ -129,31 +140,66 @@ class Run:
             "world": self.env.state_dict() if hasattr(self.env, "state_dict") else None,
         }
 
+    def state(self) -> dict[str, Any]:
+        """The resumable state; in a distributed run a collective call (every rank must call it)."""
+        local = self._local_state()
+        state = {
+            "iteration": self.iteration,
+            "env_steps": self.env_steps,
+            "bad_iterations": self.bad_iterations,
+            "optimizer": self.optimizer.state_dict(),
+            "kl_coef": self.kl_coef,
+            "curriculum": self.curriculum.state_dict() if self.curriculum else None,
+            "world_size": self.ctx.world_size,
+            **local,
+        }
+        if self.ctx.enabled:
+            state["ranks"] = self.ctx.gather(local)
+        return state
+
     def save(self, name: str) -> None:
-        save_rl_checkpoint(self.out_dir / name, self.policy, self.info, **self.state())
+        """Write a checkpoint (rank 0 writes; every rank must call this in a distributed run)."""
+        state = self.state()
+        if self.ctx.is_main:
+            save_rl_checkpoint(self.out_dir / name, self.policy, self.info, **state)
 
 
-def build_run(config: PPOConfig) -> Run:
-    """Load the SFT model, build worlds, policy, optimiser and buffer (nothing written yet but the folder)."""
-    set_cpu_threads(config.num_threads)
+def run_device(config: PPOConfig, ctx: DistContext) -> torch.device:
+    """``--device``, with each process of a distributed CUDA run on its own GPU."""
     device = resolve_device(config.device)
+    if ctx.enabled and device.type == "cuda":
+        return torch.device("cuda", ctx.local_rank)
+    return device
+
+
+def build_run(config: PPOConfig, ctx: DistContext | None = None) -> Run:
+    """Load the SFT model, build worlds, policy, optimiser and buffer (nothing written yet but the folder)."""
+    ctx = ctx or DistContext()
+    set_cpu_threads(config.num_threads)
+    device = run_device(config, ctx)
     sft_raw = load_checkpoint(config.sft_checkpoint, expected_kind=SFT_CHECKPOINT_KIND)
     sft_model = model_from_checkpoint(sft_raw, source=config.sft_checkpoint).to(device)
-    env = make_env(config.env, config.num_envs, device, options=config.env_options(config.difficulty))
-    check_spec_matches(env, sft_raw, config.sft_checkpoint)
-    out_dir = prepare_out_dir(config)
+    options = config.env_options(config.difficulty)
+    env = make_env_mix(config.env_mix(), device, options)
+    try:
+        check_spec_matches(env, sft_raw, config.sft_checkpoint)
+        curriculum = _build_curriculum(config, env)
+        out_dir = prepare_out_dir(config) if ctx.is_main else Path(config.out_dir)
+        eval_envs = _build_eval_envs(config, device, options) if ctx.is_main else {}
+    except BaseException:
+        env.close()
+        raise
 
-    torch.manual_seed(config.seed)
+    torch.manual_seed(config.seed)  # identical heads on every rank
     policy = build_policy(sft_model, dataclasses.asdict(config)).to(device)
     policy.train()
+    rank_seed = config.seed + RANK_GENERATOR_STRIDE * ctx.rank
     return Run(
         config=config,
         policy=policy,
         optimizer=torch.optim.Adam(policy.trainable_parameters(), lr=config.lr, eps=1e-5),
         env=env,
-        eval_env=make_env(
-            config.env, config.eval_episodes, device, options=config.env_options(config.difficulty)
-        ),
+        eval_envs=eval_envs,
         buffer=RolloutBuffer(
             config.rollout_steps,
             config.num_envs,
@@ -161,15 +207,49 @@ def build_run(config: PPOConfig) -> Run:
             sft_model.num_waypoints,
             device=device,
         ),
-        sample_gen=torch.Generator(device=device).manual_seed(config.seed),
-        batch_gen=torch.Generator(device=device).manual_seed(config.seed + 1),
+        sample_gen=torch.Generator(device=device).manual_seed(rank_seed),
+        batch_gen=torch.Generator(device=device).manual_seed(rank_seed + 1),
         out_dir=out_dir,
         info={
             "config": dataclasses.asdict(config),
             "sft_checkpoint": str(config.sft_checkpoint),
             "sft_sha256": file_sha256(config.sft_checkpoint),
         },
+        reference_std=initial_std(
+            sft_model.num_waypoints, config.init_log_std, config.std_horizon_exponent
+        ).to(device),
+        ctx=ctx,
+        curriculum=curriculum,
+        kl_coef=config.kl_coef,
     )
+
+
+def _build_curriculum(config: PPOConfig, env: BatchedWaypointEnv) -> Curriculum | None:
+    if not config.curriculum:
+        return None
+    if not hasattr(env, "set_difficulty"):
+        raise UserError(
+            f"--curriculum needs an environment with a difficulty (toy); --env {config.env} has none"
+        )
+    levels = curriculum_levels(config.curriculum_start, config.curriculum_step, config.difficulty)
+    curriculum = Curriculum(levels, config.curriculum_threshold, config.curriculum_min_episodes)
+    env.set_difficulty(curriculum.difficulty)
+    return curriculum
+
+
+def _build_eval_envs(
+    config: PPOConfig, device: torch.device, options: EnvOptions
+) -> dict[str, BatchedWaypointEnv]:
+    """Held-out worlds for each environment of the mix, always at the target ``--difficulty``."""
+    envs: dict[str, BatchedWaypointEnv] = {}
+    try:
+        for name, _ in config.env_mix():
+            envs[name] = make_env(name, config.eval_episodes, device, options=options)
+    except BaseException:
+        for env in envs.values():
+            env.close()
+        raise
+    return envs
 
 
 def resume_from(run: Run, path: Path) -> None:
@@ -186,23 +266,38 @@ def resume_from(run: Run, path: Path) -> None:
         raise UserError(
             f"--resume: {run.config.sft_checkpoint} is not the SFT checkpoint this run started from"
         )
+    saved_world_size = checkpoint.get("world_size", 1)
+    if saved_world_size != run.ctx.world_size:
+        raise UserError(
+            f"--resume: the run in {run.out_dir} ran on {saved_world_size} processes, "
+            f"this one on {run.ctx.world_size}; resume it with the same --nproc-per-node"
+        )
     run.policy.load_heads_state_dict(checkpoint["heads"])
     run.optimizer.load_state_dict(checkpoint["optimizer"])
-    run.sample_gen.set_state(checkpoint["rng"]["sample"])
-    run.batch_gen.set_state(checkpoint["rng"]["batch"])
-    torch.set_rng_state(checkpoint["rng"]["torch"])
     run.iteration, run.env_steps = checkpoint["iteration"], checkpoint["env_steps"]
-    if checkpoint["world"] is not None:
-        run.obs = run.env.load_state_dict(checkpoint["world"])
+    run.bad_iterations = checkpoint["bad_iterations"]
+    run.kl_coef = float(checkpoint.get("kl_coef", run.config.kl_coef))
+    if run.curriculum is not None and checkpoint.get("curriculum") is not None:
+        run.curriculum.load_state_dict(checkpoint["curriculum"])
+        run.env.set_difficulty(run.curriculum.difficulty)
+    _restore_local_state(run, checkpoint["ranks"][run.ctx.rank] if run.ctx.enabled else checkpoint)
+    if run.ctx.is_main:
+        run.train_records = _records_up_to(run.out_dir / "train_metrics.json", run.iteration)
+        run.eval_records = _records_up_to(run.out_dir / "eval_metrics.json", run.iteration)
+        atomic_write_json(run.out_dir / "train_metrics.json", run.train_records)
+        atomic_write_json(run.out_dir / "eval_metrics.json", run.eval_records)
+
+
+def _restore_local_state(run: Run, local: dict[str, Any]) -> None:
+    run.sample_gen.set_state(local["rng"]["sample"])
+    run.batch_gen.set_state(local["rng"]["batch"])
+    torch.set_rng_state(local["rng"]["torch"])
+    if local["world"] is not None:
+        run.obs = run.env.load_state_dict(local["world"])
     else:  # a clean re-seed on fresh training scenarios of this run
         run.obs = run.env.reset(
-            seed=run.config.train_seed_start + RESEED_OFFSET + run.iteration * run.config.num_envs
+            seed=run.train_seed_start + RESEED_OFFSET + run.iteration * run.config.num_envs
         )
-    run.bad_iterations = checkpoint["bad_iterations"]
-    run.train_records = _records_up_to(run.out_dir / "train_metrics.json", run.iteration)
-    run.eval_records = _records_up_to(run.out_dir / "eval_metrics.json", run.iteration)
-    atomic_write_json(run.out_dir / "train_metrics.json", run.train_records)
-    atomic_write_json(run.out_dir / "eval_metrics.json", run.eval_records)
 
 
 def _records_up_to(path: Path, iteration: int) -> list[dict[str, Any]]:

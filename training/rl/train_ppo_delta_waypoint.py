@@ -25,6 +25,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         description="Train a bounded residual on a frozen SFT waypoint model with PPO.",
     )
     result = train_ppo(config)
+    if "baseline" not in result:  # a distributed run's other ranks: rank 0 reports
+        return result
     base, final = result["baseline"], result["final"]
     print(
         f"SFT baseline: ADE {base['ade']:.3f} m, route completion {base['route_completion']:.3f}, "

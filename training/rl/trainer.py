@@ -18,11 +18,13 @@ from tqdm import tqdm
 
 from eval.closed_loop import run_closed_loop
 from eval.metrics import summarise
-from training.common.errors import UserError
+from training.common.errors import EXIT_USER_ERROR, UserError
 from training.common.io import atomic_write_json
 from training.rl.buffer import RolloutBuffer
 from training.rl.config import PPOConfig
+from training.rl.distributed import DistContext, init_distributed, shutdown
 from training.rl.env_interface import BatchedWaypointEnv, Observation, StepResult
+from training.rl.losses import kl_to_reference
 from training.rl.policy import PPOPolicy
 from training.rl.ppo import ppo_update
 from training.rl.run import Run, build_run, latest_checkpoint, resume_from, write_run_config
@@ -41,42 +43,81 @@ EVAL_METRICS = (
 
 
 # ---------------------------------------------------------------------------------------- rollout
+_TALLY_FIELDS = ("count", "ret", "route_completion", "collision", "off_road", "goal")
+
+
 @dataclasses.dataclass
 class EpisodeTally:
-    """Statistics of the training episodes that ended during one rollout (device tensors)."""
+    """Sums over the training episodes that ended during one rollout, per environment group.
 
-    count: torch.Tensor
-    ret: torch.Tensor
-    route_completion: torch.Tensor
-    collision: torch.Tensor
-    off_road: torch.Tensor
+    ``sums`` is ``[len(_TALLY_FIELDS), G]`` on the device; ``group`` ``[N]`` says which group
+    (environment of a mix) each world belongs to. Nothing is read on the host before
+    :meth:`means`, once per iteration.
+    """
+
+    sums: torch.Tensor
+    group: torch.Tensor
+    names: tuple[str, ...]
     nonfinite: torch.Tensor  # non-finite reward or observation entries seen
 
     @classmethod
-    def zeros(cls, device: torch.device) -> EpisodeTally:
-        return cls(*(torch.zeros((), device=device) for _ in range(6)))
+    def zeros(
+        cls, device: torch.device, num_envs: int = 1, groups: dict[str, slice] | None = None
+    ) -> EpisodeTally:
+        group = torch.zeros(num_envs, dtype=torch.int64, device=device)
+        for index, world_slice in enumerate((groups or {}).values()):
+            group[world_slice] = index
+        names = tuple(groups) if groups else ("",)
+        sums = torch.zeros(len(_TALLY_FIELDS), len(names), device=device)
+        return cls(sums, group, names, torch.zeros((), device=device))
 
     def add(self, result: StepResult) -> None:
         ep = result.info.episode
         done = ep.done.float()
-        self.count += done.sum()
-        self.ret += (done * ep.episode_return).sum()
-        self.route_completion += (done * ep.route_completion).sum()
-        self.collision += (done * ep.collision.float()).sum()
-        self.off_road += (done * ep.off_road.float()).sum()
+        values = torch.stack(
+            [
+                done,
+                done * ep.episode_return,
+                done * ep.route_completion,
+                done * ep.collision.float(),
+                done * ep.off_road.float(),
+                done * ep.goal_reached.float(),
+            ]
+        )
+        self.sums.index_add_(1, self.group, values)
+
+    def all_reduce(self, ctx: DistContext) -> None:
+        """Sum the tallies of every process (one collective per iteration)."""
+        if ctx.enabled:
+            packed = torch.cat([self.sums.flatten(), self.nonfinite.reshape(1)])
+            ctx.sum_(packed)
+            self.sums = packed[:-1].view_as(self.sums)
+            self.nonfinite = packed[-1]
 
     def means(self) -> dict[str, float]:
-        """Read once per iteration; NaN when no episode ended."""
-        count = int(self.count.item())
-        per_episode = (lambda total: total.item() / count) if count else (lambda total: float("nan"))
-        return {
-            "nonfinite_inputs": int(self.nonfinite.item()),
-            "episodes": count,
-            "episode_return": per_episode(self.ret),
-            "route_completion": per_episode(self.route_completion),
-            "collision_rate": per_episode(self.collision),
-            "off_road_rate": per_episode(self.off_road),
-        }
+        """Read once per iteration; NaN when no episode ended. A mix adds ``<env>/<metric>`` keys."""
+        sums = self.sums.cpu()
+        record: dict[str, float] = {"nonfinite_inputs": int(self.nonfinite.item())}
+        record |= _episode_means(sums.sum(dim=1))
+        if len(self.names) > 1:
+            for index, name in enumerate(self.names):
+                record |= {f"{name}/{key}": value for key, value in _episode_means(sums[:, index]).items()}
+        return record
+
+
+def _episode_means(sums: torch.Tensor) -> dict[str, float]:
+    totals = dict(zip(_TALLY_FIELDS, sums.tolist(), strict=True))
+    count = int(round(totals["count"]))
+    mean = (lambda key: totals[key] / count) if count else (lambda key: float("nan"))
+    return {
+        "episodes": count,
+        "goals": int(round(totals["goal"])),
+        "episode_return": mean("ret"),
+        "route_completion": mean("route_completion"),
+        "collision_rate": mean("collision"),
+        "off_road_rate": mean("off_road"),
+        "goal_rate": mean("goal"),
+    }
 
 
 def bootstrap_values(policy: PPOPolicy, result: StepResult, next_value: torch.Tensor) -> torch.Tensor:
@@ -113,7 +154,7 @@ def collect_rollout(
     Non-finite rewards and observations are counted in ``tally.nonfinite`` (read once per
     iteration, no per-step host synchronisation); the caller skips the update when any appeared.
     """
-    tally = EpisodeTally.zeros(env.device)
+    tally = EpisodeTally.zeros(env.device, env.num_envs, getattr(env, "groups", None))
     z, sft_waypoints = policy.features(obs.bev, obs.state)
     for step in range(buffer.num_steps):
         delta, log_prob, value = policy.act(z, sft_waypoints, generator=generator)
@@ -139,33 +180,81 @@ def collect_rollout(
 
 
 # ---------------------------------------------------------------------------------------- evaluation
-def evaluate(
-    policy: PPOPolicy, env: BatchedWaypointEnv, config: PPOConfig, iteration: int, env_steps: int
-) -> dict[str, Any]:
-    """Deterministic closed-loop evaluation on the fixed held-out scenarios."""
-    policy.eval()
+def evaluate_env(
+    policy: PPOPolicy, env: BatchedWaypointEnv, config: PPOConfig
+) -> tuple[dict[str, float], int, float]:
+    """Deterministic closed-loop metrics on the fixed held-out scenarios of one environment."""
     result = run_closed_loop(
         env,
         lambda obs: policy.deterministic_waypoints(obs.bev, obs.state),
         seed=config.eval_seed,
         num_episodes=config.eval_episodes,
     )
-    policy.train()
     summary = summarise(result.episodes)
-    record = {"iteration": iteration, "env_steps": env_steps}
-    record |= {key: summary.get(key, float("nan")) for key in EVAL_METRICS}
-    record["episodes"] = len(result.episodes)
-    record["wall_time_s"] = result.wall_time_s
+    return (
+        {key: summary.get(key, float("nan")) for key in EVAL_METRICS},
+        len(result.episodes),
+        result.wall_time_s,
+    )
+
+
+def evaluate(
+    policy: PPOPolicy,
+    envs: dict[str, BatchedWaypointEnv],
+    config: PPOConfig,
+    iteration: int,
+    env_steps: int,
+) -> dict[str, Any]:
+    """One evaluation record; for a mix, the mean over environments plus ``<env>/<metric>`` keys."""
+    policy.eval()
+    per_env = {name: evaluate_env(policy, env, config) for name, env in envs.items()}
+    policy.train()
+    record: dict[str, Any] = {"iteration": iteration, "env_steps": env_steps}
+    for key in EVAL_METRICS:
+        record[key] = sum(metrics[key] for metrics, _, _ in per_env.values()) / len(per_env)
+    record["episodes"] = sum(count for _, count, _ in per_env.values())
+    record["wall_time_s"] = sum(wall for _, _, wall in per_env.values())
+    if len(per_env) > 1:
+        for name, (metrics, _, _) in per_env.items():
+            record |= {f"{name}/{key}": value for key, value in metrics.items()}
     return record
 
 
 # ---------------------------------------------------------------------------------------- the loop
 def start_fresh(run: Run) -> None:
     """Write ``config.json``, evaluate the SFT baseline (iteration 0) and reset the worlds."""
-    write_run_config(run)
-    run.eval_records = [evaluate(run.policy, run.eval_env, run.config, 0, 0)]
-    atomic_write_json(run.out_dir / "eval_metrics.json", run.eval_records)
-    run.obs = run.env.reset(seed=run.config.train_seed_start)
+    if run.ctx.is_main:
+        write_run_config(run)
+        run.eval_records = [evaluate(run.policy, run.eval_envs, run.config, 0, 0)]
+        atomic_write_json(run.out_dir / "eval_metrics.json", run.eval_records)
+    run.obs = run.env.reset(seed=run.train_seed_start)
+
+
+def exploration_scale(config: PPOConfig, iteration: int) -> float:
+    """Progressive exploration: the residual's noise scale at ``iteration`` (1-based).
+
+    Grows linearly from ``--exploration-start-scale`` at the first iteration to 1 at iteration
+    ``--exploration-warmup-iterations + 1`` (ResiP and Policy Decorator let the residual explore
+    gradually, so the early, still-untrained residual does not wreck the SFT policy's driving).
+    """
+    warmup = config.exploration_warmup_iterations
+    if warmup == 0:
+        return 1.0
+    progress = min(1.0, (iteration - 1) / warmup)
+    return config.exploration_start_scale + (1.0 - config.exploration_start_scale) * progress
+
+
+def adapt_kl_coef(kl_coef: float, measured_kl: float, kl_target: float) -> float:
+    """The adaptive KL penalty of Schulman et al. (2017), section 4: double the coefficient when
+    the KL overshoots 1.5 x target, halve it when it undershoots target / 1.5."""
+    if measured_kl > 1.5 * kl_target:
+        return min(kl_coef * 2.0, KL_COEF_MAX)
+    if measured_kl < kl_target / 1.5:
+        return max(kl_coef / 2.0, KL_COEF_MIN)
+    return kl_coef
+
+
+KL_COEF_MIN, KL_COEF_MAX = 1e-6, 1e3
 
 
 def train_iteration(run: Run) -> dict[str, Any]:
@@ -174,12 +263,15 @@ def train_iteration(run: Run) -> dict[str, Any]:
     started = time.perf_counter()
     if config.anneal_lr:
         run.optimizer.param_groups[0]["lr"] = config.lr * (1.0 - (iteration - 1) / config.num_iterations)
+    scale = exploration_scale(config, iteration)
+    run.policy.set_exploration(scale, scale if config.warmup_bound else 1.0)
 
-    # 1. rollout with the current policy
+    # 1. rollout with the current policy (every process its own worlds), tallies summed over processes
     run.obs, tally = collect_rollout(
         run.policy, run.env, run.buffer, run.obs, run.sample_gen, config.reward_scale
     )
-    run.env_steps += config.num_envs * config.rollout_steps
+    tally.all_reduce(run.ctx)
+    run.env_steps += run.ctx.world_size * config.num_envs * config.rollout_steps
     episodes = tally.means()
 
     # 2. advantages (GAE; bootstraps through truncation, never through termination)
@@ -199,72 +291,179 @@ def train_iteration(run: Run) -> dict[str, Any]:
             max_grad_norm=config.max_grad_norm,
             target_kl=config.target_kl,
             residual_l2_coef=config.residual_l2_coef,
+            kl_coef=run.kl_coef,
+            reference_std=run.reference_std,
             critic_only=iteration <= config.critic_warmup_iterations,
             generator=run.batch_gen,
+            dist_ctx=run.ctx,
         )
     healthy = bool(stats) and stats["minibatch_updates"] > 0
     run.bad_iterations = 0 if healthy else run.bad_iterations + 1
 
-    # 4. the iteration's record
-    elapsed = time.perf_counter() - started
+    # 4. how far the policy now is from SFT; adapt the KL coefficient and the curriculum
     record = {"iteration": iteration, "env_steps": run.env_steps, **stats, **episodes}
+    record |= residual_stats(run)
+    record["kl_coef"] = run.kl_coef
+    if config.kl_target is not None and healthy:
+        run.kl_coef = adapt_kl_coef(run.kl_coef, record["kl_to_sft"], config.kl_target)
+    record |= _advance_curriculum(run, episodes)
+
+    # 5. the iteration's record
+    elapsed = time.perf_counter() - started
     record["update_skipped"] = not healthy
-    record["steps_per_s"] = config.num_envs * config.rollout_steps / elapsed
+    record["exploration_scale"] = scale
+    record["steps_per_s"] = run.ctx.world_size * config.num_envs * config.rollout_steps / elapsed
     record["lr"] = run.optimizer.param_groups[0]["lr"]
-    record["delta_norm"] = _mean_delta_norm(run.buffer, run.policy)
+    record["world_size"] = run.ctx.world_size
     return record
 
 
+def _advance_curriculum(run: Run, episodes: dict[str, Any]) -> dict[str, Any]:
+    """Record this rollout's episodes at the current level; raise the level when they pass the bar.
+
+    Returns the level the rollout ran at (``curriculum_level``, 0 without a curriculum) and its
+    ``difficulty``.
+    """
+    if run.curriculum is None:
+        return {"curriculum_level": 0, "difficulty": run.config.difficulty}
+    level = {"curriculum_level": run.curriculum.level, "difficulty": run.curriculum.difficulty}
+    if run.curriculum.record(episodes["episodes"], episodes["goals"]):
+        run.env.set_difficulty(run.curriculum.difficulty)
+    return level
+
+
+def residual_stats(run: Run) -> dict[str, float]:
+    """Over the rollout's states, after the update: the mean residual per waypoint (``delta_norm``,
+    m) and the mean KL from the SFT reference policy per plan (``kl_to_sft``, nats), averaged over
+    processes so that the adaptive KL coefficient stays the same on every one."""
+    policy = run.policy
+    with torch.no_grad():
+        z = run.buffer.z.flatten(0, 1)
+        sft = run.buffer.sft_waypoints.flatten(0, 1)
+        mean_delta = policy.delta_head(z, sft)
+        values = torch.stack(
+            [
+                mean_delta.norm(dim=-1).mean(),
+                kl_to_reference(mean_delta, policy.std(), run.reference_std).mean(),
+            ]
+        )
+        delta_norm, kl = run.ctx.mean(values).tolist()
+    return {"delta_norm": delta_norm, "kl_to_sft": kl}
+
+
 def train_ppo(config: PPOConfig) -> dict[str, Any]:
-    """Run (or with ``config.resume`` continue) residual PPO; returns the baseline and final evaluations."""
+    """Run (or with ``config.resume`` continue) residual PPO; returns the baseline and final evaluations.
+
+    Under ``torchrun`` every process runs this; rank 0 alone evaluates and writes files.
+    """
     config.validate()
-    run = build_run(config)
+    ctx = init_distributed(config.device)
+    try:
+        run = _build_agreed(config, ctx)
+        try:
+            return _train(run)
+        finally:
+            run.env.close()
+            for env in run.eval_envs.values():
+                env.close()
+    finally:
+        shutdown(ctx)
+
+
+def _build_agreed(config: PPOConfig, ctx: DistContext) -> Run:
+    """``build_run`` on every process; if one fails, all stop instead of waiting for it.
+
+    A failing process reports its own one-line error; rank 0, if it did not fail, says that
+    another did; the other ranks exit quietly with code 2.
+    """
+    error: UserError | None = None
+    try:
+        run = build_run(config, ctx)
+    except UserError as failure:
+        error = failure
+    if not ctx.all_agree(error is None):
+        if error is not None:
+            raise error
+        if ctx.is_main:
+            raise UserError("another process of this distributed run failed to start (see its message)")
+        raise SystemExit(EXIT_USER_ERROR)
+    return run
+
+
+def _train(run: Run) -> dict[str, Any]:
+    config, ctx = run.config, run.ctx
     checkpoint = latest_checkpoint(run.out_dir) if config.resume else None
+    ctx.barrier()  # rank 0 has prepared the out-dir
     if checkpoint is None:
         start_fresh(run)
     else:
         resume_from(run, checkpoint)
-    writer = SummaryWriter(log_dir=str(run.out_dir), purge_step=run.env_steps if checkpoint else None)
-    if checkpoint is None:
+    writer = (
+        SummaryWriter(log_dir=str(run.out_dir), purge_step=run.env_steps if checkpoint else None)
+        if ctx.is_main
+        else None
+    )
+    if writer and checkpoint is None:
         _log_scalars(writer, "eval", run.eval_records[0], 0)
 
-    bar = tqdm(total=config.num_iterations, initial=run.iteration, desc="ppo", disable=not config.progress)
+    bar = tqdm(
+        total=config.num_iterations,
+        initial=run.iteration,
+        desc="ppo",
+        disable=not (config.progress and ctx.is_main),
+    )
     while run.iteration < config.num_iterations:
         run.iteration += 1
         record = train_iteration(run)
-        run.train_records.append(record)
-        atomic_write_json(run.out_dir / "train_metrics.json", run.train_records)
-        _log_scalars(writer, "train", record, run.env_steps)
+        if ctx.is_main:
+            run.train_records.append(record)
+            atomic_write_json(run.out_dir / "train_metrics.json", run.train_records)
+            _log_scalars(writer, "train", record, run.env_steps)
         if run.bad_iterations >= config.max_bad_iterations:
-            writer.close()
+            if writer:
+                writer.close()
             raise TrainingDiverged(
                 f"{run.bad_iterations} updates in a row were skipped for NaN/inf "
                 f"(iteration {run.iteration}); "
                 f"stopped, the last good checkpoint in {run.out_dir} is kept"
             )
         last = run.iteration == config.num_iterations
-        if (config.eval_every and run.iteration % config.eval_every == 0) or last:
-            run.eval_records.append(evaluate(run.policy, run.eval_env, config, run.iteration, run.env_steps))
+        if ctx.is_main and ((config.eval_every and run.iteration % config.eval_every == 0) or last):
+            run.eval_records.append(evaluate(run.policy, run.eval_envs, config, run.iteration, run.env_steps))
             atomic_write_json(run.out_dir / "eval_metrics.json", run.eval_records)
             _log_scalars(writer, "eval", run.eval_records[-1], run.env_steps)
+        if last:
+            _check_in_sync(run)
         if (config.save_every and run.iteration % config.save_every == 0) or last:
             run.save("final.pt" if last else f"checkpoint_iter_{run.iteration}.pt")
             if last and config.save_every and run.iteration % config.save_every == 0:
                 run.save(f"checkpoint_iter_{run.iteration}.pt")
         bar.update(1)
-        bar.set_postfix(
-            steps_s=f"{record['steps_per_s']:.0f}",
-            ret=f"{record['episode_return']:.2f}",
-            ade=f"{run.eval_records[-1]['ade']:.3f}",
-        )
+        if ctx.is_main:
+            bar.set_postfix(
+                steps_s=f"{record['steps_per_s']:.0f}",
+                ret=f"{record['episode_return']:.2f}",
+                ade=f"{run.eval_records[-1]['ade']:.3f}",
+            )
     bar.close()
-    writer.close()
+    if writer:
+        writer.close()
+    if not ctx.is_main:
+        return {"out_dir": str(run.out_dir), "policy": run.policy, "rank": ctx.rank}
     return {
         "out_dir": str(run.out_dir),
         "baseline": run.eval_records[0],
         "final": run.eval_records[-1],
         "policy": run.policy,
     }
+
+
+def _check_in_sync(run: Run) -> None:
+    """A distributed run's processes must end with identical heads (gradients were averaged)."""
+    if not run.ctx.parameters_in_sync(run.policy.trainable_parameters()):
+        raise RuntimeError(
+            "distributed PPO: the processes' policy parameters differ; gradients were not averaged"
+        )
 
 
 class TrainingDiverged(UserError):
@@ -283,6 +482,11 @@ _TB_GROUPS = {
     "residual_l2": "losses",
     "std": "policy",
     "delta_norm": "policy",
+    "kl_to_sft": "policy",
+    "kl_coef": "policy",
+    "exploration_scale": "policy",
+    "curriculum_level": "curriculum",
+    "difficulty": "curriculum",
     "lr": "charts",
     "steps_per_s": "charts",
 }
@@ -295,11 +499,3 @@ def _log_scalars(writer: SummaryWriter, split: str, record: dict[str, Any], step
             continue
         group = "eval" if split == "eval" else _TB_GROUPS.get(key, "charts")
         writer.add_scalar(f"{group}/{key}", value, step)
-
-
-def _mean_delta_norm(buffer: RolloutBuffer, policy: PPOPolicy) -> float:
-    """Mean L2 norm (m) of the mean residual per waypoint over the rollout's states."""
-    with torch.no_grad():
-        z = buffer.z.flatten(0, 1)
-        sft = buffer.sft_waypoints.flatten(0, 1)
-        return policy.delta_head(z, sft).norm(dim=-1).mean().item()

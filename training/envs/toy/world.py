@@ -60,6 +60,19 @@ class ToyWaypointEnv:
         self._start_index = int(round(cfg.lead_in_m / cfg.route_spacing_m))
         self._obs: Observation | None = None
 
+    @property
+    def difficulty(self) -> float:
+        return self.config.difficulty
+
+    def set_difficulty(self, difficulty: float) -> None:
+        """Scenarios generated from now on (resets and autoresets) use ``difficulty`` (0..1).
+
+        Episodes under way keep their scenario; a curriculum raises the level between rollouts.
+        """
+        config = dataclasses.replace(self.config, difficulty=float(difficulty))
+        config.validate()
+        self.config = config
+
     # ------------------------------------------------------------------ reset
     def reset(self, seed: int | None = None) -> Observation:
         if seed is not None:

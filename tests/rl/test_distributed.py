@@ -1,0 +1,86 @@
+"""Data-parallel PPO under torchrun: 2 processes on the CPU (gloo)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.cli_helpers import assert_one_line_error, run_cli
+from training.rl.checkpoint import load_rl_checkpoint
+
+NUM_ENVS, ROLLOUT_STEPS, ITERATIONS = 4, 8, 3
+SETTINGS = [
+    "--device", "cpu", "--no-progress", "--num-iterations", str(ITERATIONS), "--num-envs", str(NUM_ENVS),
+    "--rollout-steps", str(ROLLOUT_STEPS), "--batch-size", "16", "--update-epochs", "2", "--eval-every", "0",
+    "--eval-episodes", "2", "--save-every", "2", "--critic-warmup-iterations", "0",
+]  # fmt: skip
+
+
+def _torchrun(sft: Path, out_dir: Path, *extra: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+        "-m", "training.rl.train_ppo_delta_waypoint",
+        "--sft-checkpoint", str(sft), "--out-dir", str(out_dir), *SETTINGS,
+        *extra,
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tiny_run, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    out_dir = tmp_path_factory.mktemp("ddp") / "run"
+    result = _torchrun(tiny_run["sft"], out_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return {"out_dir": out_dir, "result": result, "sft": tiny_run["sft"]}
+
+
+def test_two_processes_train_one_policy_and_rank_0_alone_writes(ddp_run) -> None:
+    out_dir = ddp_run["out_dir"]
+    records = json.loads((out_dir / "train_metrics.json").read_text())
+    assert [r["iteration"] for r in records] == [1, 2, 3]  # written once, by rank 0
+    assert all(r["world_size"] == 2 for r in records)
+    # each iteration collects both processes' worlds
+    assert [r["env_steps"] for r in records] == [2 * NUM_ENVS * ROLLOUT_STEPS * i for i in (1, 2, 3)]
+    assert sorted(p.name for p in out_dir.glob("*.pt")) == ["checkpoint_iter_2.pt", "final.pt"]
+    assert ddp_run["result"].stdout.count("RL final:") == 1  # only rank 0 reports
+
+
+def test_the_processes_drove_different_worlds_and_the_checkpoint_keeps_both(ddp_run) -> None:
+    checkpoint = load_rl_checkpoint(ddp_run["out_dir"] / "final.pt")
+    assert checkpoint["world_size"] == 2 and len(checkpoint["ranks"]) == 2
+    seeds = [rank["world"]["scenario_seed"] for rank in checkpoint["ranks"]]
+    assert not set(seeds[0].tolist()) & set(seeds[1].tolist())  # disjoint scenario seeds
+    samplers = [rank["rng"]["sample"] for rank in checkpoint["ranks"]]
+    assert not torch.equal(samplers[0], samplers[1])
+
+
+def test_resuming_with_another_process_count_is_refused(ddp_run, capsys) -> None:
+    from training.rl.train_ppo_delta_waypoint import main
+
+    argv = [
+        "--sft-checkpoint",
+        str(ddp_run["sft"]),
+        "--out-dir",
+        str(ddp_run["out_dir"]),
+        "--resume",
+        *SETTINGS,
+    ]
+    code, _, err = run_cli(main, argv, capsys)
+    assert_one_line_error(code, err, "ran on 2 processes", "--nproc-per-node")
+
+
+def test_a_start_failure_on_rank_0_stops_every_process_with_one_message(ddp_run) -> None:
+    """The out-dir holds a run: rank 0 refuses, rank 1 must not hang waiting for it."""
+    result = _torchrun(ddp_run["sft"], ddp_run["out_dir"], timeout=120)
+    assert result.returncode != 0
+    ours = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(ours) == 1 and "already holds a run" in ours[0], result.stderr
+    # torchrun prints its own ChildFailedError summary; no frame of ours may appear in it
+    assert "training/rl" not in result.stderr

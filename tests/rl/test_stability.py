@@ -1,0 +1,208 @@
+"""KL to the SFT policy (fixed and adaptive), progressive exploration and the curriculum."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from training.common.errors import UserError
+from training.envs.toy import ToyWaypointEnv, ToyWorldConfig
+from training.rl.config import PPOConfig
+from training.rl.curriculum import Curriculum, curriculum_levels
+from training.rl.policy import PPOPolicy, initial_std
+from training.rl.test_ppo_delta_smoke import smoke_config
+from training.rl.trainer import adapt_kl_coef, exploration_scale, train_ppo
+from training.sft.model import load_sft_model
+
+
+def _config(sft: Path, out_dir: Path, **overrides) -> PPOConfig:
+    base = dataclasses.replace(
+        smoke_config(sft, out_dir), num_iterations=4, eval_every=0, save_every=0, critic_warmup_iterations=0
+    )
+    return dataclasses.replace(base, **overrides)
+
+
+def _records(out_dir: Path) -> list[dict]:
+    return json.loads((out_dir / "train_metrics.json").read_text())
+
+
+# ------------------------------------------------------------------------------------ KL to SFT
+def test_the_reference_std_is_the_starting_std_so_the_kl_starts_at_zero(tiny_run) -> None:
+    sft = load_sft_model(tiny_run["sft"])
+    policy = PPOPolicy(sft, max_delta=2.0, init_log_std=-2.0, std_horizon_exponent=1.0)
+    reference = initial_std(sft.num_waypoints, -2.0, 1.0)
+    torch.testing.assert_close(policy.std(), reference)
+    assert reference[3, 0].item() == pytest.approx(4 * torch.tensor(-2.0).exp().item())
+
+
+@pytest.mark.parametrize(
+    ("measured", "expected"), [(0.16, 0.2), (0.15, 0.1), (0.1, 0.1), (0.067, 0.1), (0.06, 0.05)]
+)
+def test_adaptive_kl_coefficient_follows_the_ppo_penalty_rule(measured: float, expected: float) -> None:
+    """Target 0.1: double above 0.15, halve below 0.0667, keep in between."""
+    assert adapt_kl_coef(0.1, measured, kl_target=0.1) == pytest.approx(expected)
+
+
+def test_every_record_has_kl_to_sft_and_delta_norm_and_a_kl_penalty_keeps_the_policy_closer(
+    tiny_run, tmp_path: Path
+) -> None:
+    free = tmp_path / "free"
+    train_ppo(_config(tiny_run["sft"], free, lr=3e-3))
+    held = tmp_path / "held"
+    train_ppo(_config(tiny_run["sft"], held, lr=3e-3, kl_coef=5.0))
+    free_records, held_records = _records(free), _records(held)
+    for record in free_records + held_records:
+        assert record["kl_to_sft"] >= 0 and record["delta_norm"] >= 0
+        assert "kl_coef" in record
+    assert free_records[-1]["kl_to_sft"] > 0
+    assert held_records[-1]["kl_to_sft"] < free_records[-1]["kl_to_sft"]
+    assert held_records[-1]["delta_norm"] < free_records[-1]["delta_norm"]
+
+
+def test_adaptive_mode_steers_the_coefficient_by_the_measured_kl(tiny_run, tmp_path: Path) -> None:
+    target = 1e-4
+    train_ppo(_config(tiny_run["sft"], tmp_path, lr=3e-3, kl_coef=0.5, kl_target=target))
+    records = _records(tmp_path)
+    assert records[0]["kl_coef"] == 0.5
+    for before, after in itertools.pairwise(records):
+        assert after["kl_coef"] == pytest.approx(
+            adapt_kl_coef(before["kl_coef"], before["kl_to_sft"], target)
+        )
+    assert records[-1]["kl_coef"] > 0.5  # the KL overshot the tiny target, so the penalty grew
+
+
+def test_kl_target_needs_a_starting_coefficient(tiny_run, tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="--kl-coef"):
+        _config(tiny_run["sft"], tmp_path, kl_target=0.1).validate()
+
+
+# -------------------------------------------------------------------------- progressive exploration
+def test_exploration_grows_linearly_to_full_scale(tiny_run, tmp_path: Path) -> None:
+    config = _config(tiny_run["sft"], tmp_path, exploration_warmup_iterations=4, exploration_start_scale=0.2)
+    assert [exploration_scale(config, i) for i in (1, 3, 5, 9)] == pytest.approx([0.2, 0.6, 1.0, 1.0])
+    assert exploration_scale(dataclasses.replace(config, exploration_warmup_iterations=0), 1) == 1.0
+
+
+def test_the_exploration_scale_multiplies_the_noise_and_optionally_the_bound(tiny_run) -> None:
+    policy = PPOPolicy(load_sft_model(tiny_run["sft"]), max_delta=2.0, init_log_std=-2.0)
+    full = policy.std().clone()
+    policy.set_exploration(0.25, 0.5)
+    torch.testing.assert_close(policy.std(), 0.25 * full)
+    sft_plan = torch.zeros(1, policy.num_waypoints, 2)
+    applied = policy.final_waypoints(sft_plan, torch.full_like(sft_plan, 5.0))
+    assert applied.max().item() == pytest.approx(1.0)  # half of max_delta
+    policy.set_exploration()
+    assert policy.final_waypoints(sft_plan, torch.full_like(sft_plan, 5.0)).max().item() == pytest.approx(2.0)
+    assert "exploration_scale" not in " ".join(policy.heads_state_dict())  # not saved: a schedule sets it
+
+
+def test_a_warmup_run_logs_its_growing_scale(tiny_run, tmp_path: Path) -> None:
+    train_ppo(_config(tiny_run["sft"], tmp_path, exploration_warmup_iterations=3, warmup_bound=True))
+    scales = [r["exploration_scale"] for r in _records(tmp_path)]
+    assert scales == pytest.approx([0.2, 0.2 + 0.8 / 3, 0.2 + 1.6 / 3, 1.0])
+
+
+# ----------------------------------------------------------------------------------- curriculum
+def test_curriculum_levels_climb_to_the_target() -> None:
+    assert curriculum_levels(0.0, 0.25, 1.0) == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0])
+    assert curriculum_levels(0.3, 0.25, 0.5) == pytest.approx([0.3, 0.5])
+    assert curriculum_levels(0.5, 0.25, 0.5) == pytest.approx([0.5])
+
+
+def test_a_level_rises_only_after_enough_successful_episodes() -> None:
+    curriculum = Curriculum([0.0, 0.5, 1.0], threshold=0.8, min_episodes=10)
+    assert not curriculum.record(episodes=9, successes=9)  # too few episodes yet
+    assert curriculum.record(episodes=1, successes=1)  # 10 episodes, 100% success
+    assert (curriculum.level, curriculum.episodes, curriculum.successes) == (1, 0, 0)
+    assert not curriculum.record(episodes=10, successes=7)  # 70% < 80%
+    assert curriculum.record(episodes=10, successes=10)  # 17 / 20 = 85%
+    assert curriculum.at_top and not curriculum.record(100, 100)
+    restored = Curriculum([0.0, 0.5, 1.0], 0.8, 10)
+    restored.load_state_dict(curriculum.state_dict())
+    assert restored.difficulty == 1.0
+
+
+def test_set_difficulty_gives_the_same_scenarios_as_a_world_built_at_that_level() -> None:
+    raised = ToyWaypointEnv(ToyWorldConfig(num_envs=3, difficulty=0.0))
+    raised.set_difficulty(0.9)
+    built = ToyWaypointEnv(ToyWorldConfig(num_envs=3, difficulty=0.9))
+    assert torch.equal(raised.reset(seed=7).bev, built.reset(seed=7).bev)
+    easy = ToyWaypointEnv(ToyWorldConfig(num_envs=3, difficulty=0.0))
+    assert not torch.equal(built.reset(seed=7).bev, easy.reset(seed=7).bev)
+
+
+class _EveryEpisodeSucceeds:
+    """A world whose finished episodes all count as goals, and that records its difficulty."""
+
+    def __init__(self, env) -> None:
+        self._env = env
+        self.difficulties = [env.difficulty]
+
+    def step(self, waypoints):
+        result = self._env.step(waypoints)
+        result.info.episode.goal_reached = result.info.episode.done.clone()
+        return result
+
+    def set_difficulty(self, difficulty: float) -> None:
+        self.difficulties.append(difficulty)
+        self._env.set_difficulty(difficulty)
+
+    def __getattr__(self, name: str):
+        return getattr(self._env, name)
+
+
+def test_a_curriculum_run_raises_its_level_on_success_and_logs_it(
+    tiny_run, tmp_path: Path, monkeypatch
+) -> None:
+    import training.rl.run as run_module
+
+    worlds = []
+    real_make_env_mix = run_module.make_env_mix
+
+    def make_env_mix(*args, **kwargs):
+        worlds.append(_EveryEpisodeSucceeds(real_make_env_mix(*args, **kwargs)))
+        return worlds[-1]
+
+    monkeypatch.setattr(run_module, "make_env_mix", make_env_mix)
+    config = _config(
+        tiny_run["sft"],
+        tmp_path,
+        curriculum=True,
+        curriculum_start=0.0,
+        curriculum_step=0.5,
+        difficulty=1.0,
+        curriculum_min_episodes=4,
+        num_iterations=6,
+        rollout_steps=20,
+    )
+    train_ppo(config)
+    records = _records(tmp_path)
+    levels = [r["curriculum_level"] for r in records]
+    assert levels[0] == 0 and levels == sorted(levels) and levels[-1] == 2
+    assert [r["difficulty"] for r in records] == pytest.approx([[0.0, 0.5, 1.0][level] for level in levels])
+    # the world was built at --difficulty 1.0, set to the first level, then raised twice
+    assert worlds[0].difficulties == pytest.approx([1.0, 0.0, 0.5, 1.0])
+
+
+def test_without_successes_the_level_stays(tiny_run, tmp_path: Path) -> None:
+    """The tiny SFT model never reaches the goal (route completion about 0.3): no level rises."""
+    config = _config(
+        tiny_run["sft"],
+        tmp_path,
+        curriculum=True,
+        curriculum_step=0.5,
+        difficulty=1.0,
+        curriculum_min_episodes=1,
+    )
+    train_ppo(config)
+    assert {r["curriculum_level"] for r in _records(tmp_path)} == {0}
+
+
+def test_curriculum_start_above_the_target_is_rejected(tiny_run, tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="--curriculum-start"):
+        _config(tiny_run["sft"], tmp_path, curriculum=True, curriculum_start=0.8, difficulty=0.5).validate()

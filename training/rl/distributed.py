@@ -1,0 +1,115 @@
+"""Data-parallel PPO on torch.distributed: the launcher users already have (``torchrun``).
+
+Every process owns its worlds, scenario seeds and sampling noise and collects its own rollout;
+the heads start identical (same seed) and stay identical because each minibatch's gradients are
+averaged across processes before the optimiser steps. Decisions that end or skip an update
+(the approx-KL stop, the NaN guard) are taken on values reduced across processes, so every
+process takes the same branch. Only rank 0 writes files.
+
+``torchrun --nproc-per-node N -m training.rl.train_ppo_delta_waypoint ...`` sets ``RANK``,
+``WORLD_SIZE``, ``LOCAL_RANK`` and the rendezvous; gloo serves the CPU, NCCL CUDA.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+# Training scenario seeds of rank r start this far above rank 0's (beyond every run's seed block).
+RANK_SEED_STRIDE = 1_000_000_000
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """This process's place in the job; ``world_size == 1`` makes every method a no-op."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    def mean(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The mean of ``tensor`` over processes (a new tensor; the input is unchanged)."""
+        if not self.enabled:
+            return tensor
+        reduced = tensor.detach().clone()
+        dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
+        return reduced / self.world_size
+
+    def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum ``tensor`` over processes in place."""
+        if self.enabled:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def all_agree(self, flag: bool) -> bool:
+        """True only when ``flag`` is true on every process."""
+        if not self.enabled:
+            return flag
+        value = torch.tensor([1.0 if flag else 0.0])
+        dist.all_reduce(value, op=dist.ReduceOp.MIN)
+        return bool(value.item() > 0.5)
+
+    def average_gradients(self, params: list[torch.nn.Parameter]) -> None:
+        """Replace each gradient by its mean over processes (one flat all-reduce)."""
+        if not self.enabled:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat /= self.world_size
+        offset = 0
+        for p, g in zip(params, grads, strict=True):
+            p.grad = flat[offset : offset + g.numel()].view_as(g).clone()
+            offset += g.numel()
+
+    def parameters_in_sync(self, params: list[torch.nn.Parameter]) -> bool:
+        """Whether every process holds the same parameters (a checksum reduced with min and max)."""
+        if not self.enabled:
+            return True
+        checksum = torch.stack([p.detach().double().sum() for p in params]).sum().reshape(1)
+        low, high = checksum.clone(), checksum.clone()
+        dist.all_reduce(low, op=dist.ReduceOp.MIN)
+        dist.all_reduce(high, op=dist.ReduceOp.MAX)
+        return bool((low == high).item())
+
+    def gather(self, obj: object) -> list[object] | None:
+        """Every process's ``obj`` on rank 0 (``None`` elsewhere)."""
+        if not self.enabled:
+            return [obj]
+        gathered: list[object] | None = [None] * self.world_size if self.is_main else None
+        dist.gather_object(obj, gathered, dst=0)
+        return gathered
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+
+def init_distributed(device: str) -> DistContext:
+    """Join the ``torchrun`` job described by the environment, or a one-process context."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return DistContext()
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        use_nccl = device != "cpu" and torch.cuda.is_available()
+        if use_nccl:
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend="nccl" if use_nccl else "gloo")
+    return DistContext(rank=rank, world_size=world_size, local_rank=local_rank)
+
+
+def shutdown(context: DistContext) -> None:
+    if context.enabled and dist.is_initialized():
+        dist.destroy_process_group()
