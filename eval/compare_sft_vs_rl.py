@@ -147,20 +147,21 @@ def compare(config: CompareConfig) -> dict[str, Any]:
     sft_model = load_sft_model(config.sft_checkpoint, device)  # checks the file before hashing it
     sft_sha = check_pair(config, rl_checkpoint)
     policy = trained_policy(rl_checkpoint, sft_model)  # freezes sft_model, which then drives as SFT too
-    out_dir = ensure_writable_dir(config.resolved_out_dir())
-
     difficulty = config.difficulty
     if difficulty is None:
         difficulty = rl_checkpoint["config"].get("difficulty")
     env = make_env(
         config.env, min(config.episodes, MAX_WORLDS), device, options=config.env_options(difficulty)
     )
-    with torch.inference_mode():
-        sft = drive(env, lambda obs: sft_model(obs.bev, obs.state), config)
-        rl = drive(env, lambda obs: policy.deterministic_waypoints(obs.bev, obs.state), config)
-
-    rows = compare_paired(sft.episodes, rl.episodes, num_resamples=config.bootstrap_resamples, seed=0)
-    plots = make_plots(out_dir, config, rows, sft, rl, env)
+    try:
+        out_dir = ensure_writable_dir(config.resolved_out_dir())
+        with torch.inference_mode():
+            sft = drive(env, lambda obs: sft_model(obs.bev, obs.state), config)
+            rl = drive(env, lambda obs: policy.deterministic_waypoints(obs.bev, obs.state), config)
+        rows = compare_paired(sft.episodes, rl.episodes, num_resamples=config.bootstrap_resamples, seed=0)
+        plots = make_plots(out_dir, config, rows, sft, rl, env)
+    finally:
+        env.close()
     metadata = {
         "sft_checkpoint": config.sft_checkpoint,
         "sft_sha256": sft_sha,

@@ -126,10 +126,6 @@ def test_rl_trainer_fails_in_one_line_and_writes_nothing(outcomes: dict) -> None
     assert not (outcomes["root"] / "rl").exists()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="compare_sft_vs_rl creates --out-dir (ensure_writable_dir) before make_env; see docs/carla.md",
-)
 def test_compare_fails_in_one_line_and_writes_nothing(outcomes: dict) -> None:
     code, err, seconds = outcomes["results"]["compare"]
     check_one_line(code, err, seconds, outcomes["port"])
@@ -137,10 +133,6 @@ def test_compare_fails_in_one_line_and_writes_nothing(outcomes: dict) -> None:
     assert not (outcomes["root"] / "compare").exists()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the SFT trainer writes config.json and demos/ and opens its tqdm bar before make_env",
-)
 def test_sft_trainer_fails_in_one_line_and_writes_nothing(outcomes: dict) -> None:
     code, err, seconds = outcomes["results"]["sft"]
     check_one_line(code, err, seconds, outcomes["port"])

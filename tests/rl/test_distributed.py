@@ -84,3 +84,12 @@ def test_a_start_failure_on_rank_0_stops_every_process_with_one_message(ddp_run)
     assert len(ours) == 1 and "already holds a run" in ours[0], result.stderr
     # torchrun prints its own ChildFailedError summary; no frame of ours may appear in it
     assert "training/rl" not in result.stderr
+
+
+def test_each_process_gets_its_own_block_of_carla_servers() -> None:
+    from training.envs.carla import CARLA_PORT_STRIDE
+    from training.envs.options import EnvOptions, for_process
+
+    options = EnvOptions(carla_port=2000)
+    assert for_process(options, 0, 10).carla_port == 2000
+    assert for_process(options, 2, 10).carla_port == 2000 + 2 * 10 * CARLA_PORT_STRIDE

@@ -59,16 +59,9 @@ def test_record_keeps_only_first_episode_of_each_world() -> None:
 
 
 def test_collect_split_and_dataset_round_trip(tmp_path) -> None:
-    made: list[FakeWaypointEnv] = []
-
-    def factory(n: int) -> FakeWaypointEnv:
-        made.append(FakeWaypointEnv(n))
-        return made[-1]
-
-    manifest = collect_split(
-        factory, tmp_path / "train", "train", num_episodes=11, first_seed=100, episodes_per_batch=4
-    )
-    assert made[0].num_envs == 4 and made[0].closed
+    recorder = FakeWaypointEnv(4)
+    manifest = collect_split(recorder, tmp_path / "train", "train", num_episodes=11, first_seed=100)
+    assert not recorder.closed  # the caller owns the environment
     lengths = 3 + torch.arange(100, 111) % 4
     assert manifest["num_episodes"] == 11 and manifest["num_samples"] == int(lengths.sum())
     assert manifest["scenario_seeds"] == [100, 111]
@@ -91,18 +84,17 @@ def test_collect_split_and_dataset_round_trip(tmp_path) -> None:
     assert torch.equal(bev, env._obs().bev[0])
 
     # Re-recording replaces the old shards and manifest.
-    collect_split(factory, tmp_path / "train", "train", num_episodes=2, first_seed=0, episodes_per_batch=4)
+    collect_split(recorder, tmp_path / "train", "train", num_episodes=2, first_seed=0)
     assert sorted(p.name for p in (tmp_path / "train").glob("shard_*.pt")) == ["shard_0000.pt"]
 
 
 def test_record_every_and_noise_keep_clean_labels(tmp_path) -> None:
     manifest = collect_split(
-        lambda n: FakeWaypointEnv(n),
+        FakeWaypointEnv(4),
         tmp_path,
         "val",
         num_episodes=4,
         first_seed=0,
-        episodes_per_batch=4,
         record_every=2,
         action_noise_m=0.5,
     )
@@ -117,7 +109,7 @@ def test_record_every_and_noise_keep_clean_labels(tmp_path) -> None:
 def test_dataset_reports_missing_or_corrupt_shards(tmp_path) -> None:
     with pytest.raises(UserError, match="not found"):
         WaypointDemoDataset(tmp_path)
-    collect_split(lambda n: FakeWaypointEnv(n), tmp_path, "train", num_episodes=2, first_seed=0)
+    collect_split(FakeWaypointEnv(2), tmp_path, "train", num_episodes=2, first_seed=0)
     (tmp_path / "shard_0000.pt").write_bytes(b"garbage")
     with pytest.raises(UserError, match=r"shard_0000\.pt"):
         WaypointDemoDataset(tmp_path)

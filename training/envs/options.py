@@ -8,7 +8,7 @@ comparison inherit it, so ``--carla-host``, ``--carla-port``, ``--carla-timeout`
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from training.common.cli import config_field, require
 
@@ -23,6 +23,17 @@ class EnvOptions:
     carla_timeout: float = 10.0  # seconds
     town: str = "Town01"
     sim_workers: int = 0  # worker processes for per-process simulators; 0: one per world, up to the CPUs
+
+
+def for_process(options: EnvOptions, rank: int, worlds_per_process: int) -> EnvOptions:
+    """The options of process ``rank`` of a distributed run: its own block of simulator servers.
+
+    CARLA world ``i`` of a process talks to the server at ``carla_port + i * CARLA_PORT_STRIDE``;
+    process ``r`` starts ``r * worlds_per_process`` servers further on (see docs/carla.md).
+    """
+    from training.envs.carla.config import CARLA_PORT_STRIDE
+
+    return replace(options, carla_port=options.carla_port + rank * worlds_per_process * CARLA_PORT_STRIDE)
 
 
 @dataclass(kw_only=True)

@@ -16,7 +16,7 @@ import torch
 from training.common.device import resolve_device, set_cpu_threads
 from training.common.errors import UserError
 from training.common.io import atomic_write_json, ensure_writable_dir, file_sha256, load_checkpoint, read_json
-from training.envs.options import EnvOptions
+from training.envs.options import EnvOptions, for_process
 from training.envs.registry import make_env, make_env_mix
 from training.rl.buffer import RolloutBuffer
 from training.rl.checkpoint import build_policy, load_rl_checkpoint, save_rl_checkpoint
@@ -179,7 +179,10 @@ def build_run(config: PPOConfig, ctx: DistContext | None = None) -> Run:
     device = run_device(config, ctx)
     sft_raw = load_checkpoint(config.sft_checkpoint, expected_kind=SFT_CHECKPOINT_KIND)
     sft_model = model_from_checkpoint(sft_raw, source=config.sft_checkpoint).to(device)
-    options = config.env_options(config.difficulty)
+    # each process its own block of simulator servers: training worlds plus rank 0's evaluation worlds
+    options = for_process(
+        config.env_options(config.difficulty), ctx.rank, config.num_envs + config.eval_episodes
+    )
     env = make_env_mix(config.env_mix(), device, options)
     try:
         check_spec_matches(env, sft_raw, config.sft_checkpoint)

@@ -41,7 +41,6 @@ VAL_SEED_OFFSET = 500_000_000  # validation scenarios start here (+ seed * SEEDS
 RL_EVAL_SEED_START = 1_000_000_000  # RL evaluation scenarios; SFT data stays below
 SPLITS = ("train", "val")
 
-EnvFactory = Callable[[int], BatchedWaypointEnv]  # num_envs -> environment
 _BIT_WEIGHTS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
 
 
@@ -176,12 +175,11 @@ def _clear_split_dir(split_dir: Path) -> None:
 
 
 def collect_split(
-    make_env: EnvFactory,
+    env: BatchedWaypointEnv,
     split_dir: str | Path,
     split: str,
     num_episodes: int,
     first_seed: int,
-    episodes_per_batch: int = 64,
     record_every: int = 1,
     action_noise_m: float = 0.0,
     noise_seed: int = 0,
@@ -190,13 +188,14 @@ def collect_split(
     """Record ``num_episodes`` expert episodes (scenario seeds ``first_seed`` upward) as shards.
 
     Args:
-        make_env: builds an environment with the given number of worlds.
+        env: the environment that records; its ``num_envs`` worlds are one batch of episodes
+            (the last batch may use fewer). The caller builds it before writing anything, so a
+            simulator that cannot start leaves no files, and closes it.
         split_dir: folder for ``shard_XXXX.pt`` and ``manifest.json`` (old ones are replaced).
         split: ``"train"`` or ``"val"``, recorded in the manifest.
-        num_episodes: episodes to record, in batches of ``episodes_per_batch`` worlds.
+        num_episodes: episodes to record, in batches of ``env.num_envs`` worlds.
         first_seed: scenario seed of the first episode; the split covers
             ``[first_seed, first_seed + num_episodes)``.
-        episodes_per_batch: worlds simulated together (the last batch may record fewer).
         record_every, action_noise_m: see ``record_expert_batch``.
         noise_seed: seed of the action noise.
         progress: called with the number of episodes finished after each batch.
@@ -204,44 +203,40 @@ def collect_split(
     Returns:
         The manifest (also written to ``split_dir/manifest.json``).
     """
-    if num_episodes < 1 or episodes_per_batch < 1 or record_every < 1:
-        raise ValueError("num_episodes, episodes_per_batch and record_every must be >= 1")
+    if num_episodes < 1 or record_every < 1:
+        raise ValueError("num_episodes and record_every must be >= 1")
     split_dir = Path(split_dir)
     split_dir.mkdir(parents=True, exist_ok=True)
     _clear_split_dir(split_dir)
-    num_envs = min(episodes_per_batch, num_episodes)
-    env = make_env(num_envs)
+    num_envs = min(env.num_envs, num_episodes)
     generator = torch.Generator().manual_seed(noise_seed)
     shards: list[dict[str, Any]] = []
     outcome_sums = {"route_completion": 0.0, "collision": 0.0, "off_road": 0.0, "goal_reached": 0.0}
-    try:
-        done = 0
-        while done < num_episodes:
-            count = min(num_envs, num_episodes - done)
-            batch_seed = first_seed + done
-            samples, episodes = record_expert_batch(
-                env, batch_seed, count, record_every, action_noise_m, generator
-            )
-            name = f"shard_{len(shards):04d}.pt"
-            shard = {"kind": DEMO_SHARD_KIND, "format_version": DEMO_FORMAT_VERSION, **samples}
-            shard.update(encode_bev(shard.pop("bev")))
-            save_checkpoint(split_dir / name, shard)
-            for key in outcome_sums:
-                outcome_sums[key] += float(episodes[key].float().sum())
-            shards.append(
-                {
-                    "file": name,
-                    "num_samples": int(samples["state"].shape[0]),
-                    "num_episodes": count,
-                    "scenario_seeds": [batch_seed, batch_seed + count],
-                    "mean_episode_length": float(episodes["length"].float().mean()),
-                }
-            )
-            done += count
-            if progress is not None:
-                progress(done)
-    finally:
-        env.close()
+    done = 0
+    while done < num_episodes:
+        count = min(num_envs, num_episodes - done)
+        batch_seed = first_seed + done
+        samples, episodes = record_expert_batch(
+            env, batch_seed, count, record_every, action_noise_m, generator
+        )
+        name = f"shard_{len(shards):04d}.pt"
+        shard = {"kind": DEMO_SHARD_KIND, "format_version": DEMO_FORMAT_VERSION, **samples}
+        shard.update(encode_bev(shard.pop("bev")))
+        save_checkpoint(split_dir / name, shard)
+        for key in outcome_sums:
+            outcome_sums[key] += float(episodes[key].float().sum())
+        shards.append(
+            {
+                "file": name,
+                "num_samples": int(samples["state"].shape[0]),
+                "num_episodes": count,
+                "scenario_seeds": [batch_seed, batch_seed + count],
+                "mean_episode_length": float(episodes["length"].float().mean()),
+            }
+        )
+        done += count
+        if progress is not None:
+            progress(done)
     manifest = {
         "kind": "sft_demo_manifest",
         "format_version": DEMO_FORMAT_VERSION,

@@ -142,11 +142,10 @@ def constant_plan_ade_fde(plan_m: Tensor, data: WaypointDemoDataset) -> dict[str
     return {"ade_m": float(dist.mean()), "fde_m": float(dist[:, -1].mean())}
 
 
-def _record_demos(config: SFTTrainConfig, demo_dir: Path, device: torch.device, show_progress: bool) -> None:
+def _record_demos(
+    config: SFTTrainConfig, env: BatchedWaypointEnv, demo_dir: Path, show_progress: bool
+) -> None:
     from tqdm import tqdm
-
-    def factory(num_envs: int) -> BatchedWaypointEnv:
-        return make_env(config.env, num_envs, device, options=config.env_options(config.difficulty))
 
     total = config.num_episodes + config.val_episodes
     with tqdm(total=total, desc="expert demos", unit="ep", disable=not show_progress) as bar:
@@ -158,18 +157,23 @@ def _record_demos(config: SFTTrainConfig, demo_dir: Path, device: torch.device, 
                 bar.refresh()
 
             collect_split(
-                factory,
+                env,
                 demo_dir / split,
                 split,
                 num_episodes=episodes,
                 first_seed=split_first_seed(split, config.seed),
-                episodes_per_batch=config.episodes_per_batch,
                 record_every=config.record_every,
                 action_noise_m=config.expert_noise,
                 noise_seed=config.seed + (0 if split == "train" else 1),
                 progress=progress,
             )
             offset += episodes
+
+
+def _recording_env(config: SFTTrainConfig, device: torch.device) -> BatchedWaypointEnv:
+    """The worlds that record the demonstrations: one batch of ``--episodes-per-batch`` episodes."""
+    num_envs = min(config.episodes_per_batch, max(config.num_episodes, config.val_episodes))
+    return make_env(config.env, num_envs, device, options=config.env_options(config.difficulty))
 
 
 def train_sft(config: SFTTrainConfig, show_progress: bool = True) -> dict[str, Any]:
@@ -189,13 +193,16 @@ def train_sft(config: SFTTrainConfig, show_progress: bool = True) -> dict[str, A
     model_path = out_dir / "model.pt"
     if model_path.exists() and not config.overwrite:
         raise UserError(f"{model_path} already exists; pass --overwrite to replace it")
-    ensure_writable_dir(out_dir)
     device = resolve_device(config.device)
-    torch.manual_seed(config.seed)
-    atomic_write_json(out_dir / "config.json", config_to_dict(config))
-
-    demo_dir = out_dir / "demos"
-    _record_demos(config, demo_dir, device, show_progress)
+    env = _recording_env(config, device)  # a simulator that cannot start fails before any file is written
+    try:
+        ensure_writable_dir(out_dir)
+        torch.manual_seed(config.seed)
+        atomic_write_json(out_dir / "config.json", config_to_dict(config))
+        demo_dir = out_dir / "demos"
+        _record_demos(config, env, demo_dir, show_progress)
+    finally:
+        env.close()
     train_data = WaypointDemoDataset(demo_dir / "train").to(device)
     val_data = WaypointDemoDataset(demo_dir / "val").to(device)
     env_spec = train_data.manifest["env_spec"]
