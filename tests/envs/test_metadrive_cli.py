@@ -1,0 +1,109 @@
+"""The three commands end to end with ``--env metadrive`` at tiny sizes: SFT on MetaDrive's
+expert, residual PPO in MetaDrive, and the paired comparison in MetaDrive."""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip(
+    "metadrive", reason="the metadrive extra is not installed (pip install -e '.[metadrive]')"
+)
+
+import training.envs.metadrive as metadrive_env
+from eval import compare_sft_vs_rl
+from tests.cli_helpers import run_cli
+from training.rl import train_ppo_delta_waypoint
+from training.sft import train_waypoint_bc_torch_v0
+
+EPISODE_STEPS = 6
+
+
+@pytest.fixture
+def short_episodes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """MetaDrive episodes of 6 policy steps (3 s) so the commands finish in seconds."""
+    short = functools.partial(metadrive_env.MetaDriveWorldConfig, max_episode_steps=EPISODE_STEPS)
+    monkeypatch.setattr(metadrive_env, "MetaDriveWorldConfig", short)
+
+
+@pytest.mark.slow  # about 60 s of CPU (8 worker start-ups); the default suite runs test_metadrive_env.py
+def test_sft_then_rl_then_compare_in_metadrive(
+    tmp_path: Path, short_episodes: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sft_dir, rl_dir, compare_dir = tmp_path / "sft", tmp_path / "rl", tmp_path / "compare"
+    common = ["--env", "metadrive", "--device", "cpu", "--difficulty", "0"]
+    code, _, err = run_cli(
+        train_waypoint_bc_torch_v0.main,
+        [
+            *common,
+            "--out-dir",
+            str(sft_dir),
+            "--num-episodes",
+            "2",
+            "--val-episodes",
+            "1",
+            "--episodes-per-batch",
+            "2",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "8",
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    manifest = json.loads((sft_dir / "demos" / "train" / "manifest.json").read_text())
+    assert manifest["env_spec"]["max_episode_steps"] == EPISODE_STEPS
+
+    code, _, err = run_cli(
+        train_ppo_delta_waypoint.main,
+        [
+            *common,
+            "--sft-checkpoint",
+            str(sft_dir / "model.pt"),
+            "--out-dir",
+            str(rl_dir),
+            "--num-iterations",
+            "1",
+            "--num-envs",
+            "2",
+            "--rollout-steps",
+            "4",
+            "--batch-size",
+            "8",
+            "--eval-episodes",
+            "1",
+            "--critic-warmup-iterations",
+            "0",
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    train = json.loads((rl_dir / "train_metrics.json").read_text())
+    assert train[-1]["env_steps"] == 8
+    evaluations = json.loads((rl_dir / "eval_metrics.json").read_text())
+    assert evaluations and all(0.0 <= e["route_completion"] <= 1.0 for e in evaluations)
+
+    code, out, err = run_cli(
+        compare_sft_vs_rl.main,
+        [
+            *common[:4],
+            "--sft-checkpoint",
+            str(sft_dir / "model.pt"),
+            "--rl-checkpoint",
+            str(rl_dir / "final.pt"),
+            "--episodes",
+            "2",
+            "--out-dir",
+            str(compare_dir),
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    report = json.loads((compare_dir / "compare.json").read_text())
+    assert report["metadata"]["env"] == "metadrive"
+    assert len(report["episodes"]["sft"]) == 2 == len(report["episodes"]["rl"])
+    assert "route_completion" in out

@@ -1,0 +1,107 @@
+"""The MetaDrive adapter: a short episode through the batched protocol, the scenario-seed
+contract, the BEV layout, offline start without MetaDrive's asset archive, one-line errors for a
+bad ``--sim-workers``, a config that renders without assets and a worker that dies."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+import torch
+
+pytest.importorskip(
+    "metadrive", reason="the metadrive extra is not installed (pip install -e '.[metadrive]')"
+)
+
+from training.common.errors import UserError
+from training.envs.metadrive import MetaDriveWaypointEnv, MetaDriveWorldConfig
+from training.envs.metadrive.headless import assets_installed, check_assets
+from training.envs.options import EnvOptions
+from training.envs.registry import make_env
+from training.envs.toy import ToyWaypointEnv, ToyWorldConfig
+
+EPISODE_STEPS = 4
+SEED = 10
+
+
+@pytest.fixture(scope="module")
+def env() -> MetaDriveWaypointEnv:
+    """Two worlds with 4-step episodes (worker start-up dominates: a few seconds per world)."""
+    config = MetaDriveWorldConfig(difficulty=0.0, max_episode_steps=EPISODE_STEPS)
+    with MetaDriveWaypointEnv(2, "cpu", config) as batched:
+        yield batched
+
+
+def test_spec_matches_the_toy_world(env: MetaDriveWaypointEnv) -> None:
+    toy = ToyWaypointEnv(ToyWorldConfig(num_envs=1)).spec
+    for name in ("bev_shape", "state_dim", "num_waypoints", "waypoint_dt", "policy_dt", "bev_channels"):
+        assert getattr(env.spec, name) == getattr(toy, name), name
+    assert env.spec.state_names == toy.state_names
+
+
+def test_episode_runs_through_the_protocol(env: MetaDriveWaypointEnv) -> None:
+    obs = env.reset(seed=SEED)
+    assert obs.bev.shape == (2, 4, 64, 64) and obs.bev.dtype == torch.uint8
+    assert obs.state.shape == (2, 5) and obs.state.dtype == torch.float32
+    # the ego stands on a lane: its own pixel is drivable, the route runs ahead of it
+    assert (obs.bev[:, 0, 58, 31:33] == 255).all()
+    assert (obs.bev[:, 1, :58, 28:36] > 0).any(dim=-1).any(dim=-1).all()
+    assert (obs.bev[:, 0] > 0).float().mean() > 0.1
+    expert = env.expert_waypoints()
+    assert expert.shape == (2, 8, 2)
+    assert (expert[:, 1:, 0] >= expert[:, :-1, 0]).all(), "the expert plans forward along the lane"
+    assert expert[:, -1, 0].min() > 5.0 and expert[:, :, 1].abs().max() < 3.0
+
+    for step in range(1, EPISODE_STEPS + 1):
+        obs, reward, terminated, truncated, info = env.step(env.expert_waypoints())
+        assert torch.isfinite(reward).all() and torch.isfinite(obs.state).all()
+        assert not terminated.any(), "the expert neither crashes nor leaves the road in 2 s"
+        assert bool(truncated.all()) == (step == EPISODE_STEPS)
+    episode = info.episode
+    assert episode.done.all() and (episode.length == EPISODE_STEPS).all()
+    assert episode.scenario_seed.tolist() == [SEED, SEED + 1]
+    assert ((episode.route_completion > 0) & (episode.route_completion < 1)).all()
+    assert not (episode.collision | episode.off_road | episode.goal_reached).any()
+    assert (info.speed_mps > 1.0).all() and (info.lateral_deviation_m.abs() < 1.0).all()
+    # autoreset: the returned observation starts the next scenarios (seeds SEED + 2, SEED + 3)
+    assert env.scenario_seed.tolist() == [SEED + 2, SEED + 3]
+    assert not torch.equal(obs.state, info.final_observation.state)
+    assert info.final_observation.state[:, 0].min() > 1.0, "the finished episodes were moving"
+    assert info.ego_pose.shape == (2, 3)
+
+
+def test_same_seed_same_scenario(env: MetaDriveWaypointEnv) -> None:
+    first = env.reset(seed=SEED + 1)
+    again = env.reset(seed=SEED)
+    assert torch.equal(first.bev[0], again.bev[1]) and torch.equal(first.state[0], again.state[1])
+
+
+def test_too_few_sim_workers_is_refused_before_starting() -> None:
+    with pytest.raises(UserError, match="one world per worker process"):
+        make_env("metadrive", 3, "cpu", options=EnvOptions(sim_workers=2))
+
+
+def test_rendering_without_assets_is_one_clear_error() -> None:
+    check_assets({"use_render": False, "image_observation": False})  # headless never needs them
+    if assets_installed():
+        check_assets({"use_render": True})
+        return
+    with pytest.raises(UserError, match=r"metadrive\.pull_asset") as error:
+        check_assets({"image_observation": True})
+    assert "\n" not in str(error.value)
+
+
+def test_a_dead_worker_is_one_clear_error_and_close_stops_the_rest() -> None:
+    batched = MetaDriveWaypointEnv(1, "cpu", MetaDriveWorldConfig(difficulty=0.0, max_episode_steps=2))
+    try:
+        batched.reset(seed=0)
+        (pid,) = batched.worker_pids()
+        os.kill(pid, signal.SIGKILL)
+        with pytest.raises(UserError, match=r"worker of world 0 died \(exit code -9\)") as error:
+            batched.step(batched.expert_waypoints())
+        assert "\n" not in str(error.value)
+    finally:
+        batched.close()
+    assert batched.worker_pids() == []
+    batched.close()  # idempotent
