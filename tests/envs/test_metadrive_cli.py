@@ -29,7 +29,6 @@ def short_episodes(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(metadrive_env, "MetaDriveWorldConfig", short)
 
 
-@pytest.mark.slow  # about 60 s of CPU (8 worker start-ups); the default suite runs test_metadrive_env.py
 def test_sft_then_rl_then_compare_in_metadrive(
     tmp_path: Path, short_episodes: None, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -86,6 +85,26 @@ def test_sft_then_rl_then_compare_in_metadrive(
     assert train[-1]["env_steps"] == 8
     evaluations = json.loads((rl_dir / "eval_metrics.json").read_text())
     assert evaluations and all(0.0 <= e["route_completion"] <= 1.0 for e in evaluations)
+
+    # a mix: two toy worlds and one MetaDrive world in one run, with metrics per environment
+    mix_dir = tmp_path / "mix"
+    code, _, err = run_cli(
+        train_ppo_delta_waypoint.main,
+        [
+            "--env", "toy,metadrive", "--env-weights", "2,1", "--device", "cpu", "--difficulty", "0",
+            "--sft-checkpoint", str(sft_dir / "model.pt"), "--out-dir", str(mix_dir), "--num-iterations", "1",
+            "--num-envs", "3", "--rollout-steps", str(EPISODE_STEPS), "--batch-size", "6",
+            "--eval-episodes", "1", "--critic-warmup-iterations", "0",
+        ],
+        capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    record = json.loads((mix_dir / "train_metrics.json").read_text())[-1]
+    assert record["env_steps"] == 3 * EPISODE_STEPS
+    assert record["metadrive/episodes"] >= 1  # its one world finished its 6-step episode
+    assert record["toy/episodes"] + record["metadrive/episodes"] == record["episodes"]
+    final_eval = json.loads((mix_dir / "eval_metrics.json").read_text())[-1]
+    assert {"toy/route_completion", "metadrive/route_completion"} <= set(final_eval)
 
     code, out, err = run_cli(
         compare_sft_vs_rl.main,

@@ -22,7 +22,7 @@ class EnvOptions:
     carla_port: int = 2000
     carla_timeout: float = 10.0  # seconds
     town: str = "Town01"
-    sim_workers: int = 0  # worker processes for per-process simulators; 0: one per world, up to the CPUs
+    sim_workers: int = 0  # worker processes; 0: one per world (MetaDrive needs one per world)
 
 
 def for_process(options: EnvOptions, rank: int, worlds_per_process: int) -> EnvOptions:
@@ -45,7 +45,8 @@ class SimulatorFlags:
     carla_timeout: float = config_field(10.0, "CARLA client timeout (--env carla)", "s")
     town: str = config_field("Town01", "CARLA map to load (--env carla)")
     sim_workers: int = config_field(
-        0, "worker processes for per-process simulators (--env metadrive); 0: one per world, up to the CPUs"
+        0,
+        "simulator worker processes (--env metadrive needs one per world, >= --num-envs); 0: one per world",
     )
 
     def validate_simulator_flags(self) -> None:
