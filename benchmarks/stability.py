@@ -44,6 +44,11 @@ def run_variant(name: str, sft: Path, root: Path, seed: int) -> dict:
     )
     wall = time.perf_counter() - started
     compare_main(["--sft-checkpoint", str(sft), "--rl-checkpoint", str(out_dir / "final.pt")])
+    return collect_row(name, out_dir, wall)
+
+
+def collect_row(name: str, out_dir: Path, wall: float | None = None) -> dict:
+    """The variant's row from the files its run and comparison left in ``out_dir``."""
     report = json.loads((out_dir / "compare" / "compare.json").read_text())
     train = json.loads((out_dir / "train_metrics.json").read_text())
     last = train[-1]
@@ -95,14 +100,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     parser.add_argument("--list", action="store_true", help="print the variants and their flags")
+    parser.add_argument(
+        "--collect-only", action="store_true", help="only tabulate variants already run in --out-root"
+    )
     args = parser.parse_args(argv)
     if args.list:
         for name, flags in VARIANTS.items():
             print(f"{name}: {' '.join(flags) or '(the README command)'}")
         return []
-    if args.sft_checkpoint is None:
+    if args.sft_checkpoint is None and not args.collect_only:
         parser.error("--sft-checkpoint is required")
-    rows = [run_variant(name, args.sft_checkpoint, args.out_root, args.seed) for name in args.variants]
+    if args.collect_only:
+        rows = [collect_row(name, args.out_root / name) for name in args.variants]
+    else:
+        rows = [run_variant(name, args.sft_checkpoint, args.out_root, args.seed) for name in args.variants]
     print(markdown(rows))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -119,8 +119,10 @@ def test_a_level_rises_only_after_enough_successful_episodes() -> None:
     assert not curriculum.record(episodes=9, successes=9)  # too few episodes yet
     assert curriculum.record(episodes=1, successes=1)  # 10 episodes, 100% success
     assert (curriculum.level, curriculum.episodes, curriculum.successes) == (1, 0, 0)
-    assert not curriculum.record(episodes=10, successes=7)  # 70% < 80%
-    assert curriculum.record(episodes=10, successes=10)  # 17 / 20 = 85%
+    assert not curriculum.record(episodes=10, successes=7)  # 70% < 80%: the window is dropped
+    assert curriculum.episodes == 0
+    assert not curriculum.record(episodes=5, successes=5)  # a new window, not full yet
+    assert curriculum.record(episodes=5, successes=3)  # 8 / 10 = 80%, judged without the 7 / 10
     assert curriculum.at_top and not curriculum.record(100, 100)
     restored = Curriculum([0.0, 0.5, 1.0], 0.8, 10)
     restored.load_state_dict(curriculum.state_dict())

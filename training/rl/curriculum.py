@@ -1,9 +1,10 @@
 """A success-gated difficulty curriculum: start easy, climb to the target level.
 
-The level rises by one once the training episodes finished at the current level number at
-least ``min_episodes`` and reached the goal at a rate of at least ``threshold``. The counters
-restart at each new level, so a level is judged only by episodes that began after it was set
-(up to those already under way when it changed, which end within one episode length).
+Episodes are judged in consecutive windows of at least ``min_episodes`` training episodes
+(whole rollouts): when a window's goal rate reaches ``threshold`` the level rises by one, and
+either way the next window starts empty. So a level is judged on recent driving only, never on
+the failures of the policy it started as, and a new level is judged only on episodes that began
+after it was set (up to those already under way when it changed).
 """
 
 from __future__ import annotations
@@ -42,11 +43,13 @@ class Curriculum:
             return False
         self.episodes += episodes
         self.successes += successes
-        if self.episodes >= self.min_episodes and self.successes >= self.threshold * self.episodes:
+        if self.episodes < self.min_episodes:
+            return False
+        passed = self.successes >= self.threshold * self.episodes
+        self.episodes = self.successes = 0  # the next window starts empty
+        if passed:
             self.level += 1
-            self.episodes = self.successes = 0
-            return True
-        return False
+        return passed
 
     def state_dict(self) -> dict[str, Any]:
         return {"level": self.level, "episodes": self.episodes, "successes": self.successes}
