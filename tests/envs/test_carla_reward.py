@@ -118,10 +118,10 @@ GOOD = StepOutcome(
 )
 
 
-def test_reward_weights_match_the_toy_world() -> None:
+def test_reward_weights_are_the_toy_worlds_plus_lane_invasions() -> None:
     toy = dataclasses.asdict(RewardWeights())
     carla = dataclasses.asdict(CarlaRewardWeights())
-    assert {k: carla[k] for k in toy} == toy
+    assert {k: carla[k] for k in toy} == toy and set(carla) - set(toy) == {"lane_invasion"}
 
 
 def test_perfect_step_earns_the_progress_weight() -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from training.envs.toy.config import BEV_CHANNELS, STATE_NAMES
+from training.envs.toy.config import BEV_CHANNELS, STATE_NAMES, RewardWeights
 
 # A 0.9.16 server listens on its RPC port P, streams sensor data on P + 1 and listens for
 # secondary (multi-GPU) servers on P + 2; our traffic manager for that server binds P + 3 on the
@@ -30,27 +30,12 @@ __all__ = [
 
 
 @dataclass(frozen=True)
-class CarlaRewardWeights:
-    """Per-policy-step reward, the toy world's ``RewardWeights`` plus lane invasions.
+class CarlaRewardWeights(RewardWeights):
+    """Per-policy-step reward: the toy world's ``RewardWeights`` (same terms, same weights, with
+    ``target_speed_mps`` in place of the toy road's speed) plus ``lane_invasion`` per lane
+    marking crossed (CARLA's lane-invasion sensor; not terminal)."""
 
-    ``progress`` multiplies route progress normalised by the distance covered in one policy step
-    at ``target_speed_mps``; ``speed`` multiplies |v - v_target| / target_speed_mps; ``lateral``
-    is per metre from the route centre line; ``heading`` per radian of heading error;
-    ``plan_lateral`` per metre of mean distance of the plan's waypoints from the route centre
-    line; ``plan_speed`` per unit of mean |planned speed - target| / target_speed_mps;
-    ``lane_invasion`` per lane marking crossed (CARLA's lane-invasion sensor; not terminal);
-    ``collision`` and ``off_road`` end the episode.
-    """
-
-    progress: float = 1.0
-    speed: float = 0.5
-    lateral: float = 0.5
-    heading: float = 1.0
-    plan_lateral: float = 1.0
-    plan_speed: float = 1.0
     lane_invasion: float = 1.0
-    collision: float = 10.0
-    off_road: float = 10.0
 
 
 @dataclass(frozen=True)

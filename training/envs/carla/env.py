@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from training.common.errors import UserError
-from training.envs.carla.config import BEV_CHANNELS, STATE_NAMES, CarlaConfig
+from training.envs.carla.config import CarlaConfig
 from training.envs.carla.connection import DOCS, ServerAddress
 from training.envs.carla.controller import WaypointController
 from training.envs.carla.raster import BevGrid, SceneGeometry, ego_to_world, render_bev
@@ -39,7 +39,8 @@ from training.envs.carla.route import (
     target_speed_at,
 )
 from training.envs.carla.session import EgoReading, MapGeometry, SensorEvents
-from training.rl.env_interface import EnvSpec, EpisodeStats, Observation, StepInfo, StepResult
+from training.envs.toy.config import shared_layout_spec
+from training.rl.env_interface import EpisodeStats, Observation, StepInfo, StepResult
 
 _MAX_WAYPOINT_M = 200.0  # plans are clamped to this distance; non-finite plans mean "stop here"
 _LEAD_IN_M = 20.0  # route drawn behind the start
@@ -156,15 +157,8 @@ class CarlaWaypointEnv:
         self.num_envs = len(self.worlds)
         self.device = torch.device(device)
         self.grid = BevGrid.from_config(cfg)
-        self.spec = EnvSpec(
-            bev_shape=(len(BEV_CHANNELS), cfg.bev_size_px, cfg.bev_size_px),
-            state_dim=len(STATE_NAMES),
-            num_waypoints=cfg.num_waypoints,
-            waypoint_dt=cfg.waypoint_dt,
-            policy_dt=cfg.policy_dt,
-            max_episode_steps=cfg.max_episode_steps,
-            bev_channels=BEV_CHANNELS,
-            state_names=STATE_NAMES,
+        self.spec = shared_layout_spec(
+            cfg.bev_size_px, cfg.num_waypoints, cfg.waypoint_dt, cfg.policy_dt, cfg.max_episode_steps
         )
         self._pool = ThreadPoolExecutor(max_workers=self.num_envs, thread_name_prefix="carla-world")
         self._on_close = on_close

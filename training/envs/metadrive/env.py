@@ -16,8 +16,8 @@ import torch
 from training.envs.metadrive.config import MetaDriveWorldConfig
 from training.envs.metadrive.frames import WorldFrame, WorldStep
 from training.envs.metadrive.workers import WorldPool
-from training.envs.toy.config import BEV_CHANNELS, STATE_NAMES
-from training.rl.env_interface import EnvSpec, EpisodeStats, Observation, StepInfo, StepResult
+from training.envs.toy.config import shared_layout_spec
+from training.rl.env_interface import EpisodeStats, Observation, StepInfo, StepResult
 
 _FLOAT_STATS = (
     "episode_return",
@@ -41,15 +41,12 @@ class MetaDriveWaypointEnv:
         geometry = self.config.geometry
         self.num_envs = num_envs
         self.device = torch.device(device)
-        self.spec = EnvSpec(
-            bev_shape=(len(BEV_CHANNELS), geometry.bev_size_px, geometry.bev_size_px),
-            state_dim=len(STATE_NAMES),
-            num_waypoints=geometry.num_waypoints,
-            waypoint_dt=geometry.waypoint_dt,
-            policy_dt=geometry.policy_dt,
-            max_episode_steps=self.config.max_episode_steps,
-            bev_channels=BEV_CHANNELS,
-            state_names=STATE_NAMES,
+        self.spec = shared_layout_spec(
+            geometry.bev_size_px,
+            geometry.num_waypoints,
+            geometry.waypoint_dt,
+            geometry.policy_dt,
+            self.config.max_episode_steps,
         )
         self._pool = WorldPool(num_envs, self.config)
         self._finalizer = weakref.finalize(self, self._pool.close)

@@ -4,10 +4,29 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from training.rl.env_interface import EnvSpec
+
 BEV_CHANNELS = ("drivable", "route", "vehicles", "obstacles")
 # The navigation's distance to the destination is part of the ego state: the goal ends the
 # episode, so without it no critic could tell an episode's start from its end.
 STATE_NAMES = ("speed_mps", "steer_rad", "accel_mps2", "yaw_rate_radps", "distance_to_goal_m")
+
+
+def shared_layout_spec(
+    bev_size_px: int, num_waypoints: int, waypoint_dt: float, policy_dt: float, max_episode_steps: int
+) -> EnvSpec:
+    """The observation and action layout of every environment (toy, MetaDrive, CARLA): the toy
+    world's BEV channels and ego state, so one SFT model can drive in all of them."""
+    return EnvSpec(
+        bev_shape=(len(BEV_CHANNELS), bev_size_px, bev_size_px),
+        state_dim=len(STATE_NAMES),
+        num_waypoints=num_waypoints,
+        waypoint_dt=waypoint_dt,
+        policy_dt=policy_dt,
+        max_episode_steps=max_episode_steps,
+        bev_channels=BEV_CHANNELS,
+        state_names=STATE_NAMES,
+    )
 
 
 @dataclass(frozen=True)

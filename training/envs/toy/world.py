@@ -12,7 +12,7 @@ import dataclasses
 
 import torch
 
-from training.envs.toy.config import BEV_CHANNELS, STATE_NAMES, ToyWorldConfig
+from training.envs.toy.config import ToyWorldConfig, shared_layout_spec
 from training.envs.toy.dynamics import (
     VehicleState,
     bicycle_step,
@@ -31,7 +31,7 @@ from training.envs.toy.scenario import (
     project_points_to_route,
     project_to_route,
 )
-from training.rl.env_interface import EnvSpec, EpisodeStats, Observation, StepInfo, StepResult
+from training.rl.env_interface import EpisodeStats, Observation, StepInfo, StepResult
 
 _MAX_WAYPOINT_M = 200.0  # plans are clamped to this distance; non-finite plans mean "stop here"
 
@@ -45,15 +45,8 @@ class ToyWaypointEnv:
         self.num_envs = self.config.num_envs
         self.device = torch.device(device)
         cfg = self.config
-        self.spec = EnvSpec(
-            bev_shape=(len(BEV_CHANNELS), cfg.bev_size_px, cfg.bev_size_px),
-            state_dim=len(STATE_NAMES),
-            num_waypoints=cfg.num_waypoints,
-            waypoint_dt=cfg.waypoint_dt,
-            policy_dt=cfg.policy_dt,
-            max_episode_steps=cfg.max_episode_steps,
-            bev_channels=BEV_CHANNELS,
-            state_names=STATE_NAMES,
+        self.spec = shared_layout_spec(
+            cfg.bev_size_px, cfg.num_waypoints, cfg.waypoint_dt, cfg.policy_dt, cfg.max_episode_steps
         )
         self._next_seed = torch.zeros((), dtype=torch.int64, device=self.device)
         self._seeded = False
