@@ -1,0 +1,455 @@
+"""Throughput of the toy world, the rollout and residual PPO training, beside Stable-Baselines3.
+
+    python -m benchmarks.throughput [--device cpu] [--num-envs 8,32,128] [--seconds 2] [--json]
+
+For each ``--num-envs``, built from the real trainer (``training.rl.run.build_run``):
+
+- world-only steps/s: ``env.step`` (dynamics, controller, reward, autoreset, BEV render) driven by
+  the expert plan the previous step returned (the world computes it anyway);
+- rollout steps/s: ``trainer.collect_rollout`` (world, frozen encoder, heads, buffer writes);
+- end-to-end training steps/s: ``trainer.train_iteration`` (rollout, GAE, PPO epochs on the cached
+  features, the iteration's metrics);
+- peak memory: CUDA's peak allocated bytes, or the process's peak resident set on the CPU;
+- Stable-Baselines3 PPO on the same world with the same frozen encoder and residual action
+  (``benchmarks/sb3_side_by_side.py``) for sizes up to ``--sb3-max-envs``, and our ratio to it.
+
+Once per run: SFT behaviour-cloning samples/s, the frozen encoder's FLOPs and bytes per step, and the
+half-precision waypoint error against float32. Rates are medians over repeated timed calls after
+one warm-up call: on shared cores they are lower bounds of the rate (upper bounds of the time).
+``--json`` prints one JSON object: the largest size's figures at the top level and every size in
+``rows``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import cProfile
+import dataclasses
+import io
+import json
+import math
+import pstats
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from training.common.device import resolve_device, set_cpu_threads
+from training.common.errors import UserError, exit_on_user_error
+from training.rl.config import PPOConfig
+from training.rl.run import Run, build_run
+from training.rl.trainer import collect_rollout, train_iteration
+from training.sft.model import FROZEN_PRECISIONS, WaypointModel, load_sft_model
+
+ROW_KEYS = ("world_steps_per_s", "rollout_steps_per_s", "train_steps_per_s", "peak_memory_bytes")
+MIN_TIMED_CALLS = 3  # a rate is the median of at least this many timed calls
+ERROR_SAMPLES = 256  # observations on which half precision is compared with float32 (CPU autocast is slow)
+
+
+@dataclasses.dataclass
+class BenchSettings:
+    """What one benchmark run measures (the command line)."""
+
+    device: torch.device
+    num_envs: list[int]
+    seconds: float
+    rollout_steps: int
+    minibatches: int
+    update_epochs: int
+    sft_checkpoint: str | None
+    sb3_max_envs: int
+    compile_encoder: bool
+    profile: bool = False
+
+    def batch_size(self, num_envs: int) -> int:
+        """PPO minibatch size: a rollout split into ``minibatches`` (at least one transition)."""
+        return max(1, num_envs * self.rollout_steps // self.minibatches)
+
+
+# ---------------------------------------------------------------------------------------- timing
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_rate(
+    call: Callable[[], object], steps_per_call: int, seconds: float, device: torch.device
+) -> float:
+    """Median steps/s over timed calls of ``call`` (each ``steps_per_call`` steps), after one warm-up.
+
+    Calls repeat until ``seconds`` have passed and at least ``MIN_TIMED_CALLS`` were timed.
+    """
+    call()
+    _synchronize(device)
+    rates: list[float] = []
+    deadline = time.perf_counter() + seconds
+    while len(rates) < MIN_TIMED_CALLS or time.perf_counter() < deadline:
+        started = time.perf_counter()
+        call()
+        _synchronize(device)
+        rates.append(steps_per_call / (time.perf_counter() - started))
+    return statistics.median(rates)
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """CUDA: peak bytes allocated since the last reset; CPU: the process's peak resident set.
+
+    The CPU figure never resets: it is the largest of every size measured so far in the process.
+    """
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
+# ---------------------------------------------------------------------------------------- our loop
+def build_bench_run(settings: BenchSettings, sft_path: Path, num_envs: int, out_dir: Path) -> Run:
+    """A training run as ``train_ppo`` builds it, with no KL early stop (every epoch runs) and no warm-up."""
+    config = PPOConfig(
+        sft_checkpoint=str(sft_path),
+        out_dir=str(out_dir),
+        num_envs=num_envs,
+        rollout_steps=settings.rollout_steps,
+        batch_size=settings.batch_size(num_envs),
+        update_epochs=settings.update_epochs,
+        target_kl=None,
+        critic_warmup_iterations=0,
+        num_iterations=1_000_000,  # keeps the annealed learning rate away from 0
+        eval_episodes=1,
+        device=str(settings.device),
+        progress=False,
+        overwrite=True,
+    )
+    config.validate()
+    run = build_run(config)
+    if settings.compile_encoder:
+        run.policy.sft_model.compile_encoder()
+    run.obs = run.env.reset(seed=config.train_seed_start)
+    return run
+
+
+def world_rate(run: Run, settings: BenchSettings) -> float:
+    """World-only steps/s: ``env.step`` with the expert plan the last step returned."""
+    env = run.env
+    plan = [env.expert_waypoints()]
+
+    def steps() -> None:
+        for _ in range(settings.rollout_steps):
+            plan[0] = env.step(plan[0]).info.expert_waypoints
+
+    rate = median_rate(steps, env.num_envs * settings.rollout_steps, settings.seconds, settings.device)
+    run.obs = env.reset(seed=run.config.train_seed_start)
+    return rate
+
+
+def rollout_rate(run: Run, settings: BenchSettings) -> float:
+    """Rollout steps/s: ``collect_rollout`` into the run's buffer."""
+
+    def rollout() -> None:
+        run.obs, _ = collect_rollout(
+            run.policy, run.env, run.buffer, run.obs, run.sample_gen, run.config.reward_scale
+        )
+
+    return median_rate(rollout, run.buffer.size, settings.seconds, settings.device)
+
+
+def train_rate(run: Run, settings: BenchSettings) -> float:
+    """End-to-end training steps/s: ``train_iteration`` (rollout + GAE + PPO epochs + metrics)."""
+
+    def iteration() -> None:
+        run.iteration += 1
+        train_iteration(run)
+
+    return median_rate(iteration, run.buffer.size, settings.seconds, settings.device)
+
+
+def measure_size(settings: BenchSettings, sft_path: Path, num_envs: int, work_dir: Path) -> dict[str, Any]:
+    """Every per-size figure of ``ROW_KEYS`` for ``num_envs`` worlds."""
+    reset_peak_memory(settings.device)
+    run = build_bench_run(settings, sft_path, num_envs, work_dir / f"rl_{num_envs}")
+    row: dict[str, Any] = {"num_envs": num_envs, "batch_size": run.config.batch_size}
+    row["world_steps_per_s"] = world_rate(run, settings)
+    row["rollout_steps_per_s"] = rollout_rate(run, settings)
+    row["train_steps_per_s"] = train_rate(run, settings)
+    row["peak_memory_bytes"] = peak_memory_bytes(settings.device)
+    if settings.profile and num_envs == settings.num_envs[-1]:
+        print(profile_iteration(run), file=sys.stderr)
+    return row
+
+
+def profile_iteration(run: Run, top: int = 30) -> str:
+    """cProfile of one ``train_iteration``: the functions with the most cumulative time."""
+    profiler = cProfile.Profile()
+    run.iteration += 1
+    profiler.enable()
+    train_iteration(run)
+    profiler.disable()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(top)
+    return text.getvalue()
+
+
+# ---------------------------------------------------------------------------------------- once per run
+def sft_samples_per_s(
+    model: WaypointModel, run: Run, settings: BenchSettings, batch_size: int = 128
+) -> float:
+    """Behaviour-cloning samples/s: the SFT trainer's step (forward, smooth-L1, backward, clip, AdamW)
+    on one batch of the world's observations and expert plans (a copy of the model is trained)."""
+    from training.sft.train_waypoint_bc_torch_v0 import SFTTrainConfig, waypoint_loss
+
+    train_config = SFTTrainConfig()
+    student = copy.deepcopy(model).to(settings.device).requires_grad_(True).train()
+    optimizer = torch.optim.AdamW(
+        student.parameters(), lr=train_config.lr, weight_decay=train_config.weight_decay
+    )
+    obs, expert = run.obs, run.env.expert_waypoints()
+    repeats = math.ceil(batch_size / obs.bev.shape[0])
+    bev = obs.bev.repeat(repeats, 1, 1, 1)[:batch_size]
+    state = obs.state.repeat(repeats, 1)[:batch_size]
+    target = expert.repeat(repeats, 1, 1)[:batch_size]
+
+    def step() -> None:
+        loss = waypoint_loss(student(bev, state), target, train_config)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), train_config.max_grad_norm)
+        optimizer.step()
+
+    return median_rate(step, batch_size, settings.seconds, settings.device)
+
+
+def encoder_cost(model: WaypointModel, run: Run) -> dict[str, float]:
+    """FLOPs (counted by ``FlopCounterMode``) and bytes per env step of the frozen model.
+
+    ``bev_bytes``: the uint8 BEV written by the renderer and read by the encoder. ``eager_bytes``: an
+    unfused float32 forward's traffic, each activation written once and read once (measured with
+    forward hooks), plus the BEV. ``train_flops_per_step``: every counted FLOP of one
+    ``train_iteration`` (encoder, heads, PPO epochs) per env step.
+    """
+    obs = run.obs
+    n = obs.bev.shape[0]
+    with FlopCounterMode(display=False) as counter:
+        model.frozen_features(obs.bev, obs.state)
+    encoder_flops = counter.get_total_flops() / n
+    with FlopCounterMode(display=False) as counter:
+        run.iteration += 1
+        train_iteration(run)
+    train_flops = counter.get_total_flops() / run.buffer.size
+
+    activation_bytes = [0]
+
+    def count(_module: torch.nn.Module, _inputs: object, output: torch.Tensor) -> None:
+        activation_bytes[0] += output.numel() * output.element_size()
+
+    leaves = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d | torch.nn.Linear | torch.nn.ReLU)]
+    hooks = [m.register_forward_hook(count) for m in leaves]
+    try:
+        model.frozen_features(obs.bev, obs.state, precision="fp32")
+    finally:
+        for hook in hooks:
+            hook.remove()
+    bev_bytes = obs.bev[0].numel() * obs.bev.element_size()
+    float_image_bytes = obs.bev[0].numel() * 4
+    return {
+        "encoder_flops_per_step": encoder_flops,
+        "train_flops_per_step": train_flops,
+        "bev_bytes_per_step": float(bev_bytes),
+        "eager_bytes_per_step": float(2 * bev_bytes + 2 * float_image_bytes + 2 * activation_bytes[0] / n),
+    }
+
+
+def half_precision_error_m(model: WaypointModel, run: Run) -> dict[str, float | None]:
+    """Largest waypoint distance (m) of each autocast precision from float32 on this run's observations.
+
+    On CUDA this is the path the frozen encoder takes; elsewhere autocast is off, so the figure is
+    an estimate from CPU autocast (the same number formats) and says so in ``half_precision_on``.
+    """
+    bev, state = run.obs.bev[:ERROR_SAMPLES], run.obs.state[:ERROR_SAMPLES]
+    device_type = bev.device.type
+    with torch.inference_mode():
+        reference = model.head(model.encode(bev, state))
+        errors: dict[str, float | None] = {}
+        for name, dtype in FROZEN_PRECISIONS.items():
+            if dtype is None:
+                continue
+            with torch.autocast(device_type=device_type, dtype=dtype):
+                z = model.encode(bev, state)
+            waypoints = model.head(z.float())
+            errors[f"{name}_waypoint_error_m"] = (waypoints - reference).norm(dim=-1).max().item()
+    return errors
+
+
+# ---------------------------------------------------------------------------------------- the run
+def prepare_sft(settings: BenchSettings, work_dir: Path) -> Path:
+    """The SFT checkpoint to benchmark: ``--sft-checkpoint`` or a tiny one trained in seconds."""
+    if settings.sft_checkpoint is not None:
+        load_sft_model(settings.sft_checkpoint)  # fails early with one line on a bad file
+        return Path(settings.sft_checkpoint)
+    from training.rl.test_ppo_delta_smoke import make_tiny_sft
+
+    return make_tiny_sft(work_dir / "sft")
+
+
+def sb3_row(sft_path: Path, settings: BenchSettings, num_envs: int) -> dict[str, float]:
+    """Stable-Baselines3 figures for ``num_envs`` Gymnasium views (CPU: SB3 steps worlds on the host)."""
+    from benchmarks.sb3_side_by_side import SB3Settings, measure_sb3
+
+    sb3_settings = SB3Settings(
+        num_envs=num_envs,
+        rollout_steps=settings.rollout_steps,
+        batch_size=settings.batch_size(num_envs),
+        update_epochs=settings.update_epochs,
+    )
+    result = measure_sb3(load_sft_model(sft_path), sb3_settings, rollouts=1)
+    return {
+        "sb3_train_steps_per_s": result["train_steps_per_s"],
+        "sb3_rollout_steps_per_s": result["rollout_steps_per_s"],
+        "sb3_update_share": result["update_share"],
+    }
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({torch.get_num_threads()} torch thread)"
+
+
+def run_benchmark(settings: BenchSettings, work_dir: Path) -> dict[str, Any]:
+    """Measure every size; returns the JSON object ``--json`` prints."""
+    sft_path = prepare_sft(settings, work_dir)
+    rows = []
+    for num_envs in settings.num_envs:
+        row = measure_size(settings, sft_path, num_envs, work_dir)
+        if num_envs <= settings.sb3_max_envs:
+            row |= sb3_row(sft_path, settings, num_envs)
+            row["train_vs_sb3"] = row["train_steps_per_s"] / row["sb3_train_steps_per_s"]
+        rows.append(row)
+
+    probe = build_bench_run(settings, sft_path, settings.num_envs[0], work_dir / "probe")
+    model = probe.policy.sft_model
+    result: dict[str, Any] = {
+        "device": str(settings.device),
+        "device_name": device_name(settings.device),
+        "torch": torch.__version__,
+        **{key: value for key, value in rows[-1].items() if key != "peak_memory_bytes"},
+        "peak_memory_bytes": max(row["peak_memory_bytes"] for row in rows),
+        "peak_memory_kind": "cuda_max_allocated" if settings.device.type == "cuda" else "process_max_rss",
+        "rollout_steps": settings.rollout_steps,
+        "update_epochs": settings.update_epochs,
+        "minibatches": settings.minibatches,
+        "compile_encoder": settings.compile_encoder,
+        "sft_train_samples_per_s": sft_samples_per_s(model, probe, settings),
+        **encoder_cost(model, probe),
+        **half_precision_error_m(model, probe),
+        "half_precision_on": settings.device.type,
+        "rows": rows,
+    }
+    return result
+
+
+# ---------------------------------------------------------------------------------------- command line
+def parse_sizes(text: str) -> list[int]:
+    """``"16,64,256"`` -> ``[16, 64, 256]``; a bad list is a ``UserError``."""
+    try:
+        sizes = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise UserError(f"--num-envs must be a comma-separated list of integers, got {text!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise UserError(f"--num-envs needs sizes >= 1, got {text!r}")
+    return sizes
+
+
+def parse_settings(argv: list[str] | None) -> tuple[BenchSettings, bool]:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.throughput", description=__doc__)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    parser.add_argument("--num-envs", default="8,32,128", help="comma-separated world counts to measure")
+    parser.add_argument("--seconds", type=float, default=2.0, help="time per measurement and size")
+    parser.add_argument("--rollout-steps", type=int, default=32, help="steps per world per rollout")
+    parser.add_argument("--minibatches", type=int, default=16, help="PPO minibatches per epoch")
+    parser.add_argument("--update-epochs", type=int, default=4, help="PPO epochs per rollout")
+    parser.add_argument("--sft-checkpoint", default=None, help="SFT model.pt (default: train a tiny one)")
+    parser.add_argument(
+        "--sb3-max-envs", type=int, default=32, help="run Stable-Baselines3 for sizes up to this (0: never)"
+    )
+    parser.add_argument("--compile", action="store_true", help="torch.compile the encoder's convolutions")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="print a cProfile of one training iteration (largest size) to stderr",
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args(argv)
+    if not (math.isfinite(args.seconds) and args.seconds >= 0):
+        raise UserError(f"--seconds must be >= 0, got {args.seconds}")
+    for flag in ("rollout_steps", "minibatches", "update_epochs"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.sb3_max_envs < 0:
+        raise UserError(f"--sb3-max-envs must be >= 0, got {args.sb3_max_envs}")
+    settings = BenchSettings(
+        device=resolve_device(args.device),
+        num_envs=sorted(set(parse_sizes(args.num_envs))),
+        seconds=args.seconds,
+        rollout_steps=args.rollout_steps,
+        minibatches=args.minibatches,
+        update_epochs=args.update_epochs,
+        sft_checkpoint=args.sft_checkpoint,
+        sb3_max_envs=args.sb3_max_envs,
+        compile_encoder=args.compile,
+        profile=args.profile,
+    )
+    return settings, args.json
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """The human-readable report: one line per size, then the once-per-run figures."""
+    lines = [
+        f"device {result['device_name']}, torch {result['torch']}; env steps/s (median, upper bound of time)",
+        f"{'num_envs':>8} {'world':>10} {'rollout':>10} {'train':>10} {'SB3 train':>10} {'ratio':>7} "
+        f"{'peak MiB':>9}",
+    ]
+    for row in result["rows"]:
+        sb3 = row.get("sb3_train_steps_per_s")
+        ratio = row.get("train_vs_sb3")
+        lines.append(
+            f"{row['num_envs']:>8} {row['world_steps_per_s']:>10.0f} {row['rollout_steps_per_s']:>10.0f} "
+            f"{row['train_steps_per_s']:>10.0f} {'-' if sb3 is None else f'{sb3:.0f}':>10} "
+            f"{'-' if ratio is None else f'{ratio:.1f}x':>7} {row['peak_memory_bytes'] / 2**20:>9.0f}"
+        )
+    lines += [
+        f"SFT training: {result['sft_train_samples_per_s']:.0f} samples/s",
+        f"encoder: {result['encoder_flops_per_step'] / 1e6:.2f} MFLOP/step, "
+        f"all counted training FLOPs {result['train_flops_per_step'] / 1e6:.2f} MFLOP/step, "
+        f"BEV {result['bev_bytes_per_step'] / 1e3:.1f} kB/step, eager fp32 traffic "
+        f"{result['eager_bytes_per_step'] / 1e3:.0f} kB/step",
+        f"waypoint error vs fp32 ({result['half_precision_on']} autocast): "
+        f"fp16 {result['fp16_waypoint_error_m'] * 100:.2f} cm, "
+        f"bf16 {result['bf16_waypoint_error_m'] * 100:.2f} cm",
+    ]
+    return "\n".join(lines)
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    settings, as_json = parse_settings(argv)
+    set_cpu_threads(1)
+    with tempfile.TemporaryDirectory(prefix="throughput-") as tmp:
+        result = run_benchmark(settings, Path(tmp))
+    print(json.dumps(result) if as_json else format_table(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

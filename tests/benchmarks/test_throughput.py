@@ -1,0 +1,65 @@
+"""The throughput benchmark runs in a tiny configuration and reports sane numbers (never a speed)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from benchmarks.throughput import main, parse_sizes
+from tests.cli_helpers import assert_one_line_error, run_cli
+
+REQUIRED = ("device", "num_envs", "world_steps_per_s", "rollout_steps_per_s", "train_steps_per_s")
+TINY = ["--seconds", "0", "--rollout-steps", "4", "--minibatches", "2", "--update-epochs", "1"]
+
+
+def test_tiny_run_reports_every_figure(tiny_sft: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = [*TINY, "--num-envs", "3,2", "--sb3-max-envs", "2", "--sft-checkpoint", str(tiny_sft), "--json"]
+    code, out, err = run_cli(main, argv, capsys)
+    assert code == 0, err
+    result = json.loads(out)
+    for key in (*REQUIRED, "peak_memory_bytes", "sft_train_samples_per_s", "encoder_flops_per_step"):
+        assert key in result, key
+    assert result["device"] == "cpu" and result["num_envs"] == 3
+    assert [row["num_envs"] for row in result["rows"]] == [2, 3]
+    for row in result["rows"]:
+        for key in ("world_steps_per_s", "rollout_steps_per_s", "train_steps_per_s"):
+            assert math.isfinite(row[key]) and row[key] > 0, (key, row)
+        assert row["peak_memory_bytes"] > 0
+    small, large = result["rows"]
+    assert small["sb3_train_steps_per_s"] > 0 and small["train_vs_sb3"] > 0
+    assert "sb3_train_steps_per_s" not in large  # above --sb3-max-envs
+    assert result["encoder_flops_per_step"] > 1e6  # the default encoder: about 5 MFLOP per step
+    assert result["train_flops_per_step"] > result["encoder_flops_per_step"]
+    assert 0 <= result["fp16_waypoint_error_m"] < 0.05 and 0 <= result["bf16_waypoint_error_m"] < 0.5
+
+
+def test_table_output(tiny_sft: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = [*TINY, "--num-envs", "2", "--sb3-max-envs", "0", "--sft-checkpoint", str(tiny_sft)]
+    code, out, err = run_cli(main, argv, capsys)
+    assert code == 0, err
+    assert "num_envs" in out and "SFT training" in out and "MFLOP/step" in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (["--num-envs", "4,x"], "comma-separated list of integers"),
+        (["--num-envs", "0"], "sizes >= 1"),
+        (["--seconds", "-1"], "--seconds"),
+        (["--minibatches", "0"], "--minibatches"),
+        (["--device", "tpu"], "tpu"),
+        (["--sft-checkpoint", "/nonexistent/model.pt"], "/nonexistent/model.pt"),
+    ],
+)
+def test_bad_flags_are_one_line_errors(
+    argv: list[str], fragment: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = run_cli(main, [*TINY, "--sb3-max-envs", "0", *argv], capsys)
+    assert_one_line_error(code, err, fragment)
+
+
+def test_parse_sizes() -> None:
+    assert parse_sizes("16, 64,256") == [16, 64, 256]
