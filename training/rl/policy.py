@@ -271,10 +271,14 @@ class PPOPolicy(nn.Module):
         """Run the frozen SFT model: ``bev`` uint8 ``[N, C, H, W]``, ``state`` ``[N, S]`` ->
         ``(z [N, D], sft_waypoints [N, K, 2] metres)``.
 
-        Computed under ``no_grad`` (not ``inference_mode``), so the results are ordinary
-        tensors without history: they can be stored in the rollout buffer and fed to the heads
-        later with gradients flowing into the heads only.
+        A ``WaypointModel`` runs ``frozen_features`` (inference mode; on CUDA the encoder under
+        fp16 autocast, within 1 cm of fp32), whose results are cloned to ordinary tensors; other
+        models run under ``no_grad``. Either way the results carry no history: they can be stored
+        in the rollout buffer and fed to the heads later with gradients flowing into the heads only.
         """
+        frozen_features = getattr(self.sft_model, "frozen_features", None)
+        if frozen_features is not None:
+            return frozen_features(bev, state)
         z = self.sft_model.encode(bev, state)
         sft_waypoints = self.sft_model.head(z)
         return z.detach(), sft_waypoints.detach()
