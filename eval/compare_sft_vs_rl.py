@@ -46,6 +46,11 @@ class CompareConfig(SimulatorFlags):
     )
     env: str = config_field("toy", "environment: toy, metadrive or carla")
     episodes: int = config_field(100, "scenarios, each driven by both policies", "episodes")
+    worlds: int | None = config_field(
+        None,
+        f"worlds that drive them, in chunks (default: one per episode up to {MAX_WORLDS}; with --env "
+        "metadrive or carla each world is a process or a server, so keep it small)",
+    )
     seed: int = config_field(EVAL_SEED_START, "first scenario seed (held out from SFT and RL training)")
     out_dir: str | None = config_field(None, "output folder (default: compare/ next to the RL checkpoint)")
     device: str = config_field("auto", "auto, cpu, cuda or cuda:N")
@@ -59,6 +64,7 @@ class CompareConfig(SimulatorFlags):
 
     def validate(self) -> None:
         require(self.episodes >= 1, f"--episodes must be >= 1, got {self.episodes}")
+        require(self.worlds is None or self.worlds >= 1, f"--worlds must be >= 1, got {self.worlds}")
         require(
             self.seed >= EVAL_SEED_START and self.seed + self.episodes <= TRAIN_SEED_START,
             f"--seed must be in [{EVAL_SEED_START}, {TRAIN_SEED_START - self.episodes}] so the scenarios "
@@ -151,7 +157,10 @@ def compare(config: CompareConfig) -> dict[str, Any]:
     if difficulty is None:
         difficulty = rl_checkpoint["config"].get("difficulty")
     env = make_env(
-        config.env, min(config.episodes, MAX_WORLDS), device, options=config.env_options(difficulty)
+        config.env,
+        min(config.episodes, config.worlds or MAX_WORLDS),
+        device,
+        options=config.env_options(difficulty),
     )
     try:
         out_dir = ensure_writable_dir(config.resolved_out_dir())

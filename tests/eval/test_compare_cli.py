@@ -139,6 +139,17 @@ def test_same_inputs_give_identical_numbers(
     assert numbers(again) == numbers(report["json"])
 
 
+def test_fewer_worlds_play_the_same_episodes_in_chunks(
+    report: dict[str, Any], tiny_run: dict[str, Path], tmp_path: Path, no_plots: None, capsys
+) -> None:
+    """``--worlds 4`` for 6 episodes: two chunks, the same scenarios, the same numbers."""
+    out = tmp_path / "chunked"
+    argv = compare_argv(tiny_run["sft"], tiny_run["rl_dir"] / "final.pt", out, "--worlds", "4")
+    code, _, err = run_main(argv, capsys)
+    assert code == 0, err
+    assert numbers(json.loads((out / "compare.json").read_text())) == numbers(report["json"])
+
+
 def test_identical_policies_give_zero_differences(
     tiny_run: dict[str, Path], zero_residual_run: Path, tmp_path: Path, no_plots: None, capsys
 ) -> None:

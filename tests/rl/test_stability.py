@@ -208,3 +208,18 @@ def test_without_successes_the_level_stays(tiny_run, tmp_path: Path) -> None:
 def test_curriculum_start_above_the_target_is_rejected(tiny_run, tmp_path: Path) -> None:
     with pytest.raises(UserError, match="--curriculum-start"):
         _config(tiny_run["sft"], tmp_path, curriculum=True, curriculum_start=0.8, difficulty=0.5).validate()
+
+
+def test_fewer_evaluation_worlds_play_every_held_out_episode(tiny_run, tmp_path: Path) -> None:
+    """Simulators with a process or server per world evaluate on a few worlds, in chunks."""
+    one = tmp_path / "one_world"
+    train_ppo(_config(tiny_run["sft"], one, num_iterations=1, eval_episodes=3, eval_worlds=1))
+    many = tmp_path / "three_worlds"
+    train_ppo(_config(tiny_run["sft"], many, num_iterations=1, eval_episodes=3))
+    chunked, batched = (json.loads((d / "eval_metrics.json").read_text()) for d in (one, many))
+    assert [r["episodes"] for r in chunked] == [3, 3]
+    # the same scenarios: equal up to float differences between batch sizes in the networks
+    for a, b in zip(chunked, batched, strict=True):
+        assert {k: a[k] for k in ("ade", "route_completion", "episode_return")} == pytest.approx(
+            {k: b[k] for k in ("ade", "route_completion", "episode_return")}, rel=0.01
+        )

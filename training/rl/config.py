@@ -78,6 +78,11 @@ class PPOConfig(SimulatorFlags):
     difficulty: float = config_field(0.5, "toy world difficulty in [0, 1] (curvature, traffic)")
     eval_every: int = config_field(10, "evaluate every N iterations (0: only at start and end)")
     eval_episodes: int = config_field(50, "held-out scenarios per evaluation", "episodes")
+    eval_worlds: int | None = config_field(
+        None,
+        "worlds that play them, in chunks (default: one per episode; with --env metadrive or carla "
+        "each world is a process or a server, so keep it small)",
+    )
     eval_seed: int = config_field(EVAL_SEED_START, "first held-out evaluation scenario seed")
     save_every: int = config_field(25, "write checkpoint_iter_X.pt every N iterations (0: off)")
     device: str = config_field("auto", "auto, cpu, cuda or cuda:N")
@@ -128,6 +133,7 @@ class PPOConfig(SimulatorFlags):
         require(0.0 <= self.difficulty <= 1.0, f"--difficulty must be in [0, 1], got {self.difficulty}")
         require(self.eval_every >= 0, f"--eval-every must be >= 0, got {self.eval_every}")
         require(self.eval_episodes >= 1, f"--eval-episodes must be >= 1, got {self.eval_episodes}")
+        require(self.eval_worlds is None or self.eval_worlds >= 1, "--eval-worlds must be >= 1")
         require(not (self.resume and self.overwrite), "--resume and --overwrite exclude each other")
         require(self.max_bad_iterations >= 1, "--max-bad-iterations must be >= 1")
         require(self.save_every >= 0, f"--save-every must be >= 0, got {self.save_every}")
@@ -182,6 +188,10 @@ class PPOConfig(SimulatorFlags):
     def env_mix(self) -> list[tuple[str, int]]:
         """``[(env name, worlds)]``: ``--env`` split by commas, ``--num-envs`` shared by ``--env-weights``."""
         return split_env_mix(self.env, self.env_weights, self.num_envs)
+
+    @property
+    def num_eval_worlds(self) -> int:
+        return min(self.eval_episodes, self.eval_worlds or self.eval_episodes)
 
     @property
     def train_seed_start(self) -> int:

@@ -181,7 +181,7 @@ def build_run(config: PPOConfig, ctx: DistContext | None = None) -> Run:
     sft_model = model_from_checkpoint(sft_raw, source=config.sft_checkpoint).to(device)
     # each process its own block of simulator servers: training worlds plus rank 0's evaluation worlds
     options = for_process(
-        config.env_options(config.difficulty), ctx.rank, config.num_envs + config.eval_episodes
+        config.env_options(config.difficulty), ctx.rank, config.num_envs + config.num_eval_worlds
     )
     env = make_env_mix(config.env_mix(), device, options)
     try:
@@ -247,7 +247,7 @@ def _build_eval_envs(
     envs: dict[str, BatchedWaypointEnv] = {}
     try:
         for name, _ in config.env_mix():
-            envs[name] = make_env(name, config.eval_episodes, device, options=options)
+            envs[name] = make_env(name, config.num_eval_worlds, device, options=options)
     except BaseException:
         for env in envs.values():
             env.close()
