@@ -65,7 +65,8 @@ def build_parser(config_cls: type, prog: str, description: str) -> argparse.Argu
         prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     hints = typing.get_type_hints(config_cls)
-    for field in dataclasses.fields(config_cls):
+    # keyword-only fields (mixins shared by several commands, e.g. the simulator flags) come last
+    for field in sorted(dataclasses.fields(config_cls), key=lambda f: f.kw_only):
         if not field.init or field.metadata.get("cli") is False:
             continue
         flag = "--" + field.name.replace("_", "-")
