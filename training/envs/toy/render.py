@@ -82,7 +82,9 @@ def _splat_binary(
     x, y, yaw = inputs.ego_pose.unbind(-1)
     row, col = _to_pixels(world_to_ego(points_world, x, y, yaw), cfg)
     index = _flat_index(row.floor().long(), col.floor().long(), channel, cfg).reshape(-1)
-    flat.scatter_reduce_(0, index, torch.full_like(index, 255, dtype=torch.int32), "amax")
+    # every write is the same value, so duplicates cannot race: a plain fill, several times faster
+    # than an ``amax`` scatter, gives the same image on any device
+    flat.index_fill_(0, index, 255)
 
 
 def _box_samples(boxes: torch.Tensor, active: torch.Tensor, cfg: ToyWorldConfig) -> torch.Tensor:
