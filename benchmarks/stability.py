@@ -4,7 +4,7 @@ Each variant is the README's PPO command plus its extra flags, on the same SFT m
 each is then compared with the SFT model on the same 100 held-out scenarios.
 
     python -m benchmarks.stability --sft-checkpoint out/sft_waypoint_bc_torch_v0/model.pt \\
-        --out-root out/stability --variants baseline kl_adaptive_0.05 [--json out/stability.json]
+        --out-root out/stability --variants no_kl kl_adaptive_0.2 [--json out/stability.json]
 
 Variants run one after another (each about 4-7 min on one CPU core); ``--list`` shows them.
 """
@@ -22,15 +22,15 @@ from training.rl.train_ppo_delta_waypoint import main as ppo_main
 
 PPO_COMMAND = ["--env", "toy", "--num-iterations", "100", "--batch-size", "64", "--lr", "3e-4"]
 VARIANTS: dict[str, list[str]] = {
-    "baseline": [],
-    "kl_fixed_1": ["--kl-coef", "1.0"],
-    "kl_fixed_10": ["--kl-coef", "10.0"],
+    "no_kl": ["--kl-coef", "0"],
+    "kl_adaptive_0.2": ["--kl-coef", "1.0", "--kl-target", "0.2"],  # the default
     "kl_adaptive_0.05": ["--kl-coef", "1.0", "--kl-target", "0.05"],
-    "kl_adaptive_0.2": ["--kl-coef", "1.0", "--kl-target", "0.2"],
-    "explore_warmup_20": ["--exploration-warmup-iterations", "20"],
-    "explore_warmup_20_bound": ["--exploration-warmup-iterations", "20", "--warmup-bound"],
-    "hard_from_start": ["--difficulty", "1.0"],
-    "curriculum": ["--difficulty", "1.0", "--curriculum", "--curriculum-start", "0.5"],
+    "kl_fixed_1": ["--kl-coef", "1.0", "--kl-target", "none"],
+    "kl_fixed_10": ["--kl-coef", "10.0", "--kl-target", "none"],
+    "explore_warmup_20": ["--kl-coef", "0", "--exploration-warmup-iterations", "20"],
+    "explore_warmup_20_bound": ["--kl-coef", "0", "--exploration-warmup-iterations", "20", "--warmup-bound"],
+    "hard_from_start": ["--kl-coef", "0", "--difficulty", "1.0"],
+    "curriculum": ["--kl-coef", "0", "--difficulty", "1.0", "--curriculum", "--curriculum-start", "0.5"],
 }
 KEYS = ("ade", "fde", "route_completion", "collision_rate", "off_road_rate", "mean_abs_jerk")
 
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--sft-checkpoint", type=Path, required=False)
     parser.add_argument("--out-root", type=Path, default=Path("out/stability"))
     parser.add_argument(
-        "--variants", nargs="+", default=["baseline", "kl_adaptive_0.05"], choices=sorted(VARIANTS)
+        "--variants", nargs="+", default=["no_kl", "kl_adaptive_0.2"], choices=sorted(VARIANTS)
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")

@@ -52,9 +52,9 @@ def test_every_record_has_kl_to_sft_and_delta_norm_and_a_kl_penalty_keeps_the_po
     tiny_run, tmp_path: Path
 ) -> None:
     free = tmp_path / "free"
-    train_ppo(_config(tiny_run["sft"], free, lr=3e-3))
+    train_ppo(_config(tiny_run["sft"], free, lr=3e-3, kl_coef=0.0, kl_target=None))
     held = tmp_path / "held"
-    train_ppo(_config(tiny_run["sft"], held, lr=3e-3, kl_coef=5.0))
+    train_ppo(_config(tiny_run["sft"], held, lr=3e-3, kl_coef=5.0, kl_target=None))
     free_records, held_records = _records(free), _records(held)
     for record in free_records + held_records:
         assert record["kl_to_sft"] >= 0 and record["delta_norm"] >= 0
@@ -78,7 +78,7 @@ def test_adaptive_mode_steers_the_coefficient_by_the_measured_kl(tiny_run, tmp_p
 
 def test_kl_target_needs_a_starting_coefficient(tiny_run, tmp_path: Path) -> None:
     with pytest.raises(UserError, match="--kl-coef"):
-        _config(tiny_run["sft"], tmp_path, kl_target=0.1).validate()
+        _config(tiny_run["sft"], tmp_path, kl_coef=0.0, kl_target=0.1).validate()
 
 
 # -------------------------------------------------------------------------- progressive exploration

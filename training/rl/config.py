@@ -52,10 +52,12 @@ class PPOConfig(SimulatorFlags):
     hidden_size: int = config_field(256, "width of the delta and value heads' two hidden layers")
     residual_l2_coef: float = config_field(0.01, "L2 penalty on the mean residual (ResiP)", "1/m^2")
     kl_coef: float = config_field(
-        0.0, "weight of the KL from the SFT reference policy (a Gaussian on the SFT plan); 0: off"
+        1.0, "weight of the KL from the SFT reference policy (a Gaussian on the SFT plan); 0: off"
     )
     kl_target: float | None = config_field(
-        None, "adapt --kl-coef after each iteration to steer the measured KL to SFT to this (nats/plan)"
+        0.2,
+        "adapt --kl-coef after each iteration to steer the measured KL to SFT to this (nats/plan; "
+        "none: a fixed --kl-coef)",
     )
     exploration_warmup_iterations: int = config_field(
         0, "grow the residual's noise from --exploration-start-scale to full over these iterations (0: off)"
