@@ -223,3 +223,41 @@ def test_fewer_evaluation_worlds_play_every_held_out_episode(tiny_run, tmp_path:
         assert {k: a[k] for k in ("ade", "route_completion", "episode_return")} == pytest.approx(
             {k: b[k] for k in ("ade", "route_completion", "episode_return")}, rel=0.01
         )
+
+
+def test_a_resumed_curriculum_and_adaptive_kl_continue_exactly(tiny_run, tmp_path: Path, monkeypatch) -> None:
+    """The level, its window and the KL coefficient are checkpointed: resuming from a middle
+    checkpoint gives the same records and heads as the uninterrupted run."""
+    import training.rl.run as run_module
+    from training.rl.checkpoint import load_rl_checkpoint
+
+    real_make_env_mix = run_module.make_env_mix
+    monkeypatch.setattr(
+        run_module, "make_env_mix", lambda *a, **k: _EveryEpisodeSucceeds(real_make_env_mix(*a, **k))
+    )
+    settings = dict(
+        curriculum=True,
+        curriculum_step=0.5,
+        difficulty=1.0,
+        curriculum_min_episodes=4,
+        num_iterations=6,
+        rollout_steps=20,
+        save_every=1,
+        kl_coef=0.5,
+        kl_target=0.001,  # far below the measured KL: the coefficient doubles every iteration
+    )
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    train_ppo(_config(tiny_run["sft"], whole, **settings))
+    train_ppo(_config(tiny_run["sft"], split, **settings))
+    for name in ("final.pt", "checkpoint_iter_4.pt", "checkpoint_iter_5.pt", "checkpoint_iter_6.pt"):
+        (split / name).unlink()
+    train_ppo(_config(tiny_run["sft"], split, resume=True, **settings))
+
+    keys = ("curriculum_level", "difficulty", "kl_coef", "kl_to_sft", "episodes", "goals")
+    assert [{k: r[k] for k in keys} for r in _records(split)] == [
+        {k: r[k] for k in keys} for r in _records(whole)
+    ]
+    assert len({r["curriculum_level"] for r in _records(whole)}) > 1  # the level did rise along the way
+    heads = [load_rl_checkpoint(d / "final.pt")["heads"] for d in (whole, split)]
+    for name, tensor in heads[0].items():
+        assert torch.equal(tensor, heads[1][name]), name
