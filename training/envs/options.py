@@ -8,7 +8,7 @@ comparison inherit it, so ``--carla-host``, ``--carla-port``, ``--carla-timeout`
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 from training.common.cli import config_field, require
 
@@ -59,11 +59,6 @@ class SimulatorFlags:
         require(self.sim_workers >= 0, f"--sim-workers must be >= 0, got {self.sim_workers}")
 
     def env_options(self, difficulty: float | None) -> EnvOptions:
-        return EnvOptions(
-            difficulty=difficulty,
-            carla_host=self.carla_host,
-            carla_port=self.carla_port,
-            carla_timeout=self.carla_timeout,
-            town=self.town,
-            sim_workers=self.sim_workers,
-        )
+        """The flags as the ``EnvOptions`` a factory reads (every flag here is a field there)."""
+        flags = {field.name: getattr(self, field.name) for field in fields(SimulatorFlags)}
+        return EnvOptions(difficulty=difficulty, **flags)

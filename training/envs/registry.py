@@ -6,6 +6,7 @@ for; a missing extra is a ``UserError`` naming the install command, never an Imp
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from collections.abc import Callable
 
@@ -29,10 +30,8 @@ KNOWN_ENVS = tuple(_FACTORIES)
 def make_toy_env(num_envs: int, device: torch.device | str, options: EnvOptions) -> BatchedWaypointEnv:
     from training.envs.toy import ToyWaypointEnv, ToyWorldConfig
 
-    config = ToyWorldConfig(num_envs=num_envs)
-    if options.difficulty is not None:
-        config = ToyWorldConfig(num_envs=num_envs, difficulty=options.difficulty)
-    return ToyWaypointEnv(config, device=device)
+    difficulty = {} if options.difficulty is None else {"difficulty": options.difficulty}
+    return ToyWaypointEnv(ToyWorldConfig(num_envs=num_envs, **difficulty), device=device)
 
 
 def make_env(
@@ -54,7 +53,7 @@ def make_env(
         raise UserError(f"num-envs must be >= 1, got {num_envs}")
     options = options or EnvOptions()
     if difficulty is not None:
-        options = EnvOptions(**{**options.__dict__, "difficulty": difficulty})
+        options = dataclasses.replace(options, difficulty=difficulty)
     if options.difficulty is not None and not 0.0 <= options.difficulty <= 1.0:
         raise UserError(f"difficulty must be in [0, 1], got {options.difficulty}")
     return _factory(name)(num_envs, device, options)
@@ -125,21 +124,33 @@ def _parse_weights(weights: str | None, count: int) -> list[float]:
     return shares
 
 
+def make_envs(
+    mix: list[tuple[str, int]], device: torch.device | str, options: EnvOptions
+) -> dict[str, BatchedWaypointEnv]:
+    """``{name: environment}`` for ``[(name, worlds)]``; if one cannot start, those built are closed."""
+    built: dict[str, BatchedWaypointEnv] = {}
+    try:
+        for name, count in mix:
+            built[name] = make_env(name, count, device, options=options)
+    except BaseException:
+        for env in built.values():
+            env.close()
+        raise
+    return built
+
+
 def make_env_mix(
     mix: list[tuple[str, int]], device: torch.device | str, options: EnvOptions
 ) -> BatchedWaypointEnv:
     """One batched environment from ``[(name, worlds)]``: the named one, or a ``MixedEnv`` of several."""
-    if len(mix) == 1:
-        name, count = mix[0]
-        return make_env(name, count, device, options=options)
+    envs = make_envs(mix, device, options)
+    if len(envs) == 1:
+        return next(iter(envs.values()))
     from training.envs.mixed import MixedEnv
 
-    built: list[tuple[str, BatchedWaypointEnv]] = []
     try:
-        for name, count in mix:
-            built.append((name, make_env(name, count, device, options=options)))
-        return MixedEnv(built)
+        return MixedEnv(list(envs.items()))
     except BaseException:
-        for _, env in built:
+        for env in envs.values():
             env.close()
         raise

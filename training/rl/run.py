@@ -17,7 +17,7 @@ from training.common.device import resolve_device, set_cpu_threads
 from training.common.errors import UserError
 from training.common.io import atomic_write_json, ensure_writable_dir, file_sha256, load_checkpoint, read_json
 from training.envs.options import EnvOptions, for_process
-from training.envs.registry import make_env, make_env_mix
+from training.envs.registry import make_env_mix, make_envs
 from training.rl.buffer import RolloutBuffer
 from training.rl.checkpoint import build_policy, load_rl_checkpoint, save_rl_checkpoint
 from training.rl.config import PPOConfig
@@ -244,15 +244,7 @@ def _build_eval_envs(
     config: PPOConfig, device: torch.device, options: EnvOptions
 ) -> dict[str, BatchedWaypointEnv]:
     """Held-out worlds for each environment of the mix, always at the target ``--difficulty``."""
-    envs: dict[str, BatchedWaypointEnv] = {}
-    try:
-        for name, _ in config.env_mix():
-            envs[name] = make_env(name, config.num_eval_worlds, device, options=options)
-    except BaseException:
-        for env in envs.values():
-            env.close()
-        raise
-    return envs
+    return make_envs([(name, config.num_eval_worlds) for name, _ in config.env_mix()], device, options)
 
 
 def resume_from(run: Run, path: Path) -> None:

@@ -244,6 +244,9 @@ def exploration_scale(config: PPOConfig, iteration: int) -> float:
     return config.exploration_start_scale + (1.0 - config.exploration_start_scale) * progress
 
 
+KL_COEF_MIN, KL_COEF_MAX = 1e-6, 1e3  # bounds of the adaptive KL coefficient
+
+
 def adapt_kl_coef(kl_coef: float, measured_kl: float, kl_target: float) -> float:
     """The adaptive KL penalty of Schulman et al. (2017), section 4: double the coefficient when
     the KL overshoots 1.5 x target, halve it when it undershoots target / 1.5."""
@@ -252,9 +255,6 @@ def adapt_kl_coef(kl_coef: float, measured_kl: float, kl_target: float) -> float
     if measured_kl < kl_target / 1.5:
         return max(kl_coef / 2.0, KL_COEF_MIN)
     return kl_coef
-
-
-KL_COEF_MIN, KL_COEF_MAX = 1e-6, 1e3
 
 
 def train_iteration(run: Run) -> dict[str, Any]:
