@@ -9,7 +9,7 @@ Per-episode record (a dict of plain Python numbers):
     scenario_seed (int), ade, fde (m, means over the episode's policy steps of the displacement
     error between the policy's plan and the expert's plan for the same observation),
     episode_return, length (policy steps), route_completion ([0, 1]), collision, off_road,
-    goal_reached (0/1 ints), mean_abs_lateral_m (m), mean_abs_jerk (m/s^3),
+    goal_reached, failure (collision or off-road) (0/1 ints), mean_abs_lateral_m (m), mean_abs_jerk (m/s^3),
     mean_abs_steer_rate (rad/s), nonfinite_actions (steps whose plan held a NaN/inf).
 
 Trajectory (for the first ``record_trajectories`` episodes; numpy arrays, T = episode length):
@@ -166,6 +166,7 @@ def _run_chunk(
         for name, kind in _EPISODE_FIELDS:
             if name != "scenario_seed":
                 record_i[name] = kind(stats[name][i])
+        record_i["failure"] = int(bool(record_i["collision"] or record_i["off_road"]))
         record_i["nonfinite_actions"] = int(nonfinite_list[i])
         episodes.append(record_i)
 

@@ -27,10 +27,10 @@ from training.common.cli import config_field, parse_config, require
 from training.common.device import resolve_device, set_cpu_threads
 from training.common.errors import UserError, exit_on_user_error
 from training.common.io import ensure_writable_dir, file_sha256
+from training.common.seeds import DEV_SEED_START, RL_TRAIN_SEED_START, TEST_SEED_START, split_of
 from training.envs.options import SimulatorFlags
 from training.envs.registry import check_env_choice, make_env
 from training.rl.checkpoint import load_rl_checkpoint, trained_policy
-from training.rl.config import EVAL_SEED_START, TRAIN_SEED_START
 from training.sft.model import load_sft_model
 
 MAX_WORLDS = 256  # worlds simulated at once; more episodes are played in chunks
@@ -51,7 +51,11 @@ class CompareConfig(SimulatorFlags):
         f"worlds that drive them, in chunks (default: one per episode up to {MAX_WORLDS}; with --env "
         "metadrive or carla each world is a process or a server, so keep it small)",
     )
-    seed: int = config_field(EVAL_SEED_START, "first scenario seed (held out from SFT and RL training)")
+    seed: int = config_field(
+        TEST_SEED_START,
+        "first scenario seed: the test range, which no training, evaluation or tuning sees "
+        f"(the development range starts at {DEV_SEED_START})",
+    )
     out_dir: str | None = config_field(None, "output folder (default: compare/ next to the RL checkpoint)")
     device: str = config_field("auto", "auto, cpu, cuda or cuda:N")
     num_threads: int = config_field(1, "torch CPU threads (small ops run fastest on 1; 0: torch's default)")
@@ -66,9 +70,10 @@ class CompareConfig(SimulatorFlags):
         require(self.episodes >= 1, f"--episodes must be >= 1, got {self.episodes}")
         require(self.worlds is None or self.worlds >= 1, f"--worlds must be >= 1, got {self.worlds}")
         require(
-            self.seed >= EVAL_SEED_START and self.seed + self.episodes <= TRAIN_SEED_START,
-            f"--seed must be in [{EVAL_SEED_START}, {TRAIN_SEED_START - self.episodes}] so the scenarios "
-            "are held out from training",
+            self.seed >= DEV_SEED_START and self.seed + self.episodes <= RL_TRAIN_SEED_START,
+            f"--seed must be in [{DEV_SEED_START}, {RL_TRAIN_SEED_START - self.episodes}] so the scenarios "
+            "are held out from training (development range, or the test range from "
+            f"{TEST_SEED_START})",
         )
         require(self.difficulty is None or 0 <= self.difficulty <= 1, "--difficulty must be in [0, 1]")
         require(self.bootstrap_resamples >= 100, "--bootstrap-resamples must be >= 100")
@@ -160,7 +165,10 @@ def compare(config: CompareConfig) -> dict[str, Any]:
         config.env,
         min(config.episodes, config.worlds or MAX_WORLDS),
         device,
-        options=config.env_options(difficulty),
+        # the RL run's reward, so that episode returns are the ones it trained on
+        options=dataclasses.replace(
+            config.env_options(difficulty), reward=rl_checkpoint["config"].get("reward", "shaped")
+        ),
     )
     try:
         out_dir = ensure_writable_dir(config.resolved_out_dir())
@@ -176,10 +184,12 @@ def compare(config: CompareConfig) -> dict[str, Any]:
         "sft_sha256": sft_sha,
         "rl_checkpoint": config.rl_checkpoint,
         "rl_iterations": rl_checkpoint.get("iteration"),
+        "rl_selected_iteration": rl_checkpoint.get("selected_iteration"),
         "env": config.env,
         "difficulty": difficulty,
         "episodes": config.episodes,
         "first_scenario_seed": config.seed,
+        "seed_split": split_of(config.seed),
         "device": str(device),
         "sft_wall_time_s": sft.wall_time_s,
         "rl_wall_time_s": rl.wall_time_s,

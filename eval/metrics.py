@@ -110,6 +110,7 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("goal_rate", "goal_reached", "", False, "Goal rate"),
     MetricSpec("collision_rate", "collision", "", True, "Collision rate"),
     MetricSpec("off_road_rate", "off_road", "", True, "Off-road rate"),
+    MetricSpec("failure_rate", "failure", "", True, "Collision or off-road rate"),
     MetricSpec("mean_abs_lateral_m", "mean_abs_lateral_m", "m", True, "Mean |lateral offset|"),
     MetricSpec("mean_abs_jerk", "mean_abs_jerk", "m/s^3", True, "Mean |jerk|"),
     MetricSpec("mean_abs_steer_rate", "mean_abs_steer_rate", "rad/s", True, "Mean |steer rate|"),

@@ -48,7 +48,11 @@ def test_two_processes_train_one_policy_and_rank_0_alone_writes(ddp_run) -> None
     assert all(r["world_size"] == 2 for r in records)
     # each iteration collects both processes' worlds
     assert [r["env_steps"] for r in records] == [2 * NUM_ENVS * ROLLOUT_STEPS * i for i in (1, 2, 3)]
-    assert sorted(p.name for p in out_dir.glob("*.pt")) == ["checkpoint_iter_2.pt", "final.pt"]
+    assert sorted(p.name for p in out_dir.glob("*.pt")) == [
+        "checkpoint_iter_2.pt",
+        "checkpoint_iter_3.pt",
+        "final.pt",
+    ]
     assert ddp_run["result"].stdout.count("RL final:") == 1  # only rank 0 reports
 
 

@@ -23,6 +23,7 @@ class EnvOptions:
     carla_timeout: float = 10.0  # seconds
     town: str = "Town01"
     sim_workers: int = 0  # worker processes; 0: one per world (MetaDrive needs one per world)
+    reward: str = "shaped"  # reward preset (training/envs/toy/config.py: REWARD_PRESETS)
 
 
 def for_process(options: EnvOptions, rank: int, worlds_per_process: int) -> EnvOptions:

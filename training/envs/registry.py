@@ -29,9 +29,11 @@ KNOWN_ENVS = tuple(_FACTORIES)
 
 def make_toy_env(num_envs: int, device: torch.device | str, options: EnvOptions) -> BatchedWaypointEnv:
     from training.envs.toy import ToyWaypointEnv, ToyWorldConfig
+    from training.envs.toy.config import RewardWeights, reward_preset
 
     difficulty = {} if options.difficulty is None else {"difficulty": options.difficulty}
-    return ToyWaypointEnv(ToyWorldConfig(num_envs=num_envs, **difficulty), device=device)
+    reward = reward_preset(RewardWeights(), options.reward)
+    return ToyWaypointEnv(ToyWorldConfig(num_envs=num_envs, reward=reward, **difficulty), device=device)
 
 
 def make_env(

@@ -38,17 +38,20 @@ def build_policy(sft_model: WaypointModel, config: dict[str, Any]) -> PPOPolicy:
     return PPOPolicy(sft_model, **policy_kwargs(config))
 
 
-def save_rl_checkpoint(path: str | Path, policy: PPOPolicy, run: dict[str, Any], **state: Any) -> None:
+def save_rl_checkpoint(
+    path: str | Path, heads: dict[str, torch.Tensor], run: dict[str, Any], **state: Any
+) -> None:
     """Write an RL checkpoint atomically.
 
     Args:
+        heads: the policy's trained part (``PPOPolicy.heads_state_dict()``).
         run: ``config`` (the PPOConfig dict), ``sft_checkpoint`` (path) and ``sft_sha256``.
         state: resumable state: ``iteration``, ``env_steps``, ``optimizer``, ``rng`` ...
     """
     checkpoint = {
         "kind": RL_CHECKPOINT_KIND,
         "format_version": RL_FORMAT_VERSION,
-        "heads": {k: v.detach().cpu() for k, v in policy.heads_state_dict().items()},
+        "heads": {k: v.detach().cpu() for k, v in heads.items()},
         **run,
         **state,
     }

@@ -7,14 +7,17 @@ import math
 from dataclasses import dataclass
 
 from training.common.cli import config_field, require
-from training.envs.options import SimulatorFlags
+from training.common.seeds import DEV_SEED_START, RL_TRAIN_SEED_START, TEST_SEED_START
+from training.envs.options import EnvOptions, SimulatorFlags
 from training.envs.registry import split_env_mix
+from training.envs.toy.config import REWARD_PRESETS
 
-# Training scenario seeds are ``seed * TRAIN_SEEDS_PER_RUN + k``; evaluation seeds start at
-# ``EVAL_SEED_START`` and SFT demonstrations stay below it, so the three never overlap.
+# Training scenario seeds are ``TRAIN_SEED_START + seed * TRAIN_SEEDS_PER_RUN + k``; the in-training
+# evaluation reads the development range; the test range is left to final comparisons
+# (``training/common/seeds.py`` names every range).
 TRAIN_SEEDS_PER_RUN = 1_000_000
-TRAIN_SEED_START = 2_000_000_000
-EVAL_SEED_START = 1_000_000_000
+TRAIN_SEED_START = RL_TRAIN_SEED_START
+EVAL_SEED_START = DEV_SEED_START
 
 
 @dataclass
@@ -74,6 +77,11 @@ class PPOConfig(SimulatorFlags):
     env_weights: str | None = config_field(
         None, "with --env a,b: the share of worlds per environment, e.g. 3,1 (default: equal)"
     )
+    reward: str = config_field(
+        "shaped",
+        "reward: shaped (progress, speed, lane keeping, plan terms, infractions) or progress "
+        "(route progress and infractions only)",
+    )
     reward_scale: float = config_field(0.1, "rewards are multiplied by this before GAE")
     critic_warmup_iterations: int = config_field(2, "first iterations train only the value head")
     anneal_lr: bool = config_field(True, "linearly anneal the learning rate to 0")
@@ -85,7 +93,15 @@ class PPOConfig(SimulatorFlags):
         "worlds that play them, in chunks (default: one per episode; with --env metadrive or carla "
         "each world is a process or a server, so keep it small)",
     )
-    eval_seed: int = config_field(EVAL_SEED_START, "first held-out evaluation scenario seed")
+    eval_seed: int = config_field(
+        EVAL_SEED_START, "first evaluation scenario seed (development range; the test range is reserved)"
+    )
+    select_policy: bool = config_field(
+        True,
+        "final.pt holds the evaluated policy (iteration 0, the SFT policy itself, included) that is "
+        "safest on the development scenarios without being worse than SFT on collision + off-road, "
+        "route completion, ADE or jerk; --no-select-policy: the last iteration's",
+    )
     save_every: int = config_field(25, "write checkpoint_iter_X.pt every N iterations (0: off)")
     device: str = config_field("auto", "auto, cpu, cuda or cuda:N")
     num_threads: int = config_field(
@@ -130,6 +146,10 @@ class PPOConfig(SimulatorFlags):
         require(self.num_threads >= 0, f"--num-threads must be >= 0, got {self.num_threads}")
         require(self.hidden_size >= 1, f"--hidden-size must be >= 1, got {self.hidden_size}")
         require(self.residual_l2_coef >= 0, "--residual-l2-coef must be >= 0")
+        require(
+            self.reward in REWARD_PRESETS,
+            f"--reward must be one of {', '.join(REWARD_PRESETS)}, got {self.reward!r}",
+        )
         require(self.reward_scale > 0, f"--reward-scale must be > 0, got {self.reward_scale}")
         require(self.critic_warmup_iterations >= 0, "--critic-warmup-iterations must be >= 0")
         require(0.0 <= self.difficulty <= 1.0, f"--difficulty must be in [0, 1], got {self.difficulty}")
@@ -144,8 +164,10 @@ class PPOConfig(SimulatorFlags):
             f"--seed must be in [0, {EVAL_SEED_START // TRAIN_SEEDS_PER_RUN}), got {self.seed}",
         )
         require(
-            EVAL_SEED_START <= self.eval_seed < TRAIN_SEED_START,
-            f"--eval-seed must be in [{EVAL_SEED_START}, {TRAIN_SEED_START}) (held-out scenarios)",
+            self.eval_seed >= DEV_SEED_START and self.eval_seed + self.eval_episodes <= TEST_SEED_START,
+            f"--eval-seed must be in [{DEV_SEED_START}, {TEST_SEED_START - self.eval_episodes}]: the "
+            "development scenarios (the test range from "
+            f"{TEST_SEED_START} is reserved for final comparisons)",
         )
         self._validate_kl_and_exploration()
         self._validate_curriculum()
@@ -186,6 +208,10 @@ class PPOConfig(SimulatorFlags):
             f"--curriculum-threshold must be in (0, 1], got {self.curriculum_threshold}",
         )
         require(self.curriculum_min_episodes >= 1, "--curriculum-min-episodes must be >= 1")
+
+    def env_options(self, difficulty: float | None) -> EnvOptions:
+        """The simulator flags plus this run's reward preset."""
+        return dataclasses.replace(super().env_options(difficulty), reward=self.reward)
 
     def env_mix(self) -> list[tuple[str, int]]:
         """``[(env name, worlds)]``: ``--env`` split by commas, ``--num-envs`` shared by ``--env-weights``."""

@@ -18,6 +18,7 @@ deltas are in metres in the ego frame (x forward, y left).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Protocol
@@ -27,6 +28,7 @@ from torch import Tensor, nn
 from torch.distributions import Normal
 
 from training.common.errors import UserError
+from training.rl.losses import kl_to_reference
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"tanh": nn.Tanh, "silu": nn.SiLU}
 
@@ -204,21 +206,38 @@ class PPOPolicy(nn.Module):
         )
         self.value_head = ValueHead(feature_dim, num_waypoints, hidden_sizes, activation, waypoint_scale)
         self.log_std = nn.Parameter(initial_log_std)
-        self.base_max_delta = self.max_delta
+        # The SFT reference policy of the KL penalty: a Gaussian on the SFT plan with the starting
+        # std (not saved: it follows from the settings).
+        self.register_buffer("initial_std", initial_log_std.exp(), persistent=False)
         self.exploration_scale = 1.0
+        self.action_bound = self.max_delta  # what a rollout may apply; max_delta when deployed
 
     def set_exploration(self, noise_scale: float = 1.0, bound_scale: float = 1.0) -> None:
-        """Scale the exploration noise and the residual bound (progressive exploration).
+        """Scale the exploration noise and the applied residual bound (progressive exploration).
 
-        ``std()`` becomes ``noise_scale * exp(log_std)`` and the bound ``bound_scale * max_delta``.
-        Plain attributes, not parameters or buffers: a schedule sets them from the iteration
-        number, so checkpoints hold no copy and a loaded policy drives at full scale.
+        ``std()`` and ``reference_std()`` become ``noise_scale`` times their full values, so the
+        KL to SFT compares policies at the same noise level; the applied delta is clipped to
+        ``bound_scale * max_delta``. The mean delta itself is never rescaled: the schedule changes
+        what a rollout applies, not what the heads compute, so no iteration moves the plan
+        without a gradient step. Plain attributes, not parameters or buffers: a schedule sets
+        them from the iteration number, and a loaded (deployed) policy runs at full scale.
         """
         if not (0 < noise_scale <= 1 and 0 < bound_scale <= 1):
             raise ValueError(f"exploration scales must be in (0, 1], got {noise_scale}, {bound_scale}")
         self.exploration_scale = float(noise_scale)
-        self.max_delta = self.base_max_delta * float(bound_scale)
-        self.delta_head.max_delta = self.max_delta
+        self.action_bound = self.max_delta * float(bound_scale)
+
+    @contextlib.contextmanager
+    def deployed(self) -> Iterator[PPOPolicy]:
+        """Eval mode at full scale, as a loaded ``final.pt`` drives; the schedule is restored after."""
+        saved = (self.exploration_scale, self.action_bound, self.training)
+        self.exploration_scale, self.action_bound = 1.0, self.max_delta
+        self.eval()
+        try:
+            yield self
+        finally:
+            self.exploration_scale, self.action_bound = saved[0], saved[1]
+            self.train(saved[2])
 
     # --- modes and parameters -------------------------------------------------------------------
 
@@ -290,6 +309,15 @@ class PPOPolicy(nn.Module):
         times the exploration schedule's noise scale)."""
         return self.log_std.clamp(self.min_log_std, self.max_log_std).exp() * self.exploration_scale
 
+    def reference_std(self) -> Tensor:
+        """Std ``[K, 2]`` (m) of the SFT reference policy, ``Normal(sft_plan, reference_std)``: the
+        starting std times the exploration schedule's noise scale, so the KL starts at 0."""
+        return self.initial_std * self.exploration_scale
+
+    def kl_to_sft(self, mean_delta: Tensor) -> Tensor:
+        """``KL(policy || SFT reference)`` per plan ``[N]`` (nats) for mean deltas ``[N, K, 2]`` (m)."""
+        return kl_to_reference(mean_delta, self.std(), self.reference_std())
+
     def distribution(self, z: Tensor, sft_waypoints: Tensor) -> Normal:
         """Per-coordinate ``Normal`` over the delta, batch shape ``[N, K, 2]`` (metres).
 
@@ -343,13 +371,14 @@ class PPOPolicy(nn.Module):
 
         The sampled delta is stored and scored unclipped; only the applied action is clipped
         (CleanRL's convention for continuous actions), so no waypoint ever moves further than
-        ``max_delta`` from the SFT plan. Safety net: a world whose delta holds any NaN or inf gets
+        ``max_delta`` from the SFT plan (``action_bound`` during a bound warm-up). Safety net: a
+        world whose delta holds any NaN or inf gets
         delta 0, i.e. exactly the SFT plan, so a diverged policy never reaches the world.
         Shapes ``[N, K, 2]``, metres.
         """
         finite = torch.isfinite(delta).all(dim=-1, keepdim=True).all(dim=-2, keepdim=True)
         safe_delta = torch.where(finite, delta, torch.zeros_like(delta))
-        return sft_waypoints + safe_delta.clamp(-self.max_delta, self.max_delta)
+        return sft_waypoints + safe_delta.clamp(-self.action_bound, self.action_bound)
 
     @torch.no_grad()
     def deterministic_waypoints(self, bev: Tensor, state: Tensor) -> Tensor:

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from training.rl.buffer import RolloutBuffer
 from training.rl.distributed import DistContext
-from training.rl.losses import explained_variance, kl_to_reference, ppo_loss, residual_l2_penalty
+from training.rl.losses import explained_variance, ppo_loss, residual_l2_penalty
 from training.rl.policy import PPOPolicy, sum_over_waypoints
 
 
@@ -29,7 +29,6 @@ def ppo_update(
     value_clip: float | None = None,
     residual_l2_coef: float = 0.0,
     kl_coef: float = 0.0,
-    reference_std: Tensor | float | None = None,
     critic_only: bool = False,
     generator: torch.Generator | None = None,
     dist_ctx: DistContext | None = None,
@@ -49,10 +48,7 @@ def ppo_update(
         normalize_advantages: normalise advantages per minibatch (CleanRL).
         value_clip: clip the value change to ``+- value_clip`` around the rollout value (None: off).
         residual_l2_coef: weight of the mean squared residual mean (m^2), keeps RL near SFT.
-        kl_coef: weight of ``KL(policy || Normal(sft_plan, reference_std))`` per plan; a trainer
-            with an adaptive coefficient reads ``kl_to_reference`` from the result.
-        reference_std: metres, scalar or ``[K, 2]``, the SFT reference policy's std (needed when
-            ``kl_coef > 0``).
+        kl_coef: weight of ``policy.kl_to_sft`` (KL from the SFT reference policy, per plan).
         critic_only: warm-up mode: only the value loss produces gradients (no policy change).
         generator: draws the minibatch order (seeded: deterministic).
         dist_ctx: in a distributed run, gradients are averaged over processes before each step,
@@ -68,8 +64,6 @@ def ppo_update(
     Two host syncs per minibatch (the KL early stop and the finiteness check that decides
     whether to step); every statistic is read once at the end.
     """
-    if kl_coef > 0 and reference_std is None:
-        raise ValueError("kl_coef > 0 needs reference_std")
     ctx = dist_ctx or DistContext()
     policy.train()
     params = policy.trainable_parameters()
@@ -105,11 +99,7 @@ def ppo_update(
                 value_clip=value_clip,
             )
             residual_l2 = residual_l2_penalty(dist.mean)
-            kl_ref = (
-                kl_to_reference(dist.mean, policy.std(), reference_std).mean()
-                if reference_std is not None
-                else torch.zeros((), device=loss.device)
-            )
+            kl_ref = policy.kl_to_sft(dist.mean).mean()
             if not critic_only:
                 if residual_l2_coef > 0:
                     loss = loss + residual_l2_coef * residual_l2

@@ -24,7 +24,8 @@ from training.rl.config import PPOConfig
 from training.rl.curriculum import Curriculum, curriculum_levels
 from training.rl.distributed import RANK_SEED_STRIDE, DistContext
 from training.rl.env_interface import BatchedWaypointEnv, Observation
-from training.rl.policy import PPOPolicy, initial_std
+from training.rl.policy import PPOPolicy
+from training.rl.selection import PolicySelection
 from training.sft.model import SFT_CHECKPOINT_KIND, model_from_checkpoint
 
 RUN_FILES = ("config.json", "train_metrics.json", "eval_metrics.json", "final.pt")
@@ -52,15 +53,19 @@ def prepare_out_dir(config: PPOConfig) -> Path:
 
 
 def latest_checkpoint(out_dir: Path) -> Path | None:
-    """The checkpoint a resumed run continues from: ``final.pt``, else the highest iteration."""
-    if (out_dir / "final.pt").is_file():
-        return out_dir / "final.pt"
+    """The checkpoint a resumed run continues from: the highest ``checkpoint_iter_N.pt``.
+
+    ``final.pt`` holds the selected policy, not necessarily the last iteration's, so it is read
+    only by a run folder that has no numbered checkpoint (written before they were kept).
+    """
     numbered = []
     for path in out_dir.glob("checkpoint_iter_*.pt"):
         suffix = path.stem.removeprefix("checkpoint_iter_")
         if suffix.isdigit():
             numbered.append((int(suffix), path))
-    return max(numbered)[1] if numbered else None
+    if numbered:
+        return max(numbered)[1]
+    return out_dir / "final.pt" if (out_dir / "final.pt").is_file() else None
 
 
 def check_spec_matches(env: BatchedWaypointEnv, sft_checkpoint: dict[str, Any], path: str) -> None:
@@ -112,9 +117,9 @@ class Run:
     batch_gen: torch.Generator
     out_dir: Path
     info: dict[str, Any]
-    reference_std: torch.Tensor  # [K, 2] m, the SFT reference policy's std for the KL
     ctx: DistContext = dataclasses.field(default_factory=DistContext)
     curriculum: Curriculum | None = None
+    selection: PolicySelection | None = None  # the policy final.pt will hold (rank 0)
     kl_coef: float = 0.0
     obs: Observation | None = None
     iteration: int = 0
@@ -150,6 +155,7 @@ class Run:
             "optimizer": self.optimizer.state_dict(),
             "kl_coef": self.kl_coef,
             "curriculum": self.curriculum.state_dict() if self.curriculum else None,
+            "selection": self.selection.state_dict() if self.selection else None,
             "world_size": self.ctx.world_size,
             **local,
         }
@@ -161,7 +167,24 @@ class Run:
         """Write a checkpoint (rank 0 writes; every rank must call this in a distributed run)."""
         state = self.state()
         if self.ctx.is_main:
-            save_rl_checkpoint(self.out_dir / name, self.policy, self.info, **state)
+            save_rl_checkpoint(self.out_dir / name, self.policy.heads_state_dict(), self.info, **state)
+
+    def save_final(self) -> None:
+        """``final.pt``: the selected policy (the last iteration's without selection), with the
+        iteration it came from; the resumable state stays in ``checkpoint_iter_N.pt``."""
+        state = self.state()
+        if not self.ctx.is_main:
+            return
+        chosen = self.selection if self.config.select_policy else None
+        heads = chosen.heads if chosen else self.policy.heads_state_dict()
+        save_rl_checkpoint(
+            self.out_dir / "final.pt",
+            heads,
+            self.info,
+            **state,
+            selected_iteration=chosen.iteration if chosen else self.iteration,
+            selected_eval=chosen.record if chosen else None,
+        )
 
 
 def run_device(config: PPOConfig, ctx: DistContext) -> torch.device:
@@ -218,9 +241,6 @@ def build_run(config: PPOConfig, ctx: DistContext | None = None) -> Run:
             "sft_checkpoint": str(config.sft_checkpoint),
             "sft_sha256": file_sha256(config.sft_checkpoint),
         },
-        reference_std=initial_std(
-            sft_model.num_waypoints, config.init_log_std, config.std_horizon_exponent
-        ).to(device),
         ctx=ctx,
         curriculum=curriculum,
         kl_coef=config.kl_coef,
@@ -272,6 +292,8 @@ def resume_from(run: Run, path: Path) -> None:
     run.iteration, run.env_steps = checkpoint["iteration"], checkpoint["env_steps"]
     run.bad_iterations = checkpoint["bad_iterations"]
     run.kl_coef = float(checkpoint.get("kl_coef", run.config.kl_coef))
+    if checkpoint.get("selection") is not None:
+        run.selection = PolicySelection.from_state_dict(checkpoint["selection"])
     if run.curriculum is not None and checkpoint.get("curriculum") is not None:
         run.curriculum.load_state_dict(checkpoint["curriculum"])
         run.env.set_difficulty(run.curriculum.difficulty)

@@ -24,10 +24,10 @@ from training.rl.buffer import RolloutBuffer
 from training.rl.config import PPOConfig
 from training.rl.distributed import DistContext, init_distributed, shutdown
 from training.rl.env_interface import BatchedWaypointEnv, Observation, StepResult
-from training.rl.losses import kl_to_reference
 from training.rl.policy import PPOPolicy
 from training.rl.ppo import ppo_update
 from training.rl.run import Run, build_run, latest_checkpoint, resume_from, write_run_config
+from training.rl.selection import PolicySelection
 
 # What every evaluation record holds besides iteration and env_steps (means over the held-out episodes).
 EVAL_METRICS = (
@@ -37,8 +37,10 @@ EVAL_METRICS = (
     "route_completion",
     "collision_rate",
     "off_road_rate",
+    "failure_rate",
     "goal_rate",
     "mean_abs_lateral_m",
+    "mean_abs_jerk",
 )
 
 
@@ -206,9 +208,8 @@ def evaluate(
     env_steps: int,
 ) -> dict[str, Any]:
     """One evaluation record; for a mix, the mean over environments plus ``<env>/<metric>`` keys."""
-    policy.eval()
-    per_env = {name: evaluate_env(policy, env, config) for name, env in envs.items()}
-    policy.train()
+    with policy.deployed():  # full scale and bound, exactly as final.pt will drive
+        per_env = {name: evaluate_env(policy, env, config) for name, env in envs.items()}
     record: dict[str, Any] = {"iteration": iteration, "env_steps": env_steps}
     for key in EVAL_METRICS:
         record[key] = sum(metrics[key] for metrics, _, _ in per_env.values()) / len(per_env)
@@ -226,6 +227,7 @@ def start_fresh(run: Run) -> None:
     if run.ctx.is_main:
         write_run_config(run)
         run.eval_records = [evaluate(run.policy, run.eval_envs, run.config, 0, 0)]
+        run.selection = PolicySelection.start(run.eval_records[0], run.policy.heads_state_dict())
         atomic_write_json(run.out_dir / "eval_metrics.json", run.eval_records)
     run.obs = run.env.reset(seed=run.train_seed_start)
 
@@ -276,6 +278,7 @@ def train_iteration(run: Run) -> dict[str, Any]:
 
     # 2. advantages (GAE; bootstraps through truncation, never through termination)
     stats: dict[str, Any] = {}
+    critic_only = iteration <= config.critic_warmup_iterations
     if episodes["nonfinite_inputs"] == 0:
         run.buffer.compute_advantages(config.gamma, config.gae_lambda)
         # 3. PPO epochs on the cached features
@@ -292,8 +295,7 @@ def train_iteration(run: Run) -> dict[str, Any]:
             target_kl=config.target_kl,
             residual_l2_coef=config.residual_l2_coef,
             kl_coef=run.kl_coef,
-            reference_std=run.reference_std,
-            critic_only=iteration <= config.critic_warmup_iterations,
+            critic_only=critic_only,
             generator=run.batch_gen,
             dist_ctx=run.ctx,
         )
@@ -304,7 +306,7 @@ def train_iteration(run: Run) -> dict[str, Any]:
     record = {"iteration": iteration, "env_steps": run.env_steps, **stats, **episodes}
     record |= residual_stats(run)
     record["kl_coef"] = run.kl_coef
-    if config.kl_target is not None and healthy:
+    if config.kl_target is not None and healthy and not critic_only:  # the KL is 0 until the actor moves
         run.kl_coef = adapt_kl_coef(run.kl_coef, record["kl_to_sft"], config.kl_target)
     record |= _advance_curriculum(run, episodes)
 
@@ -341,12 +343,7 @@ def residual_stats(run: Run) -> dict[str, float]:
         z = run.buffer.z.flatten(0, 1)
         sft = run.buffer.sft_waypoints.flatten(0, 1)
         mean_delta = policy.delta_head(z, sft)
-        values = torch.stack(
-            [
-                mean_delta.norm(dim=-1).mean(),
-                kl_to_reference(mean_delta, policy.std(), run.reference_std).mean(),
-            ]
-        )
+        values = torch.stack([mean_delta.norm(dim=-1).mean(), policy.kl_to_sft(mean_delta).mean()])
         delta_norm, kl = run.ctx.mean(values).tolist()
     return {"delta_norm": delta_norm, "kl_to_sft": kl}
 
@@ -429,15 +426,13 @@ def _train(run: Run) -> dict[str, Any]:
             )
         last = run.iteration == config.num_iterations
         if ctx.is_main and ((config.eval_every and run.iteration % config.eval_every == 0) or last):
-            run.eval_records.append(evaluate(run.policy, run.eval_envs, config, run.iteration, run.env_steps))
-            atomic_write_json(run.out_dir / "eval_metrics.json", run.eval_records)
-            _log_scalars(writer, "eval", run.eval_records[-1], run.env_steps)
+            _evaluate_and_select(run, writer)
         if last:
             _check_in_sync(run)
         if (config.save_every and run.iteration % config.save_every == 0) or last:
-            run.save("final.pt" if last else f"checkpoint_iter_{run.iteration}.pt")
-            if last and config.save_every and run.iteration % config.save_every == 0:
-                run.save(f"checkpoint_iter_{run.iteration}.pt")
+            run.save(f"checkpoint_iter_{run.iteration}.pt")  # the last iteration, resumable
+        if last:
+            run.save_final()
         bar.update(1)
         if ctx.is_main:
             bar.set_postfix(
@@ -454,8 +449,21 @@ def _train(run: Run) -> dict[str, Any]:
         "out_dir": str(run.out_dir),
         "baseline": run.eval_records[0],
         "final": run.eval_records[-1],
+        "selected_iteration": run.selection.iteration if run.selection else run.iteration,
         "policy": run.policy,
     }
+
+
+def _evaluate_and_select(run: Run, writer: SummaryWriter | None) -> None:
+    """Evaluate on the development scenarios, log it, and offer the policy to the selection."""
+    record = evaluate(run.policy, run.eval_envs, run.config, run.iteration, run.env_steps)
+    if run.selection is not None:
+        run.selection.consider(run.iteration, record, run.policy.heads_state_dict())
+        record["selected_iteration"] = run.selection.iteration
+    run.eval_records.append(record)
+    atomic_write_json(run.out_dir / "eval_metrics.json", run.eval_records)
+    if writer:
+        _log_scalars(writer, "eval", record, run.env_steps)
 
 
 def _check_in_sync(run: Run) -> None:

@@ -32,13 +32,14 @@ from torch.utils.data import Dataset
 
 from training.common.errors import UserError
 from training.common.io import atomic_write_json, load_checkpoint, read_json, save_checkpoint
+from training.common.seeds import DEV_SEED_START, SFT_VAL_SEED_START
 from training.rl.env_interface import BatchedWaypointEnv
 
 DEMO_SHARD_KIND = "sft_demo_shard"
 DEMO_FORMAT_VERSION = 1
 SEEDS_PER_RUN_SEED = 1_000_000  # scenario seeds reserved for one --seed in one split
-VAL_SEED_OFFSET = 500_000_000  # validation scenarios start here (+ seed * SEEDS_PER_RUN_SEED)
-RL_EVAL_SEED_START = 1_000_000_000  # RL evaluation scenarios; SFT data stays below
+VAL_SEED_OFFSET = SFT_VAL_SEED_START  # validation scenarios start here (+ seed * SEEDS_PER_RUN_SEED)
+RL_EVAL_SEED_START = DEV_SEED_START  # RL evaluation scenarios; SFT data stays below
 SPLITS = ("train", "val")
 
 _BIT_WEIGHTS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)

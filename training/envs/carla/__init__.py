@@ -7,6 +7,7 @@ without the CARLA client; only ``session`` and ``connection.carla_client`` talk 
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import weakref
 
 import torch
@@ -23,6 +24,7 @@ from training.envs.carla.connection import (
 from training.envs.carla.env import CarlaWaypointEnv
 from training.envs.carla.session import CarlaSession
 from training.envs.options import EnvOptions
+from training.envs.toy.config import reward_preset
 
 __all__ = ["CARLA_PORT_STRIDE", "CarlaConfig", "CarlaWaypointEnv", "make_carla_env"]
 
@@ -43,6 +45,7 @@ def make_carla_env(num_envs: int, device: torch.device | str, options: EnvOption
     cfg = CarlaConfig(town=options.town)
     if options.difficulty is not None:
         cfg = CarlaConfig(town=options.town, difficulty=options.difficulty)
+    cfg = dataclasses.replace(cfg, reward=reward_preset(cfg.reward, options.reward))
     slots = lease_slots(num_envs)
     try:
         addresses = server_addresses(options.carla_host, options.carla_port, slots)

@@ -6,6 +6,7 @@ without it raises ImportError, which ``make_env`` turns into a one-line install 
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 
 if importlib.util.find_spec("metadrive") is None:
@@ -17,6 +18,7 @@ from training.common.errors import UserError
 from training.envs.metadrive.config import MetaDriveWorldConfig
 from training.envs.metadrive.env import MetaDriveWaypointEnv
 from training.envs.options import EnvOptions
+from training.envs.toy.config import reward_preset
 
 __all__ = ["MetaDriveWaypointEnv", "MetaDriveWorldConfig", "make_metadrive_env"]
 
@@ -37,4 +39,5 @@ def make_metadrive_env(
     config = MetaDriveWorldConfig()
     if options.difficulty is not None:
         config = MetaDriveWorldConfig(difficulty=options.difficulty)
+    config = dataclasses.replace(config, reward=reward_preset(config.reward, options.reward))
     return MetaDriveWaypointEnv(num_envs, device, config)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from training.rl.env_interface import EnvSpec
 
@@ -53,6 +53,24 @@ class RewardWeights:
     plan_speed: float = 1.0
     collision: float = 10.0
     off_road: float = 10.0
+
+
+# Reward presets (``--reward``). ``shaped``: every term above. ``progress``: route progress and the
+# infractions only, in the spirit of CaRL (simple rewards scale better with the batch and leave
+# no plan-shaping term that encodes how the expert drives).
+SHAPING_TERMS = ("speed", "lateral", "heading", "plan_lateral", "plan_speed")
+REWARD_PRESETS = ("shaped", "progress")
+
+
+def reward_preset(weights: RewardWeights, preset: str) -> RewardWeights:
+    """``weights`` for ``preset``: unchanged for ``shaped``; shaping terms at 0 for ``progress``.
+
+    Works on any ``RewardWeights`` subclass (CARLA adds infraction terms, which stay)."""
+    if preset not in REWARD_PRESETS:
+        raise ValueError(f"unknown reward preset {preset!r} (known: {', '.join(REWARD_PRESETS)})")
+    if preset == "shaped":
+        return weights
+    return replace(weights, **dict.fromkeys(SHAPING_TERMS, 0.0))
 
 
 @dataclass(frozen=True)

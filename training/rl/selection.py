@@ -1,0 +1,85 @@
+"""Which evaluated policy a run hands back in ``final.pt``.
+
+RL can make a good SFT model worse: the stochastic policy learns to survive its own exploration
+noise, and the deterministic plan it yields drives less precisely or less smoothly than the plan
+it started from. So a run keeps, among the policies its development evaluation has scored
+(iteration 0, which is exactly the SFT policy, included), the one a user should deploy:
+
+1. **admissible**: not worse than SFT (iteration 0) on any of the safety and quality metrics
+   (collision + off-road rate, route completion, ADE, jerk), measured on the same development
+   scenarios;
+2. among those, the **safest** (fewest collisions and off-road exits), then the one that
+   completes most of the route (compared at ``ROUTE_COMPLETION_RESOLUTION``), then the lowest ADE.
+
+Iteration 0 is always admissible, so the worst a run can hand back is its SFT model unchanged.
+The last iteration's policy stays in ``checkpoint_iter_N.pt``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from torch import Tensor
+
+# metric -> True when lower is better; a candidate must not be worse than SFT on any of them
+GUARDED_METRICS: dict[str, bool] = {
+    "failure_rate": True,
+    "route_completion": False,
+    "ade": True,
+    "mean_abs_jerk": True,
+}
+# Route completion differences below this are a tie when ranking (ADE then decides).
+ROUTE_COMPLETION_RESOLUTION = 0.01
+
+
+def not_worse(candidate: Mapping[str, float], baseline: Mapping[str, float]) -> bool:
+    """True when ``candidate`` is at least as good as ``baseline`` on every guarded metric."""
+    for key, lower_is_better in GUARDED_METRICS.items():
+        difference = candidate[key] - baseline[key]
+        if math.isnan(difference):  # NaN: nothing to go on, refuse
+            return False
+        if (difference > 0) if lower_is_better else (difference < 0):
+            return False
+    return True
+
+
+def rank_key(record: Mapping[str, float]) -> tuple[float, float, float]:
+    """Sort key, smaller is better: collision + off-road, then route completion, then ADE."""
+    completion_steps = round(record["route_completion"] / ROUTE_COMPLETION_RESOLUTION)
+    return (record["failure_rate"], -completion_steps, record["ade"])
+
+
+@dataclasses.dataclass
+class PolicySelection:
+    """The best admissible policy seen so far: its iteration, evaluation record and heads."""
+
+    baseline: dict[str, Any]  # the evaluation of iteration 0 (the SFT policy)
+    iteration: int
+    record: dict[str, Any]
+    heads: dict[str, Tensor]
+
+    @classmethod
+    def start(cls, baseline: dict[str, Any], heads: dict[str, Tensor]) -> PolicySelection:
+        """Iteration 0 (the SFT policy, zero residual) is the first candidate."""
+        return cls(baseline=dict(baseline), iteration=0, record=dict(baseline), heads=heads)
+
+    def consider(self, iteration: int, record: dict[str, Any], heads: dict[str, Tensor]) -> bool:
+        """Keep the candidate if it is admissible and ranks strictly better; returns whether it was kept.
+
+        A later candidate that only ties the incumbent is not kept (the earlier policy is the
+        closer one to SFT).
+        """
+        if not not_worse(record, self.baseline) or rank_key(record) >= rank_key(self.record):
+            return False
+        self.iteration, self.record, self.heads = iteration, dict(record), heads
+        return True
+
+    def state_dict(self) -> dict[str, Any]:
+        return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+
+    @classmethod
+    def from_state_dict(cls, state: Mapping[str, Any]) -> PolicySelection:
+        return cls(**{field.name: state[field.name] for field in dataclasses.fields(cls)})
