@@ -16,7 +16,7 @@ from eval.closed_loop import run_closed_loop
 from eval.metrics import summarise
 from training.common.device import resolve_device, set_cpu_threads
 from training.envs.registry import make_env
-from training.rl.config import EVAL_SEED_START
+from training.common.seeds import DEV_SEED_START
 
 
 def main() -> None:
@@ -24,7 +24,7 @@ def main() -> None:
     parser.add_argument("--episodes", type=int, default=1000)
     parser.add_argument("--difficulty", type=float, default=0.5)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--seed", type=int, default=EVAL_SEED_START)
+    parser.add_argument("--seed", type=int, default=DEV_SEED_START)
     args = parser.parse_args()
     set_cpu_threads(1)
     env = make_env("toy", min(args.episodes, 250), resolve_device(args.device), args.difficulty)

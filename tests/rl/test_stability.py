@@ -9,12 +9,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.distributions import Normal, kl_divergence
 
+from eval.closed_loop import run_closed_loop
+from eval.metrics import summarise
 from training.common.errors import UserError
+from training.envs.registry import make_env
 from training.envs.toy import ToyWaypointEnv, ToyWorldConfig
+from training.rl.checkpoint import load_rl_policy
 from training.rl.config import PPOConfig
 from training.rl.curriculum import Curriculum, curriculum_levels
-from training.rl.policy import PPOPolicy, initial_std
+from training.rl.policy import PPOPolicy
 from training.rl.test_ppo_delta_smoke import smoke_config
 from training.rl.trainer import adapt_kl_coef, exploration_scale, train_ppo
 from training.sft.model import load_sft_model
@@ -32,12 +37,41 @@ def _records(out_dir: Path) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------ KL to SFT
-def test_the_reference_std_is_the_starting_std_so_the_kl_starts_at_zero(tiny_run) -> None:
+def test_kl_to_sft_is_the_gaussian_kl_and_zero_at_the_start_at_any_exploration_scale(tiny_run) -> None:
     sft = load_sft_model(tiny_run["sft"])
     policy = PPOPolicy(sft, max_delta=2.0, init_log_std=-2.0, std_horizon_exponent=1.0)
-    reference = initial_std(sft.num_waypoints, -2.0, 1.0)
-    torch.testing.assert_close(policy.std(), reference)
-    assert reference[3, 0].item() == pytest.approx(4 * torch.tensor(-2.0).exp().item())
+    zero = torch.zeros(3, policy.num_waypoints, 2)
+    mean = torch.randn(3, policy.num_waypoints, 2, generator=torch.Generator().manual_seed(0)) * 0.3
+    with torch.no_grad():
+        policy.log_std.add_(0.4)  # the policy's noise has grown since the start
+    for scale in (1.0, 0.2):
+        policy.set_exploration(scale)
+        expected = kl_divergence(Normal(mean, policy.std()), Normal(0.0, policy.reference_std()))
+        torch.testing.assert_close(policy.kl_to_sft(mean), expected.sum(dim=(-2, -1)))
+    with torch.no_grad():
+        policy.log_std.sub_(0.4)
+    for scale in (1.0, 0.2):  # at the starting std the reference is the policy, at any noise scale
+        policy.set_exploration(scale)
+        torch.testing.assert_close(policy.kl_to_sft(zero), torch.zeros(3), atol=1e-6, rtol=0)
+
+
+def test_with_an_exploration_warmup_the_measured_kl_stays_small(tiny_run, tmp_path: Path) -> None:
+    """Review fix: the reference ignored the noise scale, so the KL read ~18 nats at scale 0.2 and
+    the adaptive coefficient doubled every iteration."""
+    config = _config(tiny_run["sft"], tmp_path, exploration_warmup_iterations=4, kl_coef=1.0, kl_target=0.2)
+    train_ppo(config)
+    records = _records(tmp_path)
+    assert max(r["kl_to_sft"] for r in records) < 2.0
+    assert [r["kl_coef"] for r in records] != [1.0, 2.0, 4.0, 8.0]
+
+
+def test_the_kl_coefficient_is_not_adapted_during_the_critic_warmup(tiny_run, tmp_path: Path) -> None:
+    """The KL is exactly 0 while only the critic learns; adapting then would halve the coefficient."""
+    config = _config(tiny_run["sft"], tmp_path, critic_warmup_iterations=2, kl_coef=1.0, kl_target=0.2)
+    train_ppo(config)
+    records = _records(tmp_path)
+    assert [r["kl_coef"] for r in records[:3]] == [1.0, 1.0, 1.0]
+    assert records[0]["kl_to_sft"] == pytest.approx(0.0, abs=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -88,17 +122,48 @@ def test_exploration_grows_linearly_to_full_scale(tiny_run, tmp_path: Path) -> N
     assert exploration_scale(dataclasses.replace(config, exploration_warmup_iterations=0), 1) == 1.0
 
 
-def test_the_exploration_scale_multiplies_the_noise_and_optionally_the_bound(tiny_run) -> None:
+def test_the_exploration_scale_multiplies_the_noise_and_clips_the_applied_delta(tiny_run) -> None:
     policy = PPOPolicy(load_sft_model(tiny_run["sft"]), max_delta=2.0, init_log_std=-2.0)
-    full = policy.std().clone()
+    with torch.no_grad():  # a trained head, so that the mean residual is not 0
+        policy.delta_head.net[-1].bias.fill_(3.0)
+    z = torch.randn(2, policy.delta_head.net[0].in_features - 2 * policy.num_waypoints)
+    sft_plan = torch.zeros(2, policy.num_waypoints, 2)
+    full_std, mean = policy.std().clone(), policy.delta_head(z, sft_plan)
     policy.set_exploration(0.25, 0.5)
-    torch.testing.assert_close(policy.std(), 0.25 * full)
-    sft_plan = torch.zeros(1, policy.num_waypoints, 2)
+    torch.testing.assert_close(policy.std(), 0.25 * full_std)
+    # review fix: the schedule clips what a rollout applies; it never rescales the mean
+    torch.testing.assert_close(policy.delta_head(z, sft_plan), mean)
     applied = policy.final_waypoints(sft_plan, torch.full_like(sft_plan, 5.0))
     assert applied.max().item() == pytest.approx(1.0)  # half of max_delta
+    with policy.deployed():  # evaluation drives as a loaded final.pt: full bound
+        assert policy.final_waypoints(sft_plan, torch.full_like(sft_plan, 5.0)).max().item() == 2.0
+    assert policy.action_bound == pytest.approx(1.0)  # the schedule is restored after
     policy.set_exploration()
     assert policy.final_waypoints(sft_plan, torch.full_like(sft_plan, 5.0)).max().item() == pytest.approx(2.0)
     assert "exploration_scale" not in " ".join(policy.heads_state_dict())  # not saved: a schedule sets it
+
+
+def test_a_bound_warmup_as_long_as_the_run_evaluates_what_final_pt_reloads(tiny_run, tmp_path: Path) -> None:
+    config = _config(
+        tiny_run["sft"],
+        tmp_path,
+        num_iterations=2,
+        exploration_warmup_iterations=2,
+        warmup_bound=True,
+        exploration_start_scale=0.05,
+        select_policy=False,
+    )
+    train_ppo(config)
+    last_eval = json.loads((tmp_path / "eval_metrics.json").read_text())[-1]
+    policy, _ = load_rl_policy(tmp_path / "final.pt", tiny_run["sft"])
+    env = make_env("toy", config.eval_episodes, "cpu", difficulty=config.difficulty)
+    replay = run_closed_loop(
+        env,
+        lambda obs: policy.deterministic_waypoints(obs.bev, obs.state),
+        config.eval_seed,
+        config.eval_episodes,
+    )
+    assert last_eval["ade"] == pytest.approx(summarise(replay.episodes)["ade"])
 
 
 def test_a_warmup_run_logs_its_growing_scale(tiny_run, tmp_path: Path) -> None:
@@ -191,18 +256,51 @@ def test_a_curriculum_run_raises_its_level_on_success_and_logs_it(
     assert worlds[0].difficulties == pytest.approx([1.0, 0.0, 0.5, 1.0])
 
 
-def test_without_successes_the_level_stays(tiny_run, tmp_path: Path) -> None:
-    """The tiny SFT model never reaches the goal (route completion about 0.3): no level rises."""
+class _EveryOtherEpisodeSucceeds(_EveryEpisodeSucceeds):
+    """Exactly every second finished episode counts as a goal: a success rate of about 0.5."""
+
+    def __init__(self, env) -> None:
+        super().__init__(env)
+        self.finished = 0
+
+    def step(self, waypoints):
+        result = self._env.step(waypoints)
+        done = result.info.episode.done
+        index = self.finished + torch.cumsum(done.long(), dim=0)  # 1-based over finished episodes
+        result.info.episode.goal_reached = done & (index % 2 == 0)
+        self.finished += int(done.sum())
+        return result
+
+
+@pytest.mark.parametrize(("threshold", "rises"), [(0.8, False), (0.3, True)])
+def test_a_level_rises_only_when_the_success_rate_passes_the_threshold(
+    tiny_run, tmp_path: Path, monkeypatch, threshold: float, rises: bool
+) -> None:
+    import training.rl.run as run_module
+
+    real_make_env_mix = run_module.make_env_mix
+    worlds = []
+
+    def make_env_mix(*args, **kwargs):
+        worlds.append(_EveryOtherEpisodeSucceeds(real_make_env_mix(*args, **kwargs)))
+        return worlds[-1]
+
+    monkeypatch.setattr(run_module, "make_env_mix", make_env_mix)
     config = _config(
         tiny_run["sft"],
         tmp_path,
         curriculum=True,
         curriculum_step=0.5,
         difficulty=1.0,
-        curriculum_min_episodes=1,
+        curriculum_min_episodes=4,
+        curriculum_threshold=threshold,
+        num_iterations=6,
+        rollout_steps=20,
     )
     train_ppo(config)
-    assert {r["curriculum_level"] for r in _records(tmp_path)} == {0}
+    assert worlds[0].finished >= 8  # episodes did end, so the level was judged
+    levels = {r["curriculum_level"] for r in _records(tmp_path)}
+    assert (max(levels) > 0) == rises
 
 
 def test_curriculum_start_above_the_target_is_rejected(tiny_run, tmp_path: Path) -> None:

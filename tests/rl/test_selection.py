@@ -1,0 +1,130 @@
+"""Which policy final.pt holds: the safest evaluated policy that is not worse than SFT."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import training.rl.trainer as trainer_module
+from training.rl.selection import PolicySelection, not_worse, rank_key
+from training.rl.test_ppo_delta_smoke import smoke_config
+from training.rl.trainer import train_ppo
+
+SFT = {"failure_rate": 0.20, "route_completion": 0.80, "ade": 0.40, "mean_abs_jerk": 1.0}
+
+
+def _record(**changes: float) -> dict[str, float]:
+    return {**SFT, **changes}
+
+
+@pytest.mark.parametrize(
+    ("changes", "admissible"),
+    [
+        ({}, True),
+        ({"failure_rate": 0.0, "ade": 0.3, "mean_abs_jerk": 0.9, "route_completion": 0.95}, True),
+        ({"failure_rate": 0.22}, False),
+        ({"route_completion": 0.79}, False),
+        ({"ade": 0.41}, False),
+        ({"mean_abs_jerk": 1.01}, False),
+        ({"ade": float("nan")}, False),
+    ],
+)
+def test_a_candidate_must_not_be_worse_than_sft_on_any_guarded_metric(changes, admissible) -> None:
+    assert not_worse(_record(**changes), SFT) is admissible
+
+
+def test_ranking_puts_safety_first_then_route_completion_then_ade() -> None:
+    safer = _record(failure_rate=0.0, ade=0.39)
+    more_accurate = _record(failure_rate=0.02, ade=0.20)
+    assert rank_key(safer) < rank_key(more_accurate)
+    further = _record(route_completion=0.9, ade=0.39)
+    assert rank_key(further) < rank_key(_record(route_completion=0.85, ade=0.2))
+    # route completions within the resolution tie, and ADE decides
+    assert rank_key(_record(route_completion=0.902, ade=0.2)) < rank_key(
+        _record(route_completion=0.9, ade=0.3)
+    )
+
+
+def test_selection_keeps_sft_until_a_candidate_is_admissible_and_better() -> None:
+    heads = {"w": torch.zeros(1)}
+    selection = PolicySelection.start(SFT, heads)
+    assert not selection.consider(10, _record(failure_rate=0.0, mean_abs_jerk=1.2), {"w": torch.ones(1)})
+    assert selection.iteration == 0 and torch.equal(selection.heads["w"], torch.zeros(1))
+    assert selection.consider(20, _record(failure_rate=0.1, ade=0.35), {"w": torch.full((1,), 2.0)})
+    assert not selection.consider(
+        30, _record(failure_rate=0.1, ade=0.35), {"w": torch.full((1,), 3.0)}
+    )  # a tie
+    assert selection.iteration == 20 and selection.heads["w"].item() == 2.0
+    restored = PolicySelection.from_state_dict(selection.state_dict())
+    assert restored.iteration == 20 and restored.record == selection.record
+
+
+def _scripted_evaluations(monkeypatch: pytest.MonkeyPatch, script: dict[int, dict[str, float]]) -> None:
+    """Replace the development evaluation by scripted records per iteration."""
+
+    def evaluate(policy, envs, config, iteration, env_steps):
+        return {"iteration": iteration, "env_steps": env_steps, **script[iteration]}
+
+    monkeypatch.setattr(trainer_module, "evaluate", evaluate)
+
+
+def _run(tiny_run, out_dir: Path, **overrides):
+    config = dataclasses.replace(
+        smoke_config(tiny_run["sft"], out_dir),
+        num_iterations=3,
+        eval_every=1,
+        save_every=1,
+        critic_warmup_iterations=0,
+        **overrides,
+    )
+    train_ppo(config)
+    return {
+        name: torch.load(out_dir / name, weights_only=True) for name in ("final.pt", "checkpoint_iter_3.pt")
+    }
+
+
+def test_final_pt_holds_the_selected_iteration_and_the_last_stays_resumable(
+    tiny_run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _scripted_evaluations(
+        monkeypatch,
+        {0: SFT, 1: _record(failure_rate=0.3), 2: _record(failure_rate=0.1), 3: _record(ade=0.5)},
+    )
+    saved = _run(tiny_run, tmp_path)
+    final, last = saved["final.pt"], saved["checkpoint_iter_3.pt"]
+    chosen = torch.load(tmp_path / "checkpoint_iter_2.pt", weights_only=True)
+    assert final["selected_iteration"] == 2 and final["selected_eval"]["failure_rate"] == 0.1
+    for name, tensor in final["heads"].items():
+        assert torch.equal(tensor, chosen["heads"][name]), name
+    assert any(not torch.equal(final["heads"][n], last["heads"][n]) for n in final["heads"])
+    assert last["iteration"] == 3
+    evals = json.loads((tmp_path / "eval_metrics.json").read_text())
+    assert [r["selected_iteration"] for r in evals[1:]] == [0, 2, 2]
+
+
+def test_when_rl_never_helps_final_pt_is_the_sft_policy(
+    tiny_run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _scripted_evaluations(
+        monkeypatch, {0: SFT, 1: _record(ade=0.45), 2: _record(mean_abs_jerk=2), 3: _record(ade=1)}
+    )
+    final = _run(tiny_run, tmp_path)["final.pt"]
+    assert final["selected_iteration"] == 0
+    delta_head_out = [n for n in final["heads"] if n.startswith("delta_head.net.") and n.split(".")[2] == "4"]
+    assert delta_head_out and all(not final["heads"][n].any() for n in delta_head_out)  # zero residual
+
+
+def test_without_selection_final_pt_is_the_last_iteration(
+    tiny_run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _scripted_evaluations(
+        monkeypatch, {0: SFT, 1: _record(), 2: _record(failure_rate=0.0), 3: _record(ade=1)}
+    )
+    saved = _run(tiny_run, tmp_path, select_policy=False)
+    assert saved["final.pt"]["selected_iteration"] == 3
+    for name, tensor in saved["final.pt"]["heads"].items():
+        assert torch.equal(tensor, saved["checkpoint_iter_3.pt"]["heads"][name])
