@@ -15,8 +15,8 @@ import torch
 from eval.closed_loop import run_closed_loop
 from eval.metrics import summarise
 from training.common.device import resolve_device, set_cpu_threads
-from training.envs.registry import make_env
 from training.common.seeds import DEV_SEED_START
+from training.envs.registry import make_env
 
 
 def main() -> None:
