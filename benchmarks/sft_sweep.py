@@ -80,7 +80,7 @@ class Variant:
 DEMO_DEFAULT = Variant(200, epochs=4)  # what `make demo` trains: the SFT trainer's defaults
 
 
-def run_cell(variant: Variant, seed: int, root: Path, device: str) -> dict[str, Any]:
+def run_cell(variant: Variant, seed: int, root: Path, device: str, reward: str = "shaped") -> dict[str, Any]:
     """SFT, PPO and the comparison for one variant and seed (reused when already done)."""
     from eval.compare_sft_vs_rl import main as compare_main
     from training.rl.train_ppo_delta_waypoint import main as ppo_main
@@ -200,8 +200,8 @@ def plot(summary: list[dict[str, Any]], path: Path) -> Path:
         x = [e["num_episodes"] for e in clean]
         for side, color in (("sft", SFT_COLOR), ("rl", RL_COLOR)):
             mean = [e[key][side] for e in clean]
-            low = [e[key][side] - e[key][f"{side}_range"][0] for e in clean]
-            high = [e[key][f"{side}_range"][1] - e[key][side] for e in clean]
+            low = [max(0.0, e[key][side] - e[key][f"{side}_range"][0]) for e in clean]
+            high = [max(0.0, e[key][f"{side}_range"][1] - e[key][side]) for e in clean]
             ax.errorbar(x, mean, yerr=[low, high], color=color, marker="o", capsize=3, label=side.upper())
             for entry, marker in marked:
                 ax.plot(entry["num_episodes"], entry[key][side], marker=marker, markersize=9, color=color)
@@ -223,19 +223,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out-root", type=Path, default=Path("out/sft_sweep"))
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--reward", default="shaped", help="the PPO runs' --reward (shaped or progress)")
     parser.add_argument("--jobs", type=int, default=2, help="cells run at once (one CPU thread each)")
     args = parser.parse_args(argv)
     variants = [] if args.no_demo_default else [DEMO_DEFAULT]
     variants += [Variant(n) for n in args.sizes] + [Variant(n, args.expert_noise) for n in args.noisy]
     tasks = [(v, s) for v in variants for s in args.seeds]
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-        futures = [pool.submit(run_cell, v, s, args.out_root, args.device) for v, s in tasks]
+        futures = [pool.submit(run_cell, v, s, args.out_root, args.device, args.reward) for v, s in tasks]
         cells = [future.result() for future in futures]
     summary = summarise(cells, variants)
     result = {
         "cells": cells,
         "summary": summary,
-        "ppo_command": PPO_COMMAND,
+        "ppo_command": [*PPO_COMMAND, "--reward", args.reward],
         "machine": {
             "platform": platform.platform(),
             "processor": platform.processor(),

@@ -39,7 +39,7 @@ class PPOConfig(SimulatorFlags):
     gae_lambda: float = config_field(0.95, "GAE lambda")
     num_envs: int = config_field(32, "parallel worlds in the rollout")
     rollout_steps: int = config_field(32, "policy steps per world per rollout", "steps")
-    update_epochs: int = config_field(4, "passes over each rollout")
+    update_epochs: int = config_field(10, "passes over each rollout")
     max_grad_norm: float = config_field(0.5, "global gradient-norm clip")
     target_kl: float | None = config_field(
         0.05, "stop an update's epochs once approx KL exceeds this (none: off)"

@@ -7,7 +7,7 @@ it started from. So a run keeps, among the policies its development evaluation h
 
 1. **admissible**: not worse than SFT (iteration 0) on any of the safety and quality metrics
    (collision + off-road rate, route completion, ADE, jerk), measured on the same development
-   scenarios;
+   scenarios; jerk, the noisiest of them, within ``GUARD_TOLERANCE`` (5%) of SFT's;
 2. among those, the **safest** (fewest collisions and off-road exits), then the one that
    completes most of the route (compared at ``ROUTE_COMPLETION_RESOLUTION``), then the lowest ADE.
 
@@ -31,17 +31,23 @@ GUARDED_METRICS: dict[str, bool] = {
     "ade": True,
     "mean_abs_jerk": True,
 }
+# Relative slack per guarded metric (0: none). Mean |jerk| over 50 development episodes moves by a
+# few percent between evaluations of the same quality (measured: 0.95-1.10 for policies within
+# 1 cm of ADE), so a strict bound rejected the best policies on noise alone.
+GUARD_TOLERANCE: dict[str, float] = {"mean_abs_jerk": 0.05}
 # Route completion differences below this are a tie when ranking (ADE then decides).
 ROUTE_COMPLETION_RESOLUTION = 0.01
 
 
 def not_worse(candidate: Mapping[str, float], baseline: Mapping[str, float]) -> bool:
-    """True when ``candidate`` is at least as good as ``baseline`` on every guarded metric."""
+    """True when ``candidate`` is at least as good as ``baseline`` on every guarded metric (within
+    its ``GUARD_TOLERANCE``)."""
     for key, lower_is_better in GUARDED_METRICS.items():
         difference = candidate[key] - baseline[key]
         if math.isnan(difference):  # NaN: nothing to go on, refuse
             return False
-        if (difference > 0) if lower_is_better else (difference < 0):
+        worse_by = difference if lower_is_better else -difference
+        if worse_by > GUARD_TOLERANCE.get(key, 0.0) * abs(baseline[key]):
             return False
     return True
 

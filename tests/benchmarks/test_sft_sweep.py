@@ -1,0 +1,54 @@
+"""The SFT-quality sweep: its recipes, and the summary it tabulates from cells."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from benchmarks.sft_sweep import DEMO_DEFAULT, METRICS, Variant, epochs_for, markdown, plot, summarise
+
+
+def test_epochs_scale_inversely_with_the_demonstrations_within_bounds() -> None:
+    assert [epochs_for(n) for n in (50, 100, 200, 400, 800, 1600, 10_000)] == [64, 64, 32, 16, 8, 4, 4]
+
+
+def test_variants_name_their_recipe_and_pass_it_to_the_sft_trainer() -> None:
+    assert Variant(800).sft_flags() == ["--num-episodes", "800", "--epochs", "8"]
+    noisy = Variant(200, expert_noise_m=0.3)
+    assert noisy.name == "sft200_noise0.3" and noisy.sft_flags()[-2:] == ["--expert-noise", "0.3"]
+    assert DEMO_DEFAULT.name == "sft200_epochs4" and DEMO_DEFAULT.sft_flags()[-2:] == ["--epochs", "4"]
+
+
+def _cell(variant: Variant, seed: int, rl_ade: float, worsened: bool) -> dict:
+    metrics = {
+        key: {"sft": 0.5, "rl": 0.5, "difference": 0.0, "ci_low": -0.1, "ci_high": 0.1}
+        | {"improved": False, "worsened": False}
+        for key in METRICS
+    }
+    metrics["ade"] = {
+        "sft": 0.4,
+        "rl": rl_ade,
+        "difference": rl_ade - 0.4,
+        "ci_low": rl_ade - 0.45,
+        "ci_high": rl_ade - 0.35,
+        "improved": not worsened,
+        "worsened": worsened,
+    }
+    return {"variant": variant.name, "seed": seed, "selected_iteration": 10 * seed, "metrics": metrics}
+
+
+def test_summary_averages_seeds_and_counts_significant_changes(tmp_path: Path) -> None:
+    variant = Variant(100)
+    cells = [_cell(variant, 0, 0.2, False), _cell(variant, 1, 0.3, False), _cell(variant, 2, 0.5, True)]
+    (entry,) = summarise(cells, [variant, Variant(800)])  # a variant without cells is left out
+    ade = entry["ade"]
+    assert ade["rl"] == pytest.approx(1 / 3) and ade["rl_range"] == [0.2, 0.5]
+    assert ade["difference"] == pytest.approx(1 / 3 - 0.4)
+    assert ade["ci_low_min"] == pytest.approx(-0.25) and ade["ci_high_max"] == pytest.approx(0.15)
+    assert (ade["seeds_improved"], ade["seeds_worsened"]) == (2, 1)
+    assert entry["selected_iterations"] == [0, 10, 20]
+    table = markdown([entry])
+    assert "| sft100 | 3 |" in table and "2 better, 1 worse" in table
+    png = plot([entry], tmp_path / "sweep.png")
+    assert png.read_bytes().startswith(b"\x89PNG")
