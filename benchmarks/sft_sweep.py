@@ -188,6 +188,26 @@ def markdown(summary: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def cells_markdown(cells: list[dict[str, Any]]) -> str:
+    """One row per cell: SFT -> RL per metric, the RL/SFT ADE ratio and the selected iteration."""
+    header = "| SFT variant | seed | SFT val ADE (m) | " + " | ".join(label for label, _ in METRICS.values())
+    lines = [header + " | RL / SFT ADE | selected iteration |", "| --- |" * 1 + " --- |" * (len(METRICS) + 4)]
+    for cell in cells:
+        m = cell["metrics"]
+        values = []
+        for key in METRICS:
+            mark = " (better)" if m[key]["improved"] else " (worse)" if m[key]["worsened"] else ""
+            values.append(f"{m[key]['sft']:.3f} -> {m[key]['rl']:.3f}{mark}")
+        ratio = m["ade"]["rl"] / m["ade"]["sft"]
+        val_ade = cell.get("sft_open_loop_val_ade")
+        lines.append(
+            f"| {cell['variant']} | {cell['seed']} | {val_ade:.3f} | "
+            + " | ".join(values)
+            + f" | {ratio:.2f} | {cell['selected_iteration']} |"
+        )
+    return "\n".join(lines)
+
+
 def plot(summary: list[dict[str, Any]], path: Path) -> Path:
     """SFT and RL (mean over seeds, bars: min to max over seeds) against the SFT's demonstrations."""
     from eval.plots import RL_COLOR, SFT_COLOR, _grid, _save
@@ -245,7 +265,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     args.out_root.mkdir(parents=True, exist_ok=True)
     (args.out_root / "sweep.json").write_text(json.dumps(result, indent=2))
-    (args.out_root / "sweep.md").write_text(markdown(summary) + "\n")
+    (args.out_root / "sweep.md").write_text(markdown(summary) + "\n\n" + cells_markdown(cells) + "\n")
     plot(summary, args.out_root / "sweep.png")
     print(markdown(summary))
     return result

@@ -16,6 +16,7 @@ pytest.importorskip(
 import training.envs.metadrive as metadrive_env
 from eval import compare_sft_vs_rl
 from tests.cli_helpers import run_cli
+from training.common.seeds import DEV_SEED_START
 from training.rl import train_ppo_delta_waypoint
 from training.sft import train_waypoint_bc_torch_v0
 
@@ -116,6 +117,8 @@ def test_sft_then_rl_then_compare_in_metadrive(
             str(rl_dir / "final.pt"),
             "--episodes",
             "2",
+            "--seed",  # the development range: tests never read the test scenarios
+            str(DEV_SEED_START),
             "--out-dir",
             str(compare_dir),
         ],
