@@ -136,3 +136,18 @@ def test_short_toy_run_beats_no_skill_baselines(tmp_path) -> None:
     assert result["val_ade_m"] < 0.5 * mean_plan["ade_m"], (result, mean_plan)
     assert result["val_fde_m"] < 0.6 * mean_plan["fde_m"], (result, mean_plan)
     assert result["val_ade_m"] < 0.1 * zero_plan["ade_m"]
+
+
+def test_progress_in_a_file_is_plain_lines_and_on_a_terminal_a_bar(tmp_path, capsys, monkeypatch) -> None:
+    """Redirected to a file, the trainer writes one readable line per epoch, never a redrawn bar."""
+    train_sft(_small_config(tmp_path / "file", num_episodes=8, val_episodes=4, epochs=2))
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    assert "epoch 1/2: train loss" in err and "epoch 2/2: train loss" in err
+    assert "expert demos: 8 train episodes recorded" in err
+
+    monkeypatch.setattr("training.common.progress.on_terminal", lambda: True)
+    train_sft(_small_config(tmp_path / "terminal", num_episodes=8, val_episodes=4, epochs=2))
+    err = capsys.readouterr().err
+    assert "\r" in err and "behaviour cloning" in err  # a live bar
+    assert "epoch 1/2: train loss" not in err

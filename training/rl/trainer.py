@@ -14,12 +14,12 @@ from typing import Any
 
 import torch
 from torch.utils.tensorboard import SummaryWriter
-from tqdm import tqdm
 
 from eval.closed_loop import run_closed_loop
 from eval.metrics import summarise
 from training.common.errors import EXIT_USER_ERROR, UserError
 from training.common.io import atomic_write_json
+from training.common.progress import log_line, progress_bar
 from training.rl.buffer import RolloutBuffer
 from training.rl.config import PPOConfig
 from training.rl.distributed import DistContext, init_distributed, shutdown
@@ -403,12 +403,7 @@ def _train(run: Run) -> dict[str, Any]:
     if writer and checkpoint is None:
         _log_scalars(writer, "eval", run.eval_records[0], 0)
 
-    bar = tqdm(
-        total=config.num_iterations,
-        initial=run.iteration,
-        desc="ppo",
-        disable=not (config.progress and ctx.is_main),
-    )
+    bar = progress_bar(config.num_iterations, "ppo", "it", config.progress and ctx.is_main, run.iteration)
     while run.iteration < config.num_iterations:
         run.iteration += 1
         record = train_iteration(run)
@@ -439,6 +434,13 @@ def _train(run: Run) -> dict[str, Any]:
                 steps_s=f"{record['steps_per_s']:.0f}",
                 ret=f"{record['episode_return']:.2f}",
                 ade=f"{run.eval_records[-1]['ade']:.3f}",
+            )
+            latest = run.eval_records[-1]
+            log_line(
+                f"iteration {run.iteration}/{config.num_iterations}: {record['steps_per_s']:.0f} steps/s, "
+                f"episode return {record['episode_return']:.2f}, "
+                f"eval ADE {latest['ade']:.3f} m (iteration {latest['iteration']})",
+                config.progress,
             )
     bar.close()
     if writer:

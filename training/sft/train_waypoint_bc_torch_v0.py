@@ -29,6 +29,7 @@ from training.common.cli import config_field, config_to_dict, parse_config, requ
 from training.common.device import resolve_device, set_cpu_threads
 from training.common.errors import UserError, exit_on_user_error
 from training.common.io import atomic_write_json, ensure_writable_dir
+from training.common.progress import log_line, progress_bar
 from training.envs.options import SimulatorFlags
 from training.envs.registry import check_env_choice, make_env
 from training.rl.env_interface import BatchedWaypointEnv
@@ -145,10 +146,8 @@ def constant_plan_ade_fde(plan_m: Tensor, data: WaypointDemoDataset) -> dict[str
 def _record_demos(
     config: SFTTrainConfig, env: BatchedWaypointEnv, demo_dir: Path, show_progress: bool
 ) -> None:
-    from tqdm import tqdm
-
     total = config.num_episodes + config.val_episodes
-    with tqdm(total=total, desc="expert demos", unit="ep", disable=not show_progress) as bar:
+    with progress_bar(total, "expert demos", "ep", show_progress) as bar:
         offset = 0
         for split, episodes in (("train", config.num_episodes), ("val", config.val_episodes)):
 
@@ -168,6 +167,7 @@ def _record_demos(
                 progress=progress,
             )
             offset += episodes
+            log_line(f"expert demos: {episodes} {split} episodes recorded", show_progress)
 
 
 def _recording_env(config: SFTTrainConfig, device: torch.device) -> BatchedWaypointEnv:
@@ -184,7 +184,6 @@ def train_sft(config: SFTTrainConfig, show_progress: bool = True) -> dict[str, A
             not writable, or a setting is invalid.
     """
     from torch.utils.tensorboard import SummaryWriter
-    from tqdm import tqdm
 
     config.validate()
     set_cpu_threads(config.num_threads)
@@ -236,9 +235,7 @@ def train_sft(config: SFTTrainConfig, show_progress: bool = True) -> dict[str, A
     metrics: dict[str, Any] = {}
     global_step = 0
     try:
-        with tqdm(
-            total=total_steps, desc="behaviour cloning", unit="batch", disable=not show_progress
-        ) as bar:
+        with progress_bar(total_steps, "behaviour cloning", "batch", show_progress) as bar:
             for epoch in range(1, config.epochs + 1):
                 model.train()
                 order = torch.randperm(len(train_data), generator=shuffle).to(device)
@@ -267,6 +264,11 @@ def train_sft(config: SFTTrainConfig, show_progress: bool = True) -> dict[str, A
                 }
                 epochs.append(record)
                 bar.set_postfix(loss=f"{record['train_loss']:.3f}", val_ade=f"{val['ade_m']:.2f}m")
+                log_line(
+                    f"epoch {epoch}/{config.epochs}: train loss {record['train_loss']:.4f}, "
+                    f"held-out ADE {val['ade_m']:.3f} m, FDE {val['fde_m']:.3f} m",
+                    show_progress,
+                )
                 writer.add_scalar("losses/train_loss", record["train_loss"], global_step)
                 writer.add_scalar("eval/val_ade_m", record["val_ade_m"], global_step)
                 writer.add_scalar("eval/val_fde_m", record["val_fde_m"], global_step)
