@@ -53,7 +53,7 @@ def test_two_processes_train_one_policy_and_rank_0_alone_writes(ddp_run) -> None
         "checkpoint_iter_3.pt",
         "final.pt",
     ]
-    assert ddp_run["result"].stdout.count("RL final:") == 1  # only rank 0 reports
+    assert ddp_run["result"].stdout.count("final.pt (iteration") == 1  # only rank 0 reports
 
 
 def test_the_processes_drove_different_worlds_and_the_checkpoint_keeps_both(ddp_run) -> None:

@@ -27,16 +27,23 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     result = train_ppo(config)
     if "baseline" not in result:  # a distributed run's other ranks: rank 0 reports
         return result
-    base, final = result["baseline"], result["final"]
-    print(
-        f"SFT baseline: ADE {base['ade']:.3f} m, route completion {base['route_completion']:.3f}, "
-        f"collision {base['collision_rate']:.3f}, off-road {base['off_road_rate']:.3f}\n"
-        f"RL final:     ADE {final['ade']:.3f} m, route completion {final['route_completion']:.3f}, "
-        f"collision {final['collision_rate']:.3f}, off-road {final['off_road_rate']:.3f}\n"
+    lines = [
+        _summary("SFT baseline", result["baseline"]),
+        _summary(f"RL iteration {result['final']['iteration']}", result["final"]),
+        _summary(f"final.pt (iteration {result['selected_iteration']})", result["selected"]),
         f"run written to {result['out_dir']} (final.pt, train_metrics.json, eval_metrics.json)",
-        file=sys.stdout,
-    )
+    ]
+    print("\n".join(lines), file=sys.stdout)
     return result
+
+
+def _summary(label: str, record: dict[str, Any]) -> str:
+    """One line of development-evaluation numbers."""
+    return (
+        f"{label + ':':<30} ADE {record['ade']:.3f} m, route completion {record['route_completion']:.3f}, "
+        f"collision {record['collision_rate']:.3f}, off-road {record['off_road_rate']:.3f}, "
+        f"jerk {record['mean_abs_jerk']:.3f} m/s^3"
+    )
 
 
 if __name__ == "__main__":

@@ -452,6 +452,7 @@ def _train(run: Run) -> dict[str, Any]:
         "baseline": run.eval_records[0],
         "final": run.eval_records[-1],
         "selected_iteration": run.selection.iteration if run.selection else run.iteration,
+        "selected": run.selection.record if run.selection else run.eval_records[-1],
         "policy": run.policy,
     }
 
