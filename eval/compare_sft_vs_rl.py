@@ -23,7 +23,7 @@ from eval.closed_loop import ClosedLoopResult, run_closed_loop
 from eval.metrics import compare_paired, summarise
 from eval.plots import plot_ade_distribution, plot_episodes, plot_metric_bars, plot_training_curves
 from eval.report import format_table, write_report
-from training.common.cli import config_field, parse_config, require
+from training.common.cli import config_field, console_script, parse_config, require
 from training.common.device import resolve_device, set_cpu_threads
 from training.common.errors import UserError, exit_on_user_error
 from training.common.io import ensure_writable_dir, file_sha256
@@ -220,6 +220,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print(f"\nreport: {result['compare_md']}\nnumbers: {result['compare_json']}", file=sys.stdout)
     return result
 
+
+cli = console_script(main)  # the console script; `python -m` stays the documented form
 
 if __name__ == "__main__":
     main()

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from eval.compare_sft_vs_rl import main as compare_main
+from training.common.cli import console_script
 from training.common.errors import exit_on_user_error
 from training.rl.train_ppo_delta_waypoint import main as ppo_main
 from training.sft.train_waypoint_bc_torch_v0 import main as sft_main
@@ -80,6 +81,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
     print(f"report: {result['compare_md']}")
     return Path(result["compare_md"])
 
+
+cli = console_script(main)  # the console script; `python -m` stays the documented form
 
 if __name__ == "__main__":
     main()

@@ -118,3 +118,14 @@ def require(condition: bool, message: str) -> None:
 def config_to_dict(config: Any) -> dict[str, Any]:
     """The dataclass as plain JSON-ready data."""
     return dataclasses.asdict(config)
+
+
+def console_script(main: typing.Callable[[], object]) -> typing.Callable[[], None]:
+    """``main`` as a console-script entry point (``[project.scripts]``): a command's ``main``
+    returns its results for Python callers, which must not become the process's exit status."""
+
+    def run() -> None:
+        main()
+
+    run.__doc__ = main.__doc__
+    return run

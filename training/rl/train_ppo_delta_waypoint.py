@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from training.common.cli import parse_config
+from training.common.cli import console_script, parse_config
 from training.common.errors import exit_on_user_error
 from training.rl.config import PPOConfig
 from training.rl.trainer import train_ppo
@@ -45,6 +45,8 @@ def _summary(label: str, record: dict[str, Any]) -> str:
         f"jerk {record['mean_abs_jerk']:.3f} m/s^3"
     )
 
+
+cli = console_script(main)  # the console script; `python -m` stays the documented form
 
 if __name__ == "__main__":
     main()

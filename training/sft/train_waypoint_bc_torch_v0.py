@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from training.common.cli import config_field, config_to_dict, parse_config, require
+from training.common.cli import config_field, config_to_dict, console_script, parse_config, require
 from training.common.device import resolve_device, set_cpu_threads
 from training.common.errors import UserError, exit_on_user_error
 from training.common.io import atomic_write_json, ensure_writable_dir
@@ -335,6 +335,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"model: {result['model_path']}")
     return result
 
+
+cli = console_script(main)  # the console script; `python -m` stays the documented form
 
 if __name__ == "__main__":
     main()
