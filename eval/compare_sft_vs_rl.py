@@ -28,6 +28,7 @@ from training.common.device import resolve_device, set_cpu_threads
 from training.common.errors import UserError, exit_on_user_error
 from training.common.io import ensure_writable_dir, file_sha256
 from training.common.seeds import DEV_SEED_START, RL_TRAIN_SEED_START, TEST_SEED_START, split_of
+from training.envs.capacity import announce, describe, is_process_backed, machine_capacity
 from training.envs.options import SimulatorFlags
 from training.envs.registry import check_env_choice, make_env
 from training.rl.checkpoint import load_rl_checkpoint, trained_policy
@@ -48,8 +49,8 @@ class CompareConfig(SimulatorFlags):
     episodes: int = config_field(100, "scenarios, each driven by both policies", "episodes")
     worlds: int | None = config_field(
         None,
-        f"worlds that drive them, in chunks (default: one per episode up to {MAX_WORLDS}; with --env "
-        "metadrive or carla each world is a process or a server, so keep it small)",
+        f"worlds that drive them, in chunks (default: one per episode up to {MAX_WORLDS}; with a "
+        "simulator that runs a process per world, as many as the machine runs well)",
     )
     seed: int = config_field(
         TEST_SEED_START,
@@ -149,6 +150,21 @@ def make_plots(
     return plots
 
 
+def _worlds(config: CompareConfig) -> int:
+    """``--worlds``, or its default: up to ``MAX_WORLDS``, or what the machine runs well."""
+    if config.worlds is not None:
+        return config.worlds
+    if not is_process_backed([config.env]):
+        return MAX_WORLDS
+    capacity = machine_capacity()
+    worlds = min(capacity.worlds(), config.episodes)
+    announce(
+        f"--env {config.env}: driving on {worlds} worlds, one process each, to fit this machine "
+        f"({describe(capacity)}); --worlds sets another number"
+    )
+    return worlds
+
+
 def compare(config: CompareConfig) -> dict[str, Any]:
     """Run the comparison and write the report; returns paths and the rows."""
     config.validate()
@@ -163,7 +179,7 @@ def compare(config: CompareConfig) -> dict[str, Any]:
         difficulty = rl_checkpoint["config"].get("difficulty")
     env = make_env(
         config.env,
-        min(config.episodes, config.worlds or MAX_WORLDS),
+        min(config.episodes, _worlds(config)),
         device,
         # the RL run's reward, so that episode returns are the ones it trained on
         options=dataclasses.replace(

@@ -7,7 +7,9 @@ import math
 from dataclasses import dataclass
 
 from training.common.cli import config_field, require
+from training.common.errors import UserError
 from training.common.seeds import DEV_SEED_START, RL_TRAIN_SEED_START, TEST_SEED_START
+from training.envs.capacity import announce, describe, is_process_backed, machine_capacity
 from training.envs.options import EnvOptions, SimulatorFlags
 from training.envs.registry import split_env_mix
 from training.envs.toy.config import REWARD_PRESETS
@@ -18,6 +20,21 @@ from training.envs.toy.config import REWARD_PRESETS
 TRAIN_SEEDS_PER_RUN = 1_000_000
 TRAIN_SEED_START = RL_TRAIN_SEED_START
 EVAL_SEED_START = DEV_SEED_START
+
+
+TOY_NUM_ENVS = 32  # the toy world's rollout worlds (one tensor batch: free)
+
+
+def _largest_fitting_mix(env: str, weights: str | None, per_simulator: int) -> int:
+    """The most worlds, up to ``TOY_NUM_ENVS``, whose share of each process-backed environment fits."""
+    for total in range(TOY_NUM_ENVS, 0, -1):
+        try:
+            mix = split_env_mix(env, weights, total)
+        except UserError:  # a malformed mix: validate() reports it with the default size
+            return TOY_NUM_ENVS
+        if all(count <= per_simulator for name, count in mix if is_process_backed([name])):
+            return total
+    return 1
 
 
 @dataclass
@@ -37,7 +54,11 @@ class PPOConfig(SimulatorFlags):
     entropy_coef: float = config_field(0.01, "entropy bonus weight (per plan, summed over waypoints)")
     gamma: float = config_field(0.99, "discount factor per policy step")
     gae_lambda: float = config_field(0.95, "GAE lambda")
-    num_envs: int = config_field(32, "parallel worlds in the rollout")
+    num_envs: int | None = config_field(
+        None,
+        f"parallel worlds in the rollout (default: {TOY_NUM_ENVS}; with a simulator that runs a process "
+        "per world, as many as the machine runs well)",
+    )
     rollout_steps: int = config_field(32, "policy steps per world per rollout", "steps")
     update_epochs: int = config_field(10, "passes over each rollout")
     max_grad_norm: float = config_field(0.5, "global gradient-norm clip")
@@ -90,8 +111,8 @@ class PPOConfig(SimulatorFlags):
     eval_episodes: int = config_field(50, "held-out scenarios per evaluation", "episodes")
     eval_worlds: int | None = config_field(
         None,
-        "worlds that play them, in chunks (default: one per episode; with --env metadrive or carla "
-        "each world is a process or a server, so keep it small)",
+        "worlds that play them, in chunks (default: one per episode; with a simulator that runs a "
+        "process per world, as many as the machine runs well)",
     )
     eval_seed: int = config_field(
         EVAL_SEED_START, "first evaluation scenario seed (development range; the test range is reserved)"
@@ -112,6 +133,33 @@ class PPOConfig(SimulatorFlags):
     resume: bool = config_field(False, "continue the run in --out-dir from its latest checkpoint")
     max_bad_iterations: int = config_field(3, "stop after this many updates in a row skipped for NaN/inf")
     progress: bool = config_field(True, "show a progress bar")
+
+    def __post_init__(self) -> None:
+        self._size_worlds_for_the_machine()
+
+    def _size_worlds_for_the_machine(self) -> None:
+        """Fill ``num_envs`` and ``eval_worlds`` left at their defaults: the toy world's sizes, or with a
+        simulator that runs a process per world (training and evaluation worlds alive together) what
+        this machine runs well, said in one line."""
+        names = [name.strip() for name in self.env.split(",")]
+        if not is_process_backed(names):
+            self.num_envs = TOY_NUM_ENVS if self.num_envs is None else self.num_envs
+            return
+        if self.num_envs is not None and self.eval_worlds is not None:
+            return
+        capacity = machine_capacity()
+        per_group = capacity.worlds(concurrent_groups=2)
+        chosen = []
+        if self.num_envs is None:
+            self.num_envs = _largest_fitting_mix(self.env, self.env_weights, per_group)
+            chosen.append(f"--num-envs {self.num_envs}")
+        if self.eval_worlds is None:
+            self.eval_worlds = per_group
+            chosen.append(f"--eval-worlds {self.eval_worlds}")
+        announce(
+            f"--env {self.env}: {' and '.join(chosen)} (one process per simulator world) to fit this machine "
+            f"({describe(capacity)}); pass them to choose other numbers"
+        )
 
     def validate(self) -> None:
         """Reject values no run could use, with one line naming the flag."""

@@ -30,6 +30,7 @@ from training.common.device import resolve_device, set_cpu_threads
 from training.common.errors import UserError, exit_on_user_error
 from training.common.io import atomic_write_json, ensure_writable_dir
 from training.common.progress import log_line, progress_bar
+from training.envs.capacity import announce, describe, is_process_backed, machine_capacity
 from training.envs.options import SimulatorFlags
 from training.envs.registry import check_env_choice, make_env
 from training.rl.env_interface import BatchedWaypointEnv
@@ -45,6 +46,9 @@ from training.sft.model import SFTModelConfig, WaypointModel, encoder_macs_per_s
 LOSSES = ("smooth_l1", "l1")
 
 
+TOY_EPISODES_PER_BATCH = 120  # the toy world's recording batch (one tensor batch: free)
+
+
 @dataclass
 class SFTTrainConfig(SimulatorFlags):
     """Every setting of one behaviour-cloning run (written to ``config.json``)."""
@@ -56,7 +60,11 @@ class SFTTrainConfig(SimulatorFlags):
     difficulty: float = config_field(0.5, "toy world difficulty in [0, 1] (curvature, traffic)")
     num_episodes: int = config_field(200, "expert episodes recorded for training")
     val_episodes: int = config_field(60, "held-out expert episodes (disjoint scenario seeds) for ADE/FDE")
-    episodes_per_batch: int = config_field(120, "worlds simulated together while recording")
+    episodes_per_batch: int | None = config_field(
+        None,
+        f"worlds simulated together while recording (default: {TOY_EPISODES_PER_BATCH} for the toy world; "
+        "with a simulator that runs a process per world, as many as the machine runs well)",
+    )
     record_every: int = config_field(2, "record every n-th policy step of an episode")
     expert_noise: float = config_field(
         0.0, "std of noise added to the plan the expert executes (labels stay clean)", unit="m"
@@ -90,7 +98,8 @@ class SFTTrainConfig(SimulatorFlags):
         )
         require(self.val_episodes >= 1, f"--val-episodes must be >= 1, got {self.val_episodes}")
         require(
-            self.episodes_per_batch >= 1, f"--episodes-per-batch must be >= 1, got {self.episodes_per_batch}"
+            self.episodes_per_batch is None or self.episodes_per_batch >= 1,
+            f"--episodes-per-batch must be >= 1, got {self.episodes_per_batch}",
         )
         require(self.record_every >= 1, f"--record-every must be >= 1, got {self.record_every}")
         require(
@@ -170,9 +179,24 @@ def _record_demos(
             log_line(f"expert demos: {episodes} {split} episodes recorded", show_progress)
 
 
+def _episodes_per_batch(config: SFTTrainConfig) -> int:
+    """``--episodes-per-batch``, or its default: the toy world's, or what the machine runs well."""
+    if config.episodes_per_batch is not None:
+        return config.episodes_per_batch
+    if not is_process_backed([config.env]):
+        return TOY_EPISODES_PER_BATCH
+    capacity = machine_capacity()
+    worlds = capacity.worlds()
+    announce(
+        f"--env {config.env}: recording on {worlds} worlds, one process each, to fit this machine "
+        f"({describe(capacity)}); --episodes-per-batch sets another number"
+    )
+    return worlds
+
+
 def _recording_env(config: SFTTrainConfig, device: torch.device) -> BatchedWaypointEnv:
     """The worlds that record the demonstrations: one batch of ``--episodes-per-batch`` episodes."""
-    num_envs = min(config.episodes_per_batch, max(config.num_episodes, config.val_episodes))
+    num_envs = min(_episodes_per_batch(config), max(config.num_episodes, config.val_episodes))
     return make_env(config.env, num_envs, device, options=config.env_options(config.difficulty))
 
 
