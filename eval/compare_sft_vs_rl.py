@@ -220,7 +220,18 @@ def compare(config: CompareConfig) -> dict[str, Any]:
         metadata,
         plots,
     )
-    return {"rows": rows, "compare_json": json_path, "compare_md": md_path}
+    return {"rows": rows, "compare_json": json_path, "compare_md": md_path, "metadata": metadata}
+
+
+def provenance(metadata: dict[str, Any]) -> str:
+    """Which scenarios and which RL policy the numbers come from, in one line."""
+    selected, last = metadata.get("rl_selected_iteration"), metadata.get("rl_iterations")
+    policy = f"the RL checkpoint holds iteration {selected} of {last}" if selected is not None else ""
+    if selected == 0:
+        policy += " (the SFT policy itself: no evaluated iteration was better without being worse)"
+    first_seed = metadata["first_scenario_seed"]
+    scenarios = f"{metadata['episodes']} {metadata['seed_split']} scenarios from seed {first_seed}"
+    return f"{scenarios}; {policy}" if policy else scenarios
 
 
 @exit_on_user_error
@@ -233,7 +244,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     result = compare(config)
     print(format_table(result["rows"]))
-    print(f"\nreport: {result['compare_md']}\nnumbers: {result['compare_json']}", file=sys.stdout)
+    print(f"\n{provenance(result['metadata'])}")
+    print(f"report: {result['compare_md']}\nnumbers: {result['compare_json']}", file=sys.stdout)
     return result
 
 

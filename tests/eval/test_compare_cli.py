@@ -167,6 +167,8 @@ def test_same_inputs_give_identical_numbers(
     code, stdout, err = run_main(compare_argv(tiny_run["sft"], tiny_run["rl_dir"] / "final.pt", out), capsys)
     assert code == 0, err
     assert "ade" in stdout
+    assert f"{EPISODES} development scenarios from seed {DEV_SEED_START}" in stdout
+    assert "the RL checkpoint holds iteration 2 of 2" in stdout  # the tiny run keeps its last iteration
     again = json.loads((out / "compare.json").read_text())
     assert numbers(again) == numbers(report["json"])
 
