@@ -67,10 +67,9 @@ class Variant:
 
     @property
     def name(self) -> str:
-        if self.epochs is not None:
-            return f"sft{self.num_episodes}_epochs{self.epochs}"
-        suffix = f"_noise{self.expert_noise_m:g}" if self.expert_noise_m else ""
-        return f"sft{self.num_episodes}{suffix}"
+        epochs = f"_epochs{self.epochs}" if self.epochs is not None else ""
+        noise = f"_noise{self.expert_noise_m:g}" if self.expert_noise_m else ""
+        return f"sft{self.num_episodes}{epochs}{noise}"
 
     def sft_flags(self) -> list[str]:
         flags = ["--num-episodes", str(self.num_episodes), "--epochs", str(self.num_epochs)]
@@ -214,8 +213,9 @@ def plot(summary: list[dict[str, Any]], path: Path) -> Path:
 
     fig, axes = _grid(len(METRICS), panel_size=(3.6, 3.0))
     clean = [e for e in summary if not e["expert_noise_m"] and e["variant"] != DEMO_DEFAULT.name]
-    marked = [(e, "*") for e in summary if e["expert_noise_m"]]
+    marked = [(e, "*") for e in summary if e["expert_noise_m"] and e["epochs"] != DEMO_DEFAULT.epochs]
     marked += [(e, "s") for e in summary if e["variant"] == DEMO_DEFAULT.name]
+    marked += [(e, "P") for e in summary if e["expert_noise_m"] and e["epochs"] == DEMO_DEFAULT.epochs]
     for ax, (key, (label, _)) in zip(axes, METRICS.items(), strict=False):
         x = [e["num_episodes"] for e in clean]
         for side, color in (("sft", SFT_COLOR), ("rl", RL_COLOR)):
@@ -229,17 +229,26 @@ def plot(summary: list[dict[str, Any]], path: Path) -> Path:
         ax.set_xlabel("SFT demonstration episodes")
         ax.set_title(label, fontsize=9)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8, title="star: noisy demos\nsquare: demo default", title_fontsize=7)
+    axes[0].legend(
+        fontsize=8,
+        title="star: noisy demos\nsquare: demo default\nplus: demo default, noisy",
+        title_fontsize=7,
+    )
     fig.tight_layout()
     return _save(fig, path)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.sft_sweep", description=__doc__)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[50, 100, 200, 400, 800, 1600])
+    parser.add_argument("--sizes", type=int, nargs="*", default=[50, 100, 200, 400, 800, 1600])
     parser.add_argument("--noisy", type=int, nargs="*", default=[200], help="sizes also run with noisy demos")
     parser.add_argument("--expert-noise", type=float, default=DEFAULT_EXPERT_NOISE_M, help="metres")
     parser.add_argument("--no-demo-default", action="store_true", help="leave out the demo's default SFT")
+    parser.add_argument(
+        "--noisy-demo-default",
+        action="store_true",
+        help="also the demo's default SFT on noisy demonstrations",
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out-root", type=Path, default=Path("out/sft_sweep"))
     parser.add_argument("--device", default="cpu")
@@ -248,6 +257,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     variants = [] if args.no_demo_default else [DEMO_DEFAULT]
     variants += [Variant(n) for n in args.sizes] + [Variant(n, args.expert_noise) for n in args.noisy]
+    if args.noisy_demo_default:
+        variants.append(Variant(DEMO_DEFAULT.num_episodes, args.expert_noise, DEMO_DEFAULT.epochs))
     tasks = [(v, s) for v in variants for s in args.seeds]
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         futures = [pool.submit(run_cell, v, s, args.out_root, args.device, args.reward) for v, s in tasks]
