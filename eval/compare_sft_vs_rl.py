@@ -28,7 +28,7 @@ from training.common.device import resolve_device, set_cpu_threads
 from training.common.errors import UserError, exit_on_user_error
 from training.common.io import ensure_writable_dir, file_sha256
 from training.common.seeds import DEV_SEED_START, RL_TRAIN_SEED_START, TEST_SEED_START, split_of
-from training.envs.capacity import announce, describe, is_process_backed, machine_capacity
+from training.envs.capacity import default_worlds
 from training.envs.options import SimulatorFlags
 from training.envs.registry import check_env_choice, make_env
 from training.rl.checkpoint import load_rl_checkpoint, trained_policy
@@ -150,21 +150,6 @@ def make_plots(
     return plots
 
 
-def _worlds(config: CompareConfig) -> int:
-    """``--worlds``, or its default: up to ``MAX_WORLDS``, or what the machine runs well."""
-    if config.worlds is not None:
-        return config.worlds
-    if not is_process_backed([config.env]):
-        return MAX_WORLDS
-    capacity = machine_capacity()
-    worlds = min(capacity.worlds(), config.episodes)
-    announce(
-        f"--env {config.env}: driving on {worlds} worlds, one process each, to fit this machine "
-        f"({describe(capacity)}); --worlds sets another number"
-    )
-    return worlds
-
-
 def compare(config: CompareConfig) -> dict[str, Any]:
     """Run the comparison and write the report; returns paths and the rows."""
     config.validate()
@@ -179,7 +164,7 @@ def compare(config: CompareConfig) -> dict[str, Any]:
         difficulty = rl_checkpoint["config"].get("difficulty")
     env = make_env(
         config.env,
-        min(config.episodes, _worlds(config)),
+        min(config.episodes, default_worlds(config.env, config.worlds, MAX_WORLDS, "--worlds", "driving")),
         device,
         # the RL run's reward, so that episode returns are the ones it trained on
         options=dataclasses.replace(

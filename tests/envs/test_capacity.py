@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-import eval.compare_sft_vs_rl as compare_module
+import training.envs.capacity as capacity_module
 import training.rl.config as ppo_config_module
-import training.sft.train_waypoint_bc_torch_v0 as sft_module
-from eval.compare_sft_vs_rl import CompareConfig
-from training.envs.capacity import MEMORY_PER_WORKER_BYTES, MachineCapacity, machine_capacity
+from training.envs.capacity import MEMORY_PER_WORKER_BYTES, MachineCapacity, default_worlds, machine_capacity
 from training.rl.config import PPOConfig
-from training.sft.train_waypoint_bc_torch_v0 import SFTTrainConfig
 
 GIB = 2**30
 TWO_CORES = MachineCapacity(cores=2, available_memory_bytes=22 * GIB)  # this project's machine
@@ -29,7 +26,7 @@ def test_one_world_per_core_and_never_more_than_half_the_memory_holds() -> None:
 
 @pytest.fixture
 def two_cores(monkeypatch: pytest.MonkeyPatch) -> None:
-    for module in (ppo_config_module, sft_module, compare_module):
+    for module in (ppo_config_module, capacity_module):
         monkeypatch.setattr(module, "machine_capacity", lambda: TWO_CORES)
 
 
@@ -50,10 +47,21 @@ def test_ppo_numbers_the_user_gives_are_obeyed(two_cores, capsys) -> None:
 
 
 def test_sft_and_compare_defaults_fit_the_machine(two_cores, capsys) -> None:
-    assert sft_module._episodes_per_batch(SFTTrainConfig(env="metadrive")) == 2
-    assert sft_module._episodes_per_batch(SFTTrainConfig(env="metadrive", episodes_per_batch=5)) == 5
-    assert sft_module._episodes_per_batch(SFTTrainConfig()) == sft_module.TOY_EPISODES_PER_BATCH
-    compare = CompareConfig(sft_checkpoint="a.pt", rl_checkpoint="b.pt", env="metadrive")
-    assert compare_module._worlds(compare) == 2
-    assert compare_module._worlds(CompareConfig(sft_checkpoint="a.pt", rl_checkpoint="b.pt")) == 256
-    assert capsys.readouterr().err.count("to fit this machine") == 2
+    """The SFT trainer's --episodes-per-batch and compare's --worlds (both call default_worlds)."""
+    assert default_worlds("metadrive", None, 120, "--episodes-per-batch", "recording") == 2
+    assert default_worlds("metadrive", 5, 120, "--episodes-per-batch", "recording") == 5
+    assert default_worlds("toy", None, 256, "--worlds", "driving") == 256
+    err = capsys.readouterr().err
+    assert err.count("to fit this machine") == 1 and "--episodes-per-batch sets another number" in err
+
+
+def test_the_sft_trainer_records_on_the_worlds_the_machine_fits(two_cores, monkeypatch) -> None:
+    import training.sft.train_waypoint_bc_torch_v0 as sft_module
+
+    built = []
+    monkeypatch.setattr(
+        sft_module, "make_env", lambda name, num_envs, *args, **kwargs: built.append(num_envs)
+    )
+    sft_module._recording_env(sft_module.SFTTrainConfig(env="metadrive", num_episodes=6), "cpu")
+    sft_module._recording_env(sft_module.SFTTrainConfig(num_episodes=200), "cpu")
+    assert built == [2, sft_module.TOY_EPISODES_PER_BATCH]

@@ -71,3 +71,19 @@ def announce(message: str) -> None:
 
 def describe(capacity: MachineCapacity) -> str:
     return f"{capacity.cores} cores, {capacity.available_memory_bytes / 2**30:.0f} GiB available"
+
+
+def default_worlds(env: str, given: int | None, toy_default: int, flag: str, purpose: str) -> int:
+    """``given`` when the user gave a number; else ``toy_default``, or for a process-backed
+    simulator what this machine runs well, said in one line naming ``flag``."""
+    if given is not None:
+        return given
+    if not is_process_backed([env]):
+        return toy_default
+    capacity = machine_capacity()
+    worlds = capacity.worlds()
+    announce(
+        f"--env {env}: {purpose} on {worlds} worlds, one process each, to fit this machine "
+        f"({describe(capacity)}); {flag} sets another number"
+    )
+    return worlds

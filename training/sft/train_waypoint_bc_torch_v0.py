@@ -30,7 +30,7 @@ from training.common.device import resolve_device, set_cpu_threads
 from training.common.errors import UserError, exit_on_user_error
 from training.common.io import atomic_write_json, ensure_writable_dir
 from training.common.progress import log_line, progress_bar
-from training.envs.capacity import announce, describe, is_process_backed, machine_capacity
+from training.envs.capacity import default_worlds
 from training.envs.options import SimulatorFlags
 from training.envs.registry import check_env_choice, make_env
 from training.rl.env_interface import BatchedWaypointEnv
@@ -179,24 +179,12 @@ def _record_demos(
             log_line(f"expert demos: {episodes} {split} episodes recorded", show_progress)
 
 
-def _episodes_per_batch(config: SFTTrainConfig) -> int:
-    """``--episodes-per-batch``, or its default: the toy world's, or what the machine runs well."""
-    if config.episodes_per_batch is not None:
-        return config.episodes_per_batch
-    if not is_process_backed([config.env]):
-        return TOY_EPISODES_PER_BATCH
-    capacity = machine_capacity()
-    worlds = capacity.worlds()
-    announce(
-        f"--env {config.env}: recording on {worlds} worlds, one process each, to fit this machine "
-        f"({describe(capacity)}); --episodes-per-batch sets another number"
-    )
-    return worlds
-
-
 def _recording_env(config: SFTTrainConfig, device: torch.device) -> BatchedWaypointEnv:
     """The worlds that record the demonstrations: one batch of ``--episodes-per-batch`` episodes."""
-    num_envs = min(_episodes_per_batch(config), max(config.num_episodes, config.val_episodes))
+    per_batch = default_worlds(
+        config.env, config.episodes_per_batch, TOY_EPISODES_PER_BATCH, "--episodes-per-batch", "recording"
+    )
+    num_envs = min(per_batch, max(config.num_episodes, config.val_episodes))
     return make_env(config.env, num_envs, device, options=config.env_options(config.difficulty))
 
 
