@@ -96,15 +96,15 @@ def run_cell(variant: Variant, seed: int, root: Path, device: str, reward: str =
         timings["sft_s"] = time.perf_counter() - started
         started = time.perf_counter()
         sft_model = str(sft_dir / "model.pt")
-        ppo_main(
-            ["--sft-checkpoint", sft_model, "--out-dir", str(rl_dir), *PPO_COMMAND, "--no-progress", *common]
-        )
+        ppo_flags = [*PPO_COMMAND, "--reward", reward, "--no-progress", *common]
+        ppo_main(["--sft-checkpoint", sft_model, "--out-dir", str(rl_dir), *ppo_flags])
         timings["rl_s"] = time.perf_counter() - started
         started = time.perf_counter()
         compare_main(
             ["--sft-checkpoint", sft_model, "--rl-checkpoint", str(rl_dir / "final.pt"), "--device", device]
         )
         timings["compare_s"] = time.perf_counter() - started
+        cell.mkdir(parents=True, exist_ok=True)
         (cell / "timings.json").write_text(json.dumps(timings))
     return collect_cell(variant, seed, cell)
 
@@ -114,6 +114,7 @@ def collect_cell(variant: Variant, seed: int, cell: Path) -> dict[str, Any]:
     report = json.loads((cell / "rl" / "compare" / "compare.json").read_text())
     rows = {row["metric"]: row for row in report["rows"]}
     sft_metrics = json.loads((cell / "sft" / "metrics.json").read_text())
+    rl_config = json.loads((cell / "rl" / "config.json").read_text())
     timings_path = cell / "timings.json"
     return {
         "variant": variant.name,
@@ -121,6 +122,7 @@ def collect_cell(variant: Variant, seed: int, cell: Path) -> dict[str, Any]:
         "expert_noise_m": variant.expert_noise_m,
         "epochs": variant.num_epochs,
         "seed": seed,
+        "reward": rl_config["reward"],
         "sft_open_loop_val_ade": _final_val_ade(sft_metrics),
         "selected_iteration": report["metadata"].get("rl_selected_iteration"),
         "first_scenario_seed": report["metadata"]["first_scenario_seed"],

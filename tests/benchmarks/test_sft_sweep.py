@@ -52,3 +52,29 @@ def test_summary_averages_seeds_and_counts_significant_changes(tmp_path: Path) -
     assert "| sft100 | 3 |" in table and "2 better, 1 worse" in table
     png = plot([entry], tmp_path / "sweep.png")
     assert png.read_bytes().startswith(b"\x89PNG")
+
+
+def test_a_cell_runs_the_three_documented_commands_with_its_recipe(tmp_path: Path, monkeypatch) -> None:
+    """The SFT recipe reaches the SFT trainer, the reward the PPO command, and compare uses its defaults."""
+    import benchmarks.sft_sweep as sweep
+
+    calls: dict[str, list[str]] = {}
+
+    def fake(name: str):
+        def main(argv: list[str]) -> None:
+            calls[name] = argv
+
+        return main
+
+    monkeypatch.setattr("training.sft.train_waypoint_bc_torch_v0.main", fake("sft"))
+    monkeypatch.setattr("training.rl.train_ppo_delta_waypoint.main", fake("ppo"))
+    monkeypatch.setattr("eval.compare_sft_vs_rl.main", fake("compare"))
+    monkeypatch.setattr(sweep, "collect_cell", lambda variant, seed, cell: {"cell": cell})
+    result = sweep.run_cell(Variant(100, expert_noise_m=0.3), 2, tmp_path, "cpu", reward="progress")
+    assert result["cell"] == tmp_path / "sft100_noise0.3" / "seed2"
+    assert calls["sft"][calls["sft"].index("--epochs") + 1] == "64"
+    assert calls["sft"][calls["sft"].index("--expert-noise") + 1] == "0.3"
+    ppo = calls["ppo"]
+    assert ppo[ppo.index("--reward") + 1] == "progress" and ppo[ppo.index("--seed") + 1] == "2"
+    assert " ".join(sweep.PPO_COMMAND) in " ".join(ppo)
+    assert "--seed" not in calls["compare"]  # the comparison's default: the test range
