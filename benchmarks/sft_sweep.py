@@ -231,12 +231,15 @@ def plot(summary: list[dict[str, Any]], path: Path) -> Path:
         ax.set_xlabel("SFT demonstration episodes")
         ax.set_title(label, fontsize=9)
         ax.grid(alpha=0.3)
-    axes[0].legend(
-        fontsize=8,
-        title="star: noisy demos\nsquare: demo default\nplus: demo default, noisy",
-        title_fontsize=7,
-    )
-    fig.tight_layout()
+    from matplotlib.lines import Line2D
+
+    handles, _ = axes[0].get_legend_handles_labels()
+    handles += [
+        Line2D([], [], color="0.4", marker=marker, linestyle="none", label=label)
+        for marker, label in (("*", "noisy demos"), ("s", "demo default"), ("P", "demo default, noisy demos"))
+    ]
+    fig.legend(handles=handles, loc="upper center", ncol=len(handles), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 0.9))
     return _save(fig, path)
 
 
