@@ -41,6 +41,8 @@ def test_ppo_defaults_fit_the_machine_and_say_so(two_cores, capsys) -> None:
 def test_ppo_numbers_the_user_gives_are_obeyed(two_cores, capsys) -> None:
     config = PPOConfig(sft_checkpoint="model.pt", env="metadrive", num_envs=8, eval_worlds=6)
     assert (config.num_envs, config.eval_worlds) == (8, 6)
+    many = PPOConfig(sft_checkpoint="model.pt", env="metadrive", sim_workers=32, eval_worlds=4)
+    assert many.num_envs == 32  # --sim-workers asks for the processes explicitly
     assert capsys.readouterr().err == ""
     toy = PPOConfig(sft_checkpoint="model.pt")
     assert (toy.num_envs, toy.eval_worlds) == (32, None)  # the toy world keeps its sizes

@@ -54,10 +54,10 @@ class PPOConfig(SimulatorFlags):
     entropy_coef: float = config_field(0.01, "entropy bonus weight (per plan, summed over waypoints)")
     gamma: float = config_field(0.99, "discount factor per policy step")
     gae_lambda: float = config_field(0.95, "GAE lambda")
-    num_envs: int | None = config_field(
-        None,
-        f"parallel worlds in the rollout (default: {TOY_NUM_ENVS}; with a simulator that runs a process "
-        "per world, as many as the machine runs well)",
+    num_envs: int = config_field(
+        TOY_NUM_ENVS,
+        "parallel worlds in the rollout (with a simulator that runs a process per world and --sim-workers 0, "
+        "this default is lowered to what the machine runs well)",
     )
     rollout_steps: int = config_field(32, "policy steps per world per rollout", "steps")
     update_epochs: int = config_field(10, "passes over each rollout")
@@ -138,19 +138,19 @@ class PPOConfig(SimulatorFlags):
         self._size_worlds_for_the_machine()
 
     def _size_worlds_for_the_machine(self) -> None:
-        """Fill ``num_envs`` and ``eval_worlds`` left at their defaults: the toy world's sizes, or with a
-        simulator that runs a process per world (training and evaluation worlds alive together) what
-        this machine runs well, said in one line."""
-        names = [name.strip() for name in self.env.split(",")]
-        if not is_process_backed(names):
-            self.num_envs = TOY_NUM_ENVS if self.num_envs is None else self.num_envs
+        """With a simulator that runs a process per world, lower ``num_envs`` left at the toy world's
+        default and fill ``eval_worlds`` left unset to what this machine runs well (training and
+        evaluation worlds are alive together), and say so in one line. ``--sim-workers N`` asks for
+        N processes explicitly: then ``--num-envs`` is obeyed as given."""
+        if not is_process_backed([name.strip() for name in self.env.split(",")]):
             return
-        if self.num_envs is not None and self.eval_worlds is not None:
+        fit_training = self.num_envs == TOY_NUM_ENVS and self.sim_workers == 0
+        if not fit_training and self.eval_worlds is not None:
             return
         capacity = machine_capacity()
         per_group = capacity.worlds(concurrent_groups=2)
         chosen = []
-        if self.num_envs is None:
+        if fit_training:
             self.num_envs = _largest_fitting_mix(self.env, self.env_weights, per_group)
             chosen.append(f"--num-envs {self.num_envs}")
         if self.eval_worlds is None:
@@ -158,7 +158,7 @@ class PPOConfig(SimulatorFlags):
             chosen.append(f"--eval-worlds {self.eval_worlds}")
         announce(
             f"--env {self.env}: {' and '.join(chosen)} (one process per simulator world) to fit this machine "
-            f"({describe(capacity)}); pass them to choose other numbers"
+            f"({describe(capacity)}); --sim-workers and --eval-worlds ask for more"
         )
 
     def validate(self) -> None:
