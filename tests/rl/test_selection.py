@@ -129,3 +129,26 @@ def test_without_selection_final_pt_is_the_last_iteration(
     assert saved["final.pt"]["selected_iteration"] == 3
     for name, tensor in saved["final.pt"]["heads"].items():
         assert torch.equal(tensor, saved["checkpoint_iter_3.pt"]["heads"][name])
+
+
+def test_a_run_killed_between_its_last_checkpoint_and_final_pt_writes_final_pt_on_resume(
+    tiny_run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _scripted_evaluations(
+        monkeypatch, {0: SFT, 1: _record(), 2: _record(failure_rate=0.1), 3: _record(ade=1)}
+    )
+    saved = _run(tiny_run, tmp_path)
+    (tmp_path / "final.pt").unlink()  # as if killed right after checkpoint_iter_3.pt
+    config = dataclasses.replace(
+        smoke_config(tiny_run["sft"], tmp_path),
+        num_iterations=3,
+        eval_every=1,
+        save_every=1,
+        critic_warmup_iterations=0,
+        resume=True,
+    )
+    train_ppo(config)
+    final = torch.load(tmp_path / "final.pt", weights_only=True)
+    assert final["selected_iteration"] == saved["final.pt"]["selected_iteration"] == 2
+    for name, tensor in saved["final.pt"]["heads"].items():
+        assert torch.equal(final["heads"][name], tensor)

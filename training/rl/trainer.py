@@ -403,6 +403,8 @@ def _train(run: Run) -> dict[str, Any]:
     if writer and checkpoint is None:
         _log_scalars(writer, "eval", run.eval_records[0], 0)
 
+    # killed between the last checkpoint_iter_N.pt and final.pt: nothing left to train, final.pt to write
+    finished_before = checkpoint is not None and run.iteration >= config.num_iterations
     bar = progress_bar(config.num_iterations, "ppo", "it", config.progress and ctx.is_main, run.iteration)
     while run.iteration < config.num_iterations:
         run.iteration += 1
@@ -443,6 +445,8 @@ def _train(run: Run) -> dict[str, Any]:
                 config.progress,
             )
     bar.close()
+    if finished_before:
+        run.save_final()
     if writer:
         writer.close()
     if not ctx.is_main:
