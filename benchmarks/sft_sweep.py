@@ -151,11 +151,14 @@ def summarise(cells: list[dict[str, Any]], variants: list[Variant]) -> list[dict
         mine = [c for c in cells if c["variant"] == variant.name]
         if not mine:
             continue
-        entry: dict[str, Any] = {"variant": variant.name, "num_episodes": variant.num_episodes, "seeds": []}
-        entry["seeds"] = [c["seed"] for c in mine]
-        entry["expert_noise_m"] = variant.expert_noise_m
-        entry["epochs"] = variant.num_epochs
-        entry["selected_iterations"] = [c["selected_iteration"] for c in mine]
+        entry: dict[str, Any] = {
+            "variant": variant.name,
+            "num_episodes": variant.num_episodes,
+            "expert_noise_m": variant.expert_noise_m,
+            "epochs": variant.num_epochs,
+            "seeds": [c["seed"] for c in mine],
+            "selected_iterations": [c["selected_iteration"] for c in mine],
+        }
         for key in METRICS:
             values = [c["metrics"][key] for c in mine]
             entry[key] = {
@@ -192,7 +195,7 @@ def markdown(summary: list[dict[str, Any]]) -> str:
 def cells_markdown(cells: list[dict[str, Any]]) -> str:
     """One row per cell: SFT -> RL per metric, the RL/SFT ADE ratio and the selected iteration."""
     header = "| SFT variant | seed | SFT val ADE (m) | " + " | ".join(label for label, _ in METRICS.values())
-    lines = [header + " | RL / SFT ADE | selected iteration |", "| --- |" * 1 + " --- |" * (len(METRICS) + 4)]
+    lines = [header + " | RL / SFT ADE | selected iteration |", "|" + " --- |" * (len(METRICS) + 5)]
     for cell in cells:
         m = cell["metrics"]
         values = []

@@ -73,16 +73,16 @@ def _scripted_evaluations(monkeypatch: pytest.MonkeyPatch, script: dict[int, dic
     monkeypatch.setattr(trainer_module, "evaluate", evaluate)
 
 
-def _run(tiny_run, out_dir: Path, **overrides):
-    config = dataclasses.replace(
-        smoke_config(tiny_run["sft"], out_dir),
-        num_iterations=3,
-        eval_every=1,
-        save_every=1,
-        critic_warmup_iterations=0,
-        **overrides,
+def _config(tiny_run, out_dir: Path, **overrides):
+    """Three iterations, each evaluated and saved."""
+    base = smoke_config(tiny_run["sft"], out_dir)
+    return dataclasses.replace(
+        base, num_iterations=3, eval_every=1, save_every=1, critic_warmup_iterations=0, **overrides
     )
-    train_ppo(config)
+
+
+def _run(tiny_run, out_dir: Path, **overrides):
+    train_ppo(_config(tiny_run, out_dir, **overrides))
     return {
         name: torch.load(out_dir / name, weights_only=True) for name in ("final.pt", "checkpoint_iter_3.pt")
     }
@@ -139,15 +139,7 @@ def test_a_run_killed_between_its_last_checkpoint_and_final_pt_writes_final_pt_o
     )
     saved = _run(tiny_run, tmp_path)
     (tmp_path / "final.pt").unlink()  # as if killed right after checkpoint_iter_3.pt
-    config = dataclasses.replace(
-        smoke_config(tiny_run["sft"], tmp_path),
-        num_iterations=3,
-        eval_every=1,
-        save_every=1,
-        critic_warmup_iterations=0,
-        resume=True,
-    )
-    train_ppo(config)
+    train_ppo(_config(tiny_run, tmp_path, resume=True))
     final = torch.load(tmp_path / "final.pt", weights_only=True)
     assert final["selected_iteration"] == saved["final.pt"]["selected_iteration"] == 2
     for name, tensor in saved["final.pt"]["heads"].items():

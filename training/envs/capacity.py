@@ -6,7 +6,8 @@ and its memory per world: on a 2-core machine with 23 GB, the toy defaults start
 workers and took 18 GB. So where the user did not give a number, a command sizes process-backed
 worlds to the machine: no more stepping at once than there are cores, and no more alive at once
 than half the available memory holds; it says what it chose in one line. A number the user gives
-is always obeyed.
+is obeyed; the PPO trainer's ``--num-envs``, whose documented default is a number (32), is lowered
+from that default unless ``--sim-workers`` asks for the processes.
 """
 
 from __future__ import annotations

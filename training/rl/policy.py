@@ -372,8 +372,8 @@ class PPOPolicy(nn.Module):
         The sampled delta is stored and scored unclipped; only the applied action is clipped
         (CleanRL's convention for continuous actions), so no waypoint ever moves further than
         ``max_delta`` from the SFT plan (``action_bound`` during a bound warm-up). Safety net: a
-        world whose delta holds any NaN or inf gets
-        delta 0, i.e. exactly the SFT plan, so a diverged policy never reaches the world.
+        world whose delta holds any NaN or inf gets delta 0, i.e. exactly the SFT plan, so a
+        diverged policy never reaches the world.
         Shapes ``[N, K, 2]``, metres.
         """
         finite = torch.isfinite(delta).all(dim=-1, keepdim=True).all(dim=-2, keepdim=True)

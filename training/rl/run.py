@@ -163,16 +163,18 @@ class Run:
             state["ranks"] = self.ctx.gather(local)
         return state
 
-    def save(self, name: str) -> None:
-        """Write a checkpoint (rank 0 writes; every rank must call this in a distributed run)."""
-        state = self.state()
+    def save(self, name: str, state: dict[str, Any] | None = None) -> None:
+        """Write a checkpoint (rank 0 writes; every rank must call this in a distributed run).
+
+        ``state``: what :meth:`state` returned, when the caller writes several files at once."""
+        state = self.state() if state is None else state
         if self.ctx.is_main:
             save_rl_checkpoint(self.out_dir / name, self.policy.heads_state_dict(), self.info, **state)
 
-    def save_final(self) -> None:
+    def save_final(self, state: dict[str, Any] | None = None) -> None:
         """``final.pt``: the selected policy (the last iteration's without selection), with the
         iteration it came from; the resumable state stays in ``checkpoint_iter_N.pt``."""
-        state = self.state()
+        state = self.state() if state is None else state
         if not self.ctx.is_main:
             return
         chosen = self.selection if self.config.select_policy else None

@@ -427,9 +427,10 @@ def _train(run: Run) -> dict[str, Any]:
         if last:
             _check_in_sync(run)
         if (config.save_every and run.iteration % config.save_every == 0) or last:
-            run.save(f"checkpoint_iter_{run.iteration}.pt")  # the last iteration, resumable
-        if last:
-            run.save_final()
+            state = run.state()  # one (collective) snapshot for both files of the last iteration
+            run.save(f"checkpoint_iter_{run.iteration}.pt", state)  # the last iteration, resumable
+            if last:
+                run.save_final(state)
         bar.update(1)
         if ctx.is_main:
             bar.set_postfix(
