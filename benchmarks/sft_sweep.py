@@ -100,8 +100,19 @@ def run_cell(variant: Variant, seed: int, root: Path, device: str, reward: str =
         ppo_main(["--sft-checkpoint", sft_model, "--out-dir", str(rl_dir), *ppo_flags])
         timings["rl_s"] = time.perf_counter() - started
         started = time.perf_counter()
+        rl_model = str(rl_dir / "final.pt")
+        # the numbers only: no videos of each of the sweep's dozens of cells
         compare_main(
-            ["--sft-checkpoint", sft_model, "--rl-checkpoint", str(rl_dir / "final.pt"), "--device", device]
+            [
+                "--sft-checkpoint",
+                sft_model,
+                "--rl-checkpoint",
+                rl_model,
+                "--device",
+                device,
+                "--animations",
+                "0",
+            ]
         )
         timings["compare_s"] = time.perf_counter() - started
         cell.mkdir(parents=True, exist_ok=True)

@@ -47,7 +47,8 @@ def run_variant(name: str, sft: Path, root: Path, seed: int) -> dict:
     wall = time.perf_counter() - started
     # a benchmark that chooses defaults reads the development scenarios, never the test range
     rl = str(out_dir / "final.pt")
-    compare_main(["--sft-checkpoint", str(sft), "--rl-checkpoint", rl, "--seed", str(DEV_SEED_START)])
+    compare_argv = ["--sft-checkpoint", str(sft), "--rl-checkpoint", rl, "--seed", str(DEV_SEED_START)]
+    compare_main([*compare_argv, "--animations", "0"])  # the numbers only
     return collect_row(name, out_dir, wall)
 
 

@@ -4,12 +4,15 @@
         --rl-checkpoint out/rl_delta_ppo_v0/final.pt
 
 Both policies drive exactly the same held-out scenarios (same seeds, same roads, same traffic),
-deterministically. Writes ``compare.json``, ``compare.md`` and PNG plots, and prints the table.
+deterministically. Writes ``compare.json``, ``compare.md``, PNG plots and side-by-side animations
+of the worst SFT scenarios (``animations/seed_<S>.mp4``, GIF without an MP4 encoder), and prints
+the table.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import sys
 from collections.abc import Sequence
@@ -19,6 +22,7 @@ from typing import Any
 
 import torch
 
+from eval.animation import VIDEO_FORMATS, animate_worst_scenarios, video_suffix
 from eval.closed_loop import ClosedLoopResult, run_closed_loop
 from eval.metrics import compare_paired, summarise
 from eval.plots import plot_ade_distribution, plot_episodes, plot_metric_bars, plot_training_curves
@@ -29,10 +33,11 @@ from training.common.errors import UserError, exit_on_user_error
 from training.common.io import ensure_writable_dir, file_sha256
 from training.common.seeds import DEV_SEED_START, RL_TRAIN_SEED_START, TEST_SEED_START, split_of
 from training.envs.capacity import default_worlds
-from training.envs.options import SimulatorFlags
+from training.envs.options import EnvOptions, SimulatorFlags
 from training.envs.registry import check_env_choice, make_env
 from training.rl.checkpoint import load_rl_checkpoint, trained_policy
-from training.sft.model import load_sft_model
+from training.rl.policy import PPOPolicy
+from training.sft.external import parse_factory_spec, read_sft
 
 MAX_WORLDS = 256  # worlds simulated at once; more episodes are played in chunks
 
@@ -41,9 +46,19 @@ MAX_WORLDS = 256  # worlds simulated at once; more episodes are played in chunks
 class CompareConfig(SimulatorFlags):
     """Settings of one SFT-vs-RL comparison."""
 
-    sft_checkpoint: str = config_field(dataclasses.MISSING, "SFT model.pt")
+    sft_checkpoint: str = config_field(
+        dataclasses.MISSING,
+        "SFT model: this project's model.pt, a torch.export .pt2 or TorchScript file, or with --sft-model "
+        "a state_dict",
+    )
     rl_checkpoint: str = config_field(
         dataclasses.MISSING, "RL checkpoint (final.pt) trained from that SFT model"
+    )
+    sft_model: str | None = config_field(
+        None,
+        "your own SFT architecture: FACTORY() in MODULE returns the nn.Module and --sft-checkpoint is its "
+        "state_dict (default: the RL run's --sft-model)",
+        metavar="MODULE:FACTORY",
     )
     env: str = config_field("toy", "environment: toy, metadrive or carla")
     episodes: int = config_field(100, "scenarios, each driven by both policies", "episodes")
@@ -66,8 +81,16 @@ class CompareConfig(SimulatorFlags):
     )
     bootstrap_resamples: int = config_field(2000, "bootstrap resamples for the confidence intervals")
     plot_episodes: int = config_field(4, "episodes drawn from above in episodes.png")
+    animations: int = config_field(
+        3, "scenarios animated side by side, SFT | RL, worst SFT episodes first (0: none)"
+    )
+    animation_format: str = config_field(
+        "auto", "animations as mp4, gif, or auto (MP4 where imageio-ffmpeg is installed, else GIF)"
+    )
 
     def validate(self) -> None:
+        if self.sft_model is not None:
+            parse_factory_spec(self.sft_model)
         require(self.episodes >= 1, f"--episodes must be >= 1, got {self.episodes}")
         require(self.worlds is None or self.worlds >= 1, f"--worlds must be >= 1, got {self.worlds}")
         require(
@@ -79,6 +102,13 @@ class CompareConfig(SimulatorFlags):
         require(self.difficulty is None or 0 <= self.difficulty <= 1, "--difficulty must be in [0, 1]")
         require(self.bootstrap_resamples >= 100, "--bootstrap-resamples must be >= 100")
         require(self.plot_episodes >= 0, "--plot-episodes must be >= 0")
+        require(self.animations >= 0, f"--animations must be >= 0, got {self.animations}")
+        require(
+            self.animation_format in VIDEO_FORMATS,
+            f"--animation-format must be one of {', '.join(VIDEO_FORMATS)}, got {self.animation_format!r}",
+        )
+        if self.animations:
+            video_suffix(self.animation_format)  # mp4 without an encoder fails here, before any output
         require(self.num_threads >= 0, f"--num-threads must be >= 0, got {self.num_threads}")
         check_env_choice(self.env)
         self.validate_simulator_flags()
@@ -150,28 +180,62 @@ def make_plots(
     return plots
 
 
+def make_animations(
+    out_dir: Path,
+    config: CompareConfig,
+    options: EnvOptions,
+    device: torch.device,
+    sft_model: torch.nn.Module,
+    policy: PPOPolicy,
+    sft_episodes: list[dict[str, Any]],
+) -> dict[str, Path]:
+    """``--animations`` SFT | RL videos of the worst SFT scenarios, driven again with recording in
+    a one-world environment of their own (a world is cheapest alone); caption -> path."""
+    if config.animations == 0:
+        return {}
+    env = make_env(config.env, 1, device, options=options)
+    try:
+        return animate_worst_scenarios(
+            env,
+            lambda obs: sft_model(obs.bev, obs.state),
+            lambda obs: policy.deterministic_waypoints(obs.bev, obs.state),
+            sft_episodes,
+            out_dir / "animations",
+            count=config.animations,
+            video_format=config.animation_format,
+        )
+    finally:
+        env.close()
+
+
 def compare(config: CompareConfig) -> dict[str, Any]:
     """Run the comparison and write the report; returns paths and the rows."""
     config.validate()
     set_cpu_threads(config.num_threads)
     device = resolve_device(config.device)
     rl_checkpoint = load_rl_checkpoint(config.rl_checkpoint)
-    sft_model = load_sft_model(config.sft_checkpoint, device)  # checks the file before hashing it
+    recorded_sft_model = rl_checkpoint["config"].get("sft_model")
+    # read and checked before it is hashed; a state_dict's architecture defaults to the RL run's
+    sft_source = read_sft(
+        config.sft_checkpoint, config.sft_model, device, default_sft_model=recorded_sft_model
+    )
     sft_sha = check_pair(config, rl_checkpoint)
-    policy = trained_policy(rl_checkpoint, sft_model)  # freezes sft_model, which then drives as SFT too
     difficulty = config.difficulty
     if difficulty is None:
         difficulty = rl_checkpoint["config"].get("difficulty")
+    # the RL run's reward, so that episode returns are the ones it trained on
+    options = dataclasses.replace(
+        config.env_options(difficulty), reward=rl_checkpoint["config"].get("reward", "shaped")
+    )
     env = make_env(
         config.env,
         min(config.episodes, default_worlds(config.env, config.worlds, MAX_WORLDS, "--worlds", "driving")),
         device,
-        # the RL run's reward, so that episode returns are the ones it trained on
-        options=dataclasses.replace(
-            config.env_options(difficulty), reward=rl_checkpoint["config"].get("reward", "shaped")
-        ),
+        options=options,
     )
     try:
+        sft_model = sft_source.for_env(env.spec)  # the model's shapes against the environment's
+        policy = trained_policy(rl_checkpoint, sft_model)  # freezes sft_model, which then drives as SFT too
         out_dir = ensure_writable_dir(config.resolved_out_dir())
         with torch.inference_mode():
             sft = drive(env, lambda obs: sft_model(obs.bev, obs.state), config)
@@ -183,6 +247,7 @@ def compare(config: CompareConfig) -> dict[str, Any]:
     metadata = {
         "sft_checkpoint": config.sft_checkpoint,
         "sft_sha256": sft_sha,
+        "sft_model": sft_source.sft_model,
         "rl_checkpoint": config.rl_checkpoint,
         "rl_iterations": rl_checkpoint.get("iteration"),
         "rl_selected_iteration": rl_checkpoint.get("selected_iteration"),
@@ -195,7 +260,8 @@ def compare(config: CompareConfig) -> dict[str, Any]:
         "sft_wall_time_s": sft.wall_time_s,
         "rl_wall_time_s": rl.wall_time_s,
     }
-    json_path, md_path = write_report(
+    report = functools.partial(
+        write_report,
         out_dir,
         rows,
         summarise(sft.episodes),
@@ -205,6 +271,10 @@ def compare(config: CompareConfig) -> dict[str, Any]:
         metadata,
         plots,
     )
+    json_path, md_path = report()  # first without videos: an encoder failure cannot cost the report
+    animations = make_animations(out_dir, config, options, device, sft_model, policy, sft.episodes)
+    if animations:
+        report(animations)
     return {"rows": rows, "compare_json": json_path, "compare_md": md_path, "metadata": metadata}
 
 

@@ -146,13 +146,15 @@ def write_report(
     per_episode_rl: Sequence[Mapping[str, Any]],
     metadata: Mapping[str, Any],
     plot_paths: Sequence[str | Path] | Mapping[str, str | Path] = (),
+    animations: Mapping[str, str | Path] | None = None,
 ) -> tuple[Path, Path]:
     """Write ``compare.json`` and ``compare.md`` into ``out_dir`` (atomically); return their paths.
 
     ``compare.json``: ``{"sft": summary, "rl": summary, "rows": [...], "episodes": {"sft": [...],
-    "rl": [...]}, "metadata": {...}, "plots": [relative paths]}``; non-finite numbers are
-    ``null``. ``compare.md``: the table, a verdict paragraph, the plots (by relative path) and
-    the metadata. ``plot_paths`` is a list of paths or a mapping of caption to path.
+    "rl": [...]}, "metadata": {...}, "plots": [relative paths], "animations": [relative paths]}``;
+    non-finite numbers are ``null``. ``compare.md``: the table, a verdict paragraph, the plots (by
+    relative path), links to the animations and the metadata. ``plot_paths`` is a list of paths or
+    a mapping of caption to path; ``animations`` a mapping of caption to video path.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -161,6 +163,9 @@ def write_report(
     else:
         plots = [(Path(p).stem.replace("_", " "), Path(p)) for p in plot_paths]
     relative = [(caption, Path(os.path.relpath(p, out_dir)).as_posix()) for caption, p in plots]
+    videos = [
+        (caption, Path(os.path.relpath(p, out_dir)).as_posix()) for caption, p in (animations or {}).items()
+    ]
 
     json_path = out_dir / COMPARE_JSON
     atomic_write_json(
@@ -173,6 +178,7 @@ def write_report(
                 "episodes": {"sft": list(per_episode_sft), "rl": list(per_episode_rl)},
                 "metadata": dict(metadata),
                 "plots": [rel for _, rel in relative],
+                "animations": [rel for _, rel in videos],
             }
         ),
     )
@@ -195,6 +201,10 @@ def write_report(
         lines += ["## Plots", ""]
         for caption, rel in relative:
             lines += [f"### {caption}", "", f"![{caption}]({rel})", ""]
+    if videos:
+        lines += ["## Animations", "", "The worst SFT scenarios, driven by SFT (left) and RL (right):", ""]
+        lines += [f"- [{caption}]({rel})" for caption, rel in videos]
+        lines.append("")
     if metadata:
         lines += ["## Run", "", "| setting | value |", "| --- | --- |"]
         for key, value in to_jsonable(dict(metadata)).items():

@@ -1,11 +1,16 @@
-"""Pictures of the toy world: colours, episode strips, the command line."""
+"""Pictures of the toy world: colours, episode strips, animations, the command line."""
 
 from __future__ import annotations
+
+import re
 
 import numpy as np
 import pytest
 import torch
 
+from eval.animation import mp4_encoder
+from tests.video_helpers import video_frames
+from training.common.seeds import DEV_SEED_START
 from training.envs.toy import ToyWaypointEnv, ToyWorldConfig
 from training.envs.toy.viz import bev_to_rgb, ego_to_pixel, main, record_episode_strip, save_episode_strip
 
@@ -107,3 +112,32 @@ def test_command_line_draws_an_sft_model(tmp_path) -> None:
     out = tmp_path / "sft.png"
     assert main(["--out", str(out), "--sft-checkpoint", str(checkpoint), "--max-frames", "3"]) == 0
     _assert_png(out)
+
+
+def _episode_length(stdout: str) -> int:
+    match = re.search(r"episode_length=(\d+)", stdout)
+    assert match, stdout
+    return int(match.group(1))
+
+
+def test_command_line_writes_an_animation(tmp_path, capsys) -> None:
+    """An --out ending in .gif (or .mp4): one frame per step plus the final observation."""
+    out = tmp_path / "expert.gif"
+    assert main(["--out", str(out), "--seed", "4", "--difficulty", "0.2"]) == 0
+    frames, (width, height) = video_frames(out)
+    assert frames == _episode_length(capsys.readouterr().out) + 1
+    assert width > 64 and height > 64
+
+
+def test_command_line_animates_an_rl_policy_over_its_sft_model(tiny_run, tmp_path, capsys) -> None:
+    out = tmp_path / ("rl.mp4" if mp4_encoder() else "rl.gif")
+    sft, rl = str(tiny_run["sft"]), str(tiny_run["rl_dir"] / "final.pt")
+    argv = ["--out", str(out), "--sft-checkpoint", sft, "--rl-checkpoint", rl, "--seed", str(DEV_SEED_START)]
+    assert main(argv) == 0
+    assert video_frames(out)[0] == _episode_length(capsys.readouterr().out) + 1
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--out", str(out), "--rl-checkpoint", rl])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "--sft-checkpoint" in err and len(err.strip().splitlines()) == 1

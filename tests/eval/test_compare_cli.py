@@ -13,9 +13,11 @@ from typing import Any
 import pytest
 import torch
 
-from eval import compare_sft_vs_rl
+from eval import animation, compare_sft_vs_rl
+from eval.animation import video_suffix, worst_first
 from eval.closed_loop import run_closed_loop
 from tests.cli_helpers import assert_one_line_error, run_cli
+from tests.video_helpers import video_frames
 from training.common.seeds import DEV_SEED_START
 from training.envs.registry import make_env
 from training.rl.checkpoint import load_rl_policy
@@ -67,6 +69,7 @@ def numbers(report: dict[str, Any]) -> dict[str, Any]:
 def no_plots(monkeypatch: pytest.MonkeyPatch) -> None:
     """Skip drawing (seconds per run) in tests about numbers; ``test_report_files`` draws them."""
     monkeypatch.setattr(compare_sft_vs_rl, "make_plots", lambda *args, **kwargs: {})
+    monkeypatch.setattr(compare_sft_vs_rl, "make_animations", lambda *args, **kwargs: {})
 
 
 @pytest.fixture(scope="module")
@@ -126,6 +129,80 @@ def test_report_files(report: dict[str, Any]) -> None:
         assert f"(plots/{png.name})" in markdown, png.name
     for row in data["rows"]:
         assert row["metric"] in markdown
+
+
+def test_report_links_animations_of_the_worst_sft_scenarios(report: dict[str, Any]) -> None:
+    """Three videos (the default), worst SFT episodes first, linked from compare.md, each one frame
+    per step of the longer of the two episodes, plus the final observations."""
+    out, data = report["out"], report["json"]
+    seeds = worst_first(data["episodes"]["sft"], 3)
+    expected = [f"animations/seed_{seed}{video_suffix('auto')}" for seed in seeds]
+    assert data["animations"] == expected
+    markdown = (out / "compare.md").read_text()
+    lengths = {
+        side: {e["scenario_seed"]: e["length"] for e in data["episodes"][side]} for side in ("sft", "rl")
+    }
+    for seed, relative in zip(seeds, expected, strict=True):
+        assert f"]({relative})" in markdown, relative
+        frames, (width, height) = video_frames(out / relative)
+        assert frames == max(lengths["sft"][seed], lengths["rl"][seed]) + 1, relative
+        assert width > height > 64
+
+
+def test_animations_fall_back_to_gif_without_an_encoder(
+    tiny_run: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    monkeypatch.setattr(compare_sft_vs_rl, "make_plots", lambda *args, **kwargs: {})
+    monkeypatch.setattr(animation, "mp4_encoder", lambda: None)
+    out = tmp_path / "gif"
+    argv = compare_argv(tiny_run["sft"], tiny_run["rl_dir"] / "final.pt", out, "--animations", "1")
+    code, _, err = run_main(argv, capsys)
+    assert code == 0, err
+    data = json.loads((out / "compare.json").read_text())
+    (relative,) = data["animations"]
+    seed = worst_first(data["episodes"]["sft"], 1)[0]
+    assert relative == f"animations/seed_{seed}.gif" and f"]({relative})" in (out / "compare.md").read_text()
+    lengths = [
+        e["length"] for side in ("sft", "rl") for e in data["episodes"][side] if e["scenario_seed"] == seed
+    ]
+    assert video_frames(out / relative)[0] == max(lengths) + 1
+
+    code, _, err = run_main([*argv, "--animation-format", "mp4", "--out-dir", str(tmp_path / "mp4")], capsys)
+    assert_one_line_error(code, err, "imageio-ffmpeg")
+    assert not (tmp_path / "mp4").exists()
+
+
+def test_report_is_written_before_the_animations(
+    tiny_run: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An encoder that dies mid-video must not cost the numbers already measured."""
+    monkeypatch.setattr(compare_sft_vs_rl, "make_plots", lambda *args, **kwargs: {})
+
+    def encoder_crash(*args: Any, **kwargs: Any) -> None:
+        raise OSError("encoder died")
+
+    monkeypatch.setattr(compare_sft_vs_rl, "animate_worst_scenarios", encoder_crash)
+    out = tmp_path / "out"
+    with pytest.raises(OSError, match="encoder died"):
+        compare_sft_vs_rl.main(compare_argv(tiny_run["sft"], tiny_run["rl_dir"] / "final.pt", out))
+    data = json.loads((out / "compare.json").read_text())
+    assert len(data["episodes"]["rl"]) == EPISODES and data["animations"] == []
+    assert (out / "compare.md").is_file()
+
+
+@pytest.mark.parametrize(
+    ("flags", "fragment"),
+    [(("--animations", "-1"), "--animations"), (("--animation-format", "avi"), "--animation-format")],
+)
+def test_bad_animation_flags_exit_2_with_one_line(
+    flags: tuple[str, ...], fragment: str, tiny_run: dict[str, Path], tmp_path: Path, capsys
+) -> None:
+    out = tmp_path / "out"
+    code, _, err = run_main(
+        compare_argv(tiny_run["sft"], tiny_run["rl_dir"] / "final.pt", out, *flags), capsys
+    )
+    assert_one_line_error(code, err, fragment)
+    assert not out.exists()
 
 
 def test_report_holds_each_policy_driving_the_same_scenarios(

@@ -35,6 +35,11 @@ class FakeSFT(nn.Module):
     def head(self, z: Tensor) -> Tensor:
         return (5.0 * self.waypoint_layer(z)).view(-1, NUM_WAYPOINTS, 2)
 
+    @torch.no_grad()
+    def frozen_features(self, bev: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
+        z = self.encode(bev, state)
+        return z, self.head(z)
+
 
 def make_observation(num: int, seed: int = 0) -> tuple[Tensor, Tensor]:
     """A random ``(bev uint8 [N, C, H, W], state [N, S])`` batch."""

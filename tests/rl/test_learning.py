@@ -144,6 +144,10 @@ class OffsetSFT(nn.Module):
         plan[..., 1] += SFT_ERROR_M
         return plan
 
+    def frozen_features(self, bev: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
+        z = self.encode(bev, state)
+        return z, self.head(z)
+
 
 def deterministic_return(policy: PPOPolicy) -> float:
     """Mean return of one episode per world with the policy's mean plan, on fixed targets."""

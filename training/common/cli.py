@@ -20,11 +20,16 @@ from training.common.errors import EXIT_USER_ERROR, UserError
 C = TypeVar("C")
 
 
-def config_field(default: Any, help: str, unit: str | None = None, **kwargs: Any) -> Any:
-    """A dataclass field carrying the help string (and unit) its command-line flag shows."""
+def config_field(
+    default: Any, help: str, unit: str | None = None, metavar: str | None = None, **kwargs: Any
+) -> Any:
+    """A dataclass field carrying the help string (and unit) its command-line flag shows;
+    ``metavar`` names the value in ``--help`` (default: the type, e.g. ``INT``)."""
     metadata = {"help": help}
     if unit:
         metadata["unit"] = unit
+    if metavar:
+        metadata["metavar"] = metavar
     if default is dataclasses.MISSING:
         return dataclasses.field(metadata=metadata, **kwargs)
     return dataclasses.field(default=default, metadata=metadata, **kwargs)
@@ -86,7 +91,7 @@ def build_parser(config_cls: type, prog: str, description: str) -> argparse.Argu
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
             kwargs["type"] = _parse_optional(scalar) if optional else scalar
-            kwargs["metavar"] = scalar.__name__.upper()
+            kwargs["metavar"] = field.metadata.get("metavar", scalar.__name__.upper())
         if choices := field.metadata.get("choices"):
             kwargs["choices"] = choices
         parser.add_argument(flag, **kwargs)

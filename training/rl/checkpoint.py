@@ -14,8 +14,8 @@ import torch
 
 from training.common.errors import UserError
 from training.common.io import load_checkpoint, save_checkpoint
-from training.rl.policy import PPOPolicy
-from training.sft.model import WaypointModel, load_sft_model
+from training.rl.policy import PPOPolicy, SFTModel
+from training.sft.model import load_sft_model
 
 RL_CHECKPOINT_KIND = "ppo_delta_waypoint"
 RL_FORMAT_VERSION = 1
@@ -34,7 +34,7 @@ def policy_kwargs(config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def build_policy(sft_model: WaypointModel, config: dict[str, Any]) -> PPOPolicy:
+def build_policy(sft_model: SFTModel, config: dict[str, Any]) -> PPOPolicy:
     return PPOPolicy(sft_model, **policy_kwargs(config))
 
 
@@ -45,7 +45,8 @@ def save_rl_checkpoint(
 
     Args:
         heads: the policy's trained part (``PPOPolicy.heads_state_dict()``).
-        run: ``config`` (the PPOConfig dict), ``sft_checkpoint`` (path) and ``sft_sha256``.
+        run: ``config`` (the PPOConfig dict, ``sft_model`` included), ``sft_checkpoint`` (path) and
+            ``sft_sha256`` (of that file, whatever its form).
         state: resumable state: ``iteration``, ``env_steps``, ``optimizer``, ``rng`` ...
     """
     checkpoint = {
@@ -69,7 +70,7 @@ def load_rl_checkpoint(path: str | Path) -> dict[str, Any]:
     return checkpoint
 
 
-def trained_policy(checkpoint: dict[str, Any], sft_model: WaypointModel) -> PPOPolicy:
+def trained_policy(checkpoint: dict[str, Any], sft_model: SFTModel) -> PPOPolicy:
     """The policy an RL checkpoint describes, on ``sft_model``'s device, in eval mode.
 
     ``sft_model`` must be the model the run refined (compare ``checkpoint["sft_sha256"]``).
@@ -83,6 +84,7 @@ def trained_policy(checkpoint: dict[str, Any], sft_model: WaypointModel) -> PPOP
 def load_rl_policy(
     rl_path: str | Path, sft_path: str | Path, device: torch.device | str = "cpu"
 ) -> tuple[PPOPolicy, dict[str, Any]]:
-    """Rebuild the trained policy from an RL checkpoint and the SFT checkpoint it refines."""
+    """Rebuild the trained policy from an RL checkpoint and the project's SFT ``model.pt`` it refines
+    (a model of another architecture: ``training.sft.external.read_sft`` and ``trained_policy``)."""
     checkpoint = load_rl_checkpoint(rl_path)
     return trained_policy(checkpoint, load_sft_model(sft_path, device)), checkpoint

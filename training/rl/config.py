@@ -13,6 +13,7 @@ from training.envs.capacity import announce, describe, is_process_backed, machin
 from training.envs.options import EnvOptions, SimulatorFlags
 from training.envs.registry import split_env_mix
 from training.envs.toy.config import REWARD_PRESETS
+from training.sft.external import parse_factory_spec
 
 # Training scenario seeds are ``TRAIN_SEED_START + seed * TRAIN_SEEDS_PER_RUN + k``; the in-training
 # evaluation reads the development range; the test range is left to final comparisons
@@ -41,7 +42,17 @@ def _largest_fitting_mix(env: str, weights: str | None, per_simulator: int) -> i
 class PPOConfig(SimulatorFlags):
     """Residual delta-waypoint PPO on top of a frozen SFT model."""
 
-    sft_checkpoint: str = config_field(dataclasses.MISSING, "SFT model.pt to refine (frozen)")
+    sft_checkpoint: str = config_field(
+        dataclasses.MISSING,
+        "SFT model to refine (frozen): this project's model.pt, a torch.export .pt2 or TorchScript file "
+        "whose forward returns (z, waypoints), or with --sft-model a state_dict",
+    )
+    sft_model: str | None = config_field(
+        None,
+        "your own SFT architecture: FACTORY() in MODULE returns the nn.Module and --sft-checkpoint is "
+        "its state_dict (see README, 'Use your own model')",
+        metavar="MODULE:FACTORY",
+    )
     out_dir: str = config_field("out/rl_delta_ppo_v0", "folder for config, metrics, checkpoints, TensorBoard")
     env: str = config_field(
         "toy", "environment: toy, metadrive or carla; a mix trains on several, e.g. toy,metadrive"
@@ -163,6 +174,8 @@ class PPOConfig(SimulatorFlags):
 
     def validate(self) -> None:
         """Reject values no run could use, with one line naming the flag."""
+        if self.sft_model is not None:
+            parse_factory_spec(self.sft_model)
         require(self.num_iterations >= 1, f"--num-iterations must be >= 1, got {self.num_iterations}")
         require(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
         require(self.num_envs >= 1, f"--num-envs must be >= 1, got {self.num_envs}")

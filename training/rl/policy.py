@@ -1,7 +1,7 @@
 """The residual PPO policy: a frozen SFT waypoint model plus a small trained delta head.
 
 ```
-z, sft_waypoints = sft.encode(bev, state), sft.head(z)     # frozen, no gradients
+z, sft_waypoints = sft.frozen_features(bev, state)         # frozen, no gradients
 mean_delta       = max_delta * tanh(action_scale * delta_head(z, sft))  # [N, K, 2] m, 0 at init
 delta            ~ Normal(mean_delta, exp(log_std))        # log_std: learned, state-independent
 final_waypoints  = sft_waypoints + clamp(delta, +-max_delta)
@@ -34,17 +34,15 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {"tanh": nn.Tanh, "silu": nn.SiLU}
 
 
 class SFTModel(Protocol):
-    """What the policy needs from the supervised model (``training/sft/model.py``)."""
+    """What the policy needs from the supervised model: ``WaypointModel`` (``training/sft/model.py``)
+    and ``ExternalSFTModel`` (``training/sft/external.py``, a model of any architecture) offer it."""
 
     feature_dim: int  # D
     num_waypoints: int  # K
 
-    def encode(self, bev: Tensor, state: Tensor) -> Tensor:
-        """``bev`` uint8 ``[N, C, H, W]``, ``state`` float ``[N, S]`` -> ``z`` ``[N, D]``."""
-        ...
-
-    def head(self, z: Tensor) -> Tensor:
-        """``z`` ``[N, D]`` -> waypoints ``[N, K, 2]`` (metres, ego frame)."""
+    def frozen_features(self, bev: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
+        """``bev`` uint8 ``[N, C, H, W]``, ``state`` float ``[N, S]`` -> ``(z [N, D], waypoints
+        [N, K, 2] metres, ego frame)``, float32, without autograd history (inference only)."""
         ...
 
 
@@ -151,8 +149,8 @@ class PPOPolicy(nn.Module):
     """Frozen SFT model + trained :class:`DeltaHead`, :class:`ValueHead` and ``log_std`` ``[K, 2]``.
 
     Args:
-        sft_model: module with ``encode(bev, state) -> z [N, D]``, ``head(z) -> [N, K, 2]`` and
-            attributes ``feature_dim`` (D) and ``num_waypoints`` (K). It is frozen here:
+        sft_model: an :class:`SFTModel` module (``frozen_features(bev, state) -> (z [N, D],
+            waypoints [N, K, 2])``, ``feature_dim`` D, ``num_waypoints`` K). It is frozen here:
             ``requires_grad_(False)`` and kept in eval mode whatever ``train()`` is called with.
         max_delta: bound on the residual per coordinate, metres.
         init_log_std: initial log standard deviation of the first waypoint's delta (``-1.6`` is
@@ -290,17 +288,12 @@ class PPOPolicy(nn.Module):
         """Run the frozen SFT model: ``bev`` uint8 ``[N, C, H, W]``, ``state`` ``[N, S]`` ->
         ``(z [N, D], sft_waypoints [N, K, 2] metres)``.
 
-        A ``WaypointModel`` runs ``frozen_features`` (inference mode; on CUDA the encoder under
-        fp16 autocast, within 1 cm of fp32), whose results are cloned to ordinary tensors; other
-        models run under ``no_grad``. Either way the results carry no history: they can be stored
-        in the rollout buffer and fed to the heads later with gradients flowing into the heads only.
+        The SFT model's ``frozen_features`` (a ``WaypointModel`` runs in inference mode, on CUDA
+        the encoder under fp16 autocast, within 1 cm of fp32) returns tensors without history:
+        they can be stored in the rollout buffer and fed to the heads later with gradients
+        flowing into the heads only.
         """
-        frozen_features = getattr(self.sft_model, "frozen_features", None)
-        if frozen_features is not None:
-            return frozen_features(bev, state)
-        z = self.sft_model.encode(bev, state)
-        sft_waypoints = self.sft_model.head(z)
-        return z.detach(), sft_waypoints.detach()
+        return self.sft_model.frozen_features(bev, state)
 
     # --- distribution, value, actions -----------------------------------------------------------
 

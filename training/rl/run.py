@@ -15,7 +15,7 @@ import torch
 
 from training.common.device import resolve_device, set_cpu_threads
 from training.common.errors import UserError
-from training.common.io import atomic_write_json, ensure_writable_dir, file_sha256, load_checkpoint, read_json
+from training.common.io import atomic_write_json, ensure_writable_dir, file_sha256, read_json
 from training.envs.options import EnvOptions, for_process
 from training.envs.registry import make_env_mix, make_envs
 from training.rl.buffer import RolloutBuffer
@@ -26,7 +26,7 @@ from training.rl.distributed import RANK_SEED_STRIDE, DistContext
 from training.rl.env_interface import BatchedWaypointEnv, Observation
 from training.rl.policy import PPOPolicy
 from training.rl.selection import PolicySelection
-from training.sft.model import SFT_CHECKPOINT_KIND, model_from_checkpoint
+from training.sft.external import read_sft
 
 RUN_FILES = ("config.json", "train_metrics.json", "eval_metrics.json", "final.pt")
 
@@ -66,21 +66,6 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
     if numbered:
         return max(numbered)[1]
     return out_dir / "final.pt" if (out_dir / "final.pt").is_file() else None
-
-
-def check_spec_matches(env: BatchedWaypointEnv, sft_checkpoint: dict[str, Any], path: str) -> None:
-    """The SFT model must read this environment's observations and emit its waypoint count."""
-    spec = sft_checkpoint.get("env_spec", {})
-    checks = (
-        ("BEV shape", list(spec.get("bev_shape", [])), list(env.spec.bev_shape)),
-        ("ego state size", spec.get("state_dim"), env.spec.state_dim),
-        ("waypoint count", spec.get("num_waypoints"), env.spec.num_waypoints),
-    )
-    for what, model_value, env_value in checks:
-        if model_value != env_value:
-            raise UserError(
-                f"SFT checkpoint {path} was trained for {what} {model_value}, the environment has {env_value}"
-            )
 
 
 def package_versions() -> dict[str, str]:
@@ -202,15 +187,16 @@ def build_run(config: PPOConfig, ctx: DistContext | None = None) -> Run:
     ctx = ctx or DistContext()
     set_cpu_threads(config.num_threads)
     device = run_device(config, ctx)
-    sft_raw = load_checkpoint(config.sft_checkpoint, expected_kind=SFT_CHECKPOINT_KIND)
-    sft_model = model_from_checkpoint(sft_raw, source=config.sft_checkpoint).to(device)
+    sft_source = read_sft(
+        config.sft_checkpoint, config.sft_model, device
+    )  # a bad file fails before any world
     # each process its own block of simulator servers: training worlds plus rank 0's evaluation worlds
     options = for_process(
         config.env_options(config.difficulty), ctx.rank, config.num_envs + config.num_eval_worlds
     )
     env = make_env_mix(config.env_mix(), device, options)
     try:
-        check_spec_matches(env, sft_raw, config.sft_checkpoint)
+        sft_model = sft_source.for_env(env.spec)  # the model's shapes against the environment's
         curriculum = _build_curriculum(config, env)
         out_dir = prepare_out_dir(config) if ctx.is_main else Path(config.out_dir)
         eval_envs = _build_eval_envs(config, device, options) if ctx.is_main else {}

@@ -9,6 +9,11 @@ python -m training.sft.train_waypoint_bc_torch_v0 --out-dir out/sft_waypoint_bc_
 3. after every epoch, measure held-out ADE/FDE (metres) and write ``metrics.json``;
 4. write ``model.pt`` (``kind: "sft_waypoint_model"``), ``config.json`` and TensorBoard events.
 
+With ``--sft-model MODULE:FACTORY`` it clones the architecture ``FACTORY()`` returns instead
+(``training/sft/external.py`` says what that module must offer), checked against the
+environment's shapes before any demonstration is recorded, and ``model.pt`` is its plain
+``state_dict``: the RL trainer and the comparison read it with the same ``--sft-model``.
+
 The defaults take about a minute on a 2-core CPU and give a model that drives but drifts in
 closed loop (it only saw the expert's own states), which the RL stage then improves.
 """
@@ -28,12 +33,12 @@ from torch import Tensor
 from training.common.cli import config_field, config_to_dict, console_script, parse_config, require
 from training.common.device import resolve_device, set_cpu_threads
 from training.common.errors import UserError, exit_on_user_error
-from training.common.io import atomic_write_json, ensure_writable_dir
+from training.common.io import atomic_write_json, ensure_writable_dir, save_checkpoint
 from training.common.progress import log_line, progress_bar
 from training.envs.capacity import default_worlds
 from training.envs.options import SimulatorFlags
 from training.envs.registry import check_env_choice, make_env
-from training.rl.env_interface import BatchedWaypointEnv
+from training.rl.env_interface import BatchedWaypointEnv, EnvSpec
 from training.sft.data import (
     SEEDS_PER_RUN_SEED,
     VAL_SEED_OFFSET,
@@ -41,6 +46,7 @@ from training.sft.data import (
     collect_split,
     split_first_seed,
 )
+from training.sft.external import ExternalSFTModel, adapt_to_spec, build_from_factory, parse_factory_spec
 from training.sft.model import SFTModelConfig, WaypointModel, encoder_macs_per_sample, save_sft_checkpoint
 
 LOSSES = ("smooth_l1", "l1")
@@ -57,6 +63,12 @@ class SFTTrainConfig(SimulatorFlags):
         "out/sft_waypoint_bc_torch_v0", "output folder: model.pt, config.json, metrics.json, demos/, events"
     )
     env: str = config_field("toy", "environment whose expert is cloned (toy, metadrive or carla)")
+    sft_model: str | None = config_field(
+        None,
+        "clone your own architecture: FACTORY() in MODULE returns the nn.Module; model.pt is then its "
+        "state_dict (default: this project's WaypointModel)",
+        metavar="MODULE:FACTORY",
+    )
     difficulty: float = config_field(0.5, "toy world difficulty in [0, 1] (curvature, traffic)")
     num_episodes: int = config_field(200, "expert episodes recorded for training")
     val_episodes: int = config_field(60, "held-out expert episodes (disjoint scenario seeds) for ADE/FDE")
@@ -76,8 +88,8 @@ class SFTTrainConfig(SimulatorFlags):
     loss: str = config_field("smooth_l1", "waypoint loss in metres: smooth_l1 or l1")
     smooth_l1_beta: float = config_field(1.0, "smooth-L1 transition point", unit="m")
     max_grad_norm: float = config_field(5.0, "gradient norm clip (0 disables)")
-    feature_dim: int = config_field(256, "size of the encoder feature z the RL heads read")
-    waypoint_scale: float = config_field(10.0, "output normalisation of the head", unit="m")
+    feature_dim: int = config_field(256, "size of the encoder feature z the RL heads read (WaypointModel)")
+    waypoint_scale: float = config_field(10.0, "output normalisation of the head (WaypointModel)", unit="m")
     device: str = config_field(
         "auto", "torch device: auto (cuda when available, else cpu), cpu, cuda, cuda:N"
     )
@@ -89,6 +101,8 @@ class SFTTrainConfig(SimulatorFlags):
 
     def validate(self) -> None:
         check_env_choice(self.env)
+        if self.sft_model is not None:
+            parse_factory_spec(self.sft_model)
         self.validate_simulator_flags()
         require(0.0 <= self.difficulty <= 1.0, f"--difficulty must be in [0, 1], got {self.difficulty}")
         require(self.num_episodes >= 1, f"--num-episodes must be >= 1, got {self.num_episodes}")
@@ -130,7 +144,7 @@ def waypoint_loss(pred_m: Tensor, target_m: Tensor, config: SFTTrainConfig) -> T
 
 @torch.inference_mode()
 def evaluate_ade_fde(
-    model: WaypointModel, data: WaypointDemoDataset, batch_size: int = 512
+    model: WaypointModel | ExternalSFTModel, data: WaypointDemoDataset, batch_size: int = 512
 ) -> dict[str, float]:
     """Average (ADE) and final (FDE) displacement error in metres of ``model`` on ``data``."""
     was_training = model.training
@@ -207,6 +221,7 @@ def train_sft(config: SFTTrainConfig, show_progress: bool = True) -> dict[str, A
     device = resolve_device(config.device)
     env = _recording_env(config, device)  # a simulator that cannot start fails before any file is written
     try:
+        own_model = _own_model(config, env.spec, device)  # so does an --sft-model that does not fit
         ensure_writable_dir(out_dir)
         torch.manual_seed(config.seed)
         atomic_write_json(out_dir / "config.json", config_to_dict(config))
@@ -219,16 +234,7 @@ def train_sft(config: SFTTrainConfig, show_progress: bool = True) -> dict[str, A
     env_spec = train_data.manifest["env_spec"]
     record_time = time.perf_counter() - started
 
-    model_config = SFTModelConfig(
-        bev_shape=tuple(env_spec["bev_shape"]),
-        state_dim=int(env_spec["state_dim"]),
-        num_waypoints=int(env_spec["num_waypoints"]),
-        feature_dim=config.feature_dim,
-        waypoint_scale=config.waypoint_scale,
-    )
-    torch.manual_seed(config.seed)
-    model = WaypointModel(model_config).to(device)
-    model.fit_normalization(train_data.state, train_data.waypoints)
+    model = own_model if own_model is not None else _waypoint_model(config, env_spec, train_data, device)
     mean_plan = train_data.waypoints.mean(dim=0)
     baselines = {
         "mean_plan_val": constant_plan_ade_fde(mean_plan, val_data),
@@ -286,19 +292,51 @@ def train_sft(config: SFTTrainConfig, show_progress: bool = True) -> dict[str, A
                 writer.add_scalar("eval/val_fde_m", record["val_fde_m"], global_step)
                 writer.add_scalar("charts/learning_rate", record["lr"], global_step)
                 metrics = _metrics_record(
-                    model.config, epochs, baselines, train_data, val_data, record_time, started
+                    model, epochs, baselines, train_data, val_data, record_time, started
                 )
                 atomic_write_json(out_dir / "metrics.json", metrics)
     finally:
         writer.close()
 
     final = metrics["final"]
-    save_sft_checkpoint(model_path, model.cpu(), env_spec, config_to_dict(config), final)
+    if config.sft_model is None:
+        save_sft_checkpoint(model_path, model.cpu(), env_spec, config_to_dict(config), final)
+    else:  # the plain state_dict a user would bring, read again with the same --sft-model
+        module = model.module if isinstance(model, ExternalSFTModel) else model
+        save_checkpoint(model_path, {k: v.detach().cpu().clone() for k, v in module.state_dict().items()})
     return {**final, "model_path": str(model_path), "metrics_path": str(out_dir / "metrics.json")}
 
 
+def _own_model(
+    config: SFTTrainConfig, spec: EnvSpec, device: torch.device
+) -> WaypointModel | ExternalSFTModel | None:
+    """``--sft-model``'s architecture, initialised from ``--seed`` and checked against ``spec``."""
+    if config.sft_model is None:
+        return None
+    torch.manual_seed(config.seed)
+    module = build_from_factory(config.sft_model).to(device)
+    return adapt_to_spec(module, spec, config.sft_model)
+
+
+def _waypoint_model(
+    config: SFTTrainConfig, env_spec: dict[str, Any], train_data: WaypointDemoDataset, device: torch.device
+) -> WaypointModel:
+    """This project's model for the recorded world, its normalisation fitted on the training data."""
+    model_config = SFTModelConfig(
+        bev_shape=tuple(env_spec["bev_shape"]),
+        state_dim=int(env_spec["state_dim"]),
+        num_waypoints=int(env_spec["num_waypoints"]),
+        feature_dim=config.feature_dim,
+        waypoint_scale=config.waypoint_scale,
+    )
+    torch.manual_seed(config.seed)
+    model = WaypointModel(model_config).to(device)
+    model.fit_normalization(train_data.state, train_data.waypoints)
+    return model
+
+
 def _metrics_record(
-    model_config: SFTModelConfig,
+    model: WaypointModel | ExternalSFTModel,
     epochs: list[dict[str, float]],
     baselines: dict[str, dict[str, float]],
     train_data: WaypointDemoDataset,
@@ -326,7 +364,11 @@ def _metrics_record(
             "expert_outcomes_train": train_data.manifest["expert_outcomes"],
             "record_time_s": record_time,
         },
-        "encoder_mflops_per_sample": 2 * encoder_macs_per_sample(model_config)["encode"] / 1e6,
+        "encoder_mflops_per_sample": (
+            2 * encoder_macs_per_sample(model.config)["encode"] / 1e6
+            if isinstance(model, WaypointModel)
+            else None
+        ),
     }
 
 
@@ -345,6 +387,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"(mean-plan baseline ADE {result['mean_plan_val_ade_m']:.2f} m)"
     )
     print(f"model: {result['model_path']}")
+    if config.sft_model is not None:
+        print(
+            f"(a state_dict of {config.sft_model}: the RL trainer and the comparison read it with "
+            f"--sft-model {config.sft_model})"
+        )
     return result
 
 

@@ -2,12 +2,15 @@
 
 ``bev_to_rgb`` colours a BEV raster; ``save_episode_strip`` draws a few frames side by side with
 the expert's and a model's waypoints; ``record_episode_strip`` plays one episode and saves its
-strip. From the command line::
+strip (``record_episode_animation``: as a video). From the command line::
 
     python -m training.envs.toy.viz --out out/toy_episode.png [--seed 0] [--sft-checkpoint model.pt]
 
 With ``--sft-checkpoint`` the SFT model drives and its waypoints are drawn next to the expert's;
-without it the expert drives.
+without it the expert drives; with ``--rl-checkpoint`` too, the RL policy refining that model drives.
+An ``--out`` ending in ``.mp4`` or ``.gif`` writes the episode as an animation instead (every
+step: the BEV, the expert's plan, the SFT plan, the RL's final plan, how it ended), drawn by
+:mod:`eval.animation` as the comparison's are.
 """
 
 from __future__ import annotations
@@ -251,16 +254,53 @@ def record_episode_strip(
     return stats
 
 
+def record_episode_animation(
+    path: str | Path,
+    policy_fn: PolicyFn | None = None,
+    reference_fn: PolicyFn | None = None,
+    seed: int = 0,
+    difficulty: float = 0.5,
+    device: str | torch.device = "cpu",
+    config: ToyWorldConfig | None = None,
+) -> dict[str, float | bool | int]:
+    """Play one episode of the toy world and save it as an animation (``.mp4`` or ``.gif``).
+
+    ``policy_fn`` drives as in :func:`record_episode_strip` (``None``: the expert); the plan of
+    ``reference_fn`` (the SFT model under an RL policy) is drawn too. Returns the episode's statistics.
+    """
+    from eval.animation import animate_episode  # lazily: eval.animation draws with this module
+    from training.envs.toy.world import ToyWaypointEnv
+
+    cfg = dataclasses.replace(config or ToyWorldConfig(), num_envs=1, difficulty=difficulty)
+    driver = "expert" if policy_fn is None else ("RL" if reference_fn is not None else "SFT")
+    label = f"{driver} driving, difficulty {difficulty:g}"
+    env = ToyWaypointEnv(cfg, device=device)
+    return animate_episode(path, env, policy_fn, seed, cfg, reference_fn=reference_fn, label=label)
+
+
 # ---------------------------------------------------------------------- command line
 @dataclasses.dataclass
 class VizConfig:
     """Settings of ``python -m training.envs.toy.viz``."""
 
-    out: str = config_field(dataclasses.MISSING, "PNG file to write the episode strip to")
+    out: str = config_field(
+        dataclasses.MISSING, "PNG file to write the episode strip to, or .mp4/.gif for an animation"
+    )
     seed: int = config_field(0, "scenario seed of the episode")
     difficulty: float = config_field(0.5, "toy world difficulty, 0..1")
     sft_checkpoint: str | None = config_field(
-        None, "SFT model.pt: the model drives and its waypoints are drawn (default: the expert drives)"
+        None,
+        "SFT model (model.pt, a torch.export or TorchScript file, or with --sft-model a state_dict): it "
+        "drives and its waypoints are drawn (default: the expert drives)",
+    )
+    sft_model: str | None = config_field(
+        None,
+        "your own SFT architecture: FACTORY() in MODULE returns the nn.Module and --sft-checkpoint is its "
+        "state_dict (default: the RL run's --sft-model)",
+        metavar="MODULE:FACTORY",
+    )
+    rl_checkpoint: str | None = config_field(
+        None, "RL checkpoint (final.pt) refining --sft-checkpoint: it drives and its final plan is drawn"
     )
     device: str = config_field("cpu", "torch device of the world and the model (cpu, cuda)")
     max_frames: int = config_field(10, "panels in the strip")
@@ -270,6 +310,13 @@ class VizConfig:
         require(0.0 <= self.difficulty <= 1.0, f"--difficulty must be in [0, 1], got {self.difficulty}")
         require(self.max_frames >= 1, f"--max-frames must be >= 1, got {self.max_frames}")
         require(self.seed >= 0, f"--seed must be >= 0, got {self.seed}")
+        require(
+            self.rl_checkpoint is None or self.sft_checkpoint is not None,
+            "--rl-checkpoint needs the --sft-checkpoint it refines",
+        )
+        require(
+            self.sft_model is None or self.sft_checkpoint is not None, "--sft-model needs --sft-checkpoint"
+        )
 
 
 def _resolve_device(name: str) -> torch.device:
@@ -282,30 +329,50 @@ def _resolve_device(name: str) -> torch.device:
     return device
 
 
-def _sft_policy(checkpoint: str, device: torch.device, cfg: ToyWorldConfig) -> PolicyFn:
-    """``policy_fn`` driving with the SFT model saved at ``checkpoint``."""
-    from training.envs.toy.config import STATE_NAMES
-    from training.sft import load_sft_model  # lazily: the SFT package is optional for this tool
+def _sft_model(config: VizConfig, device: torch.device, cfg: ToyWorldConfig) -> torch.nn.Module:
+    """The SFT model of ``--sft-checkpoint`` (any form the three commands read), checked against
+    the toy world's observation and action shapes; frozen."""
+    from training.envs.toy.config import shared_layout_spec
+    from training.sft.external import read_sft  # lazily: the SFT package is optional for this tool
 
-    model = load_sft_model(checkpoint, device=device)
-    model.requires_grad_(False)
-    bev_shape = (len(BEV_CHANNELS), cfg.bev_size_px, cfg.bev_size_px)
-    mc = model.config
-    if (
-        tuple(mc.bev_shape) != bev_shape
-        or mc.state_dim != len(STATE_NAMES)
-        or (mc.num_waypoints != cfg.num_waypoints)
-    ):
-        raise UserError(
-            f"SFT checkpoint {checkpoint} does not fit the toy world: it takes bev {list(mc.bev_shape)}, "
-            f"state {mc.state_dim} and predicts {mc.num_waypoints} waypoints; the world gives bev "
-            f"{list(bev_shape)}, state {len(STATE_NAMES)} and takes {cfg.num_waypoints}"
-        )
+    recorded = None
+    if config.rl_checkpoint is not None:  # a state_dict's architecture defaults to the RL run's
+        from training.rl.checkpoint import load_rl_checkpoint
 
-    def policy(obs: Observation) -> torch.Tensor:
-        return model(obs.bev, obs.state)
+        recorded = load_rl_checkpoint(config.rl_checkpoint)["config"].get("sft_model")
+    spec = shared_layout_spec(
+        cfg.bev_size_px, cfg.num_waypoints, cfg.waypoint_dt, cfg.policy_dt, cfg.max_episode_steps
+    )
+    source = read_sft(config.sft_checkpoint, config.sft_model, device, default_sft_model=recorded)
+    return source.for_env(spec).requires_grad_(False)
 
-    return policy
+
+def _driving(model: torch.nn.Module) -> PolicyFn:
+    """``policy_fn`` driving with the plan of the SFT ``model``."""
+    return lambda obs: model(obs.bev, obs.state)
+
+
+def _rl_policy(rl_checkpoint: str, sft_checkpoint: str, sft_model: torch.nn.Module) -> PolicyFn:
+    """``policy_fn`` driving with the deterministic plan of the RL policy saved at ``rl_checkpoint``,
+    which must have been trained from ``sft_checkpoint`` (read as ``sft_model``)."""
+    from training.common.io import file_sha256
+    from training.rl.checkpoint import load_rl_checkpoint, trained_policy
+
+    checkpoint = load_rl_checkpoint(rl_checkpoint)
+    if checkpoint["sft_sha256"] != file_sha256(sft_checkpoint):
+        raise UserError(f"{rl_checkpoint} was trained from another SFT checkpoint than {sft_checkpoint}")
+    policy = trained_policy(checkpoint, sft_model)
+
+    def plan(obs: Observation) -> torch.Tensor:
+        return policy.deterministic_waypoints(obs.bev, obs.state)
+
+    return plan
+
+
+def _is_video(path: str) -> bool:
+    from eval.animation import VIDEO_SUFFIXES  # lazily: eval.animation draws with this module
+
+    return Path(path).suffix.lower() in VIDEO_SUFFIXES
 
 
 @exit_on_user_error
@@ -315,17 +382,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     device = _resolve_device(config.device)
     world_cfg = ToyWorldConfig(num_envs=1, difficulty=config.difficulty)
-    policy = None if config.sft_checkpoint is None else _sft_policy(config.sft_checkpoint, device, world_cfg)
+    policy = reference = None
+    if config.sft_checkpoint is not None:
+        sft_model = _sft_model(config, device, world_cfg)
+        policy = _driving(sft_model)
+    if config.rl_checkpoint is not None:  # RL drives; the SFT plan it refines is drawn beside its own
+        reference, policy = policy, _rl_policy(config.rl_checkpoint, config.sft_checkpoint, sft_model)
     try:
-        stats = record_episode_strip(
-            config.out,
-            policy,
-            seed=config.seed,
-            difficulty=config.difficulty,
-            device=device,
-            max_frames=config.max_frames,
-            config=world_cfg,
-        )
+        if _is_video(config.out):
+            stats = record_episode_animation(
+                config.out, policy, reference, config.seed, config.difficulty, device, world_cfg
+            )
+        else:
+            stats = record_episode_strip(
+                config.out,
+                policy,
+                seed=config.seed,
+                difficulty=config.difficulty,
+                device=device,
+                max_frames=config.max_frames,
+                config=world_cfg,
+            )
     except OSError as err:
         raise UserError(f"cannot write {config.out} ({err.strerror or err})") from None
     summary = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in stats.items())
