@@ -1,58 +1,95 @@
-"""How often the toy world's expert, driving its own waypoints, finishes an episode cleanly.
+"""How often the expert, driving its own waypoints, finishes an episode cleanly.
 
-    python -m benchmarks.expert_success [--episodes 1000] [--difficulty 0.5] [--device cpu]
+    python -m benchmarks.expert_success [--env toy] [--episodes 1000] [--difficulty 0.5] [--seed S]
+    python -m benchmarks.expert_success --env metadrive --episodes 100 [--workers 2] [--seed S]
 
-Uses the deterministic closed-loop evaluator on held-out scenario seeds; prints one JSON object.
+Uses the deterministic closed-loop evaluator on held-out scenario seeds ``seed .. seed + episodes - 1``
+(default: the start of the development range); prints one JSON object. ``--env metadrive`` runs
+``--workers`` MetaDrive worlds in parallel (one process each) and lists every episode that did not
+reach its destination cleanly under ``unfinished`` (seed, outcome, route completion, length).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from typing import Any
 
 import torch
 
 from eval.closed_loop import run_closed_loop
 from eval.metrics import summarise
 from training.common.device import resolve_device, set_cpu_threads
+from training.common.errors import exit_on_user_error
 from training.common.seeds import DEV_SEED_START
 from training.envs.registry import make_env
 
+TOY_MAX_WORLDS = 250  # the toy world runs this many episodes at once
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--env", choices=("toy", "metadrive"), default="toy")
     parser.add_argument("--episodes", type=int, default=1000)
     parser.add_argument("--difficulty", type=float, default=0.5)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=DEV_SEED_START)
-    args = parser.parse_args()
-    set_cpu_threads(1)
-    env = make_env("toy", min(args.episodes, 250), resolve_device(args.device), args.difficulty)
-    # The expert's plan for the observation is held by the env; the evaluator asks the policy for
-    # waypoints right after the env produced them, so the policy can read them back from the env.
-    result = run_closed_loop(
-        env, lambda obs: env.expert_waypoints(), seed=args.seed, num_episodes=args.episodes
+    parser.add_argument(
+        "--workers", type=int, default=2, help="--env metadrive: worlds (processes) in parallel"
     )
+    args = parser.parse_args(argv)
+    set_cpu_threads(1)
+    worlds = min(args.episodes, TOY_MAX_WORLDS if args.env == "toy" else max(args.workers, 1))
+    env = make_env(args.env, worlds, resolve_device(args.device), args.difficulty)
+    try:
+        # The expert's plan for the observation is held by the env; the evaluator asks the policy for
+        # waypoints right after the env produced them, so the policy can read them back from the env.
+        result = run_closed_loop(
+            env, lambda obs: env.expert_waypoints(), seed=args.seed, num_episodes=args.episodes
+        )
+    finally:
+        env.close()
     eps = result.episodes
     clean = sum(1 for e in eps if not e["collision"] and not e["off_road"] and e["goal_reached"])
     summary = summarise(eps)
-    print(
-        json.dumps(
-            {
-                "episodes": len(eps),
-                "difficulty": args.difficulty,
-                "finished_clean_rate": clean / len(eps),
-                "collision_rate": summary["collision_rate"],
-                "off_road_rate": summary["off_road_rate"],
-                "route_completion": summary["route_completion"],
-                "mean_abs_lateral_m": summary["mean_abs_lateral_m"],
-                "ade_m": summary["ade"],
-                "wall_time_s": result.wall_time_s,
-                "torch": torch.__version__,
-            },
-            indent=2,
-        )
-    )
+    report: dict[str, Any] = {
+        "env": args.env,
+        "episodes": len(eps),
+        "difficulty": args.difficulty,
+        "seed": args.seed,
+        "finished_clean_rate": clean / len(eps),
+        "collision_rate": summary["collision_rate"],
+        "off_road_rate": summary["off_road_rate"],
+        "route_completion": summary["route_completion"],
+        "mean_abs_lateral_m": summary["mean_abs_lateral_m"],
+        "ade_m": summary["ade"],
+        "wall_time_s": result.wall_time_s,
+        "torch": torch.__version__,
+    }
+    if args.env != "toy":
+        report["time_limit_rate"] = sum(1 for e in eps if _outcome(e) == "time limit") / len(eps)
+        report["unfinished"] = [_unfinished(e) for e in eps if _outcome(e) != "goal"]
+    print(json.dumps(report, indent=2))
+
+
+def _outcome(episode: dict[str, Any]) -> str:
+    if episode["collision"]:
+        return "collision"
+    if episode["off_road"]:
+        return "off road"
+    return "goal" if episode["goal_reached"] else "time limit"
+
+
+def _unfinished(episode: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "scenario_seed": episode["scenario_seed"],
+        "outcome": _outcome(episode),
+        "route_completion": round(episode["route_completion"], 3),
+        "length": episode["length"],
+    }
 
 
 if __name__ == "__main__":

@@ -105,3 +105,20 @@ def test_a_dead_worker_is_one_clear_error_and_close_stops_the_rest() -> None:
         batched.close()
     assert batched.worker_pids() == []
     batched.close()  # idempotent
+
+
+def test_closing_keeps_no_entry_per_possible_seed() -> None:
+    """MetaDrive's own ``clear_stored_maps`` (called on close) refills one dict entry per possible
+    seed: 2^32 here, tens of GB. The adapter's map manager clears without refilling."""
+    from metadrive.manager.pg_map_manager import PGMapManager
+
+    from training.envs.metadrive.headless import HeadlessMetaDriveEnv, _OpenSeedMapManager
+
+    assert _OpenSeedMapManager.clear_stored_maps is not PGMapManager.clear_stored_maps
+    env = HeadlessMetaDriveEnv(MetaDriveWorldConfig(difficulty=0.0).metadrive_config())
+    try:
+        env.reset(seed=SEED)
+        env.engine.map_manager.clear_stored_maps()
+        assert len(env.engine.map_manager.maps) == 0
+    finally:
+        env.close()

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from training.envs.metadrive.expert import YieldSettings
 from training.envs.toy.config import RewardWeights, ToyWorldConfig
 
 # MetaDrive's default car (DefaultVehicle): FRONT_WHEELBASE + REAR_WHEELBASE, and its steering limit.
@@ -40,19 +41,30 @@ class MetaDriveWorldConfig:
     """One MetaDrive world behind the waypoint protocol. Lengths in metres, times in seconds."""
 
     difficulty: float = 0.5  # 0..1, see ``metadrive_config`` for what it changes
-    max_episode_steps: int = 120  # policy steps (60 s) before truncation
+    # policy steps (100 s) before truncation: the expert needs up to ~80 s for the longest 4-block
+    # routes (measured on development seeds: at 120 steps a quarter of its episodes were truncated)
+    max_episode_steps: int = 200
     # MetaDrive steps 0.1 s per env.step (5 physics steps of 0.02 s); the controller runs at that rate
     sim_dt: float = 0.1
     route_ahead_m: float = 80.0  # local route polyline length ahead of the ego (BEV, plan, lead search)
     # throttle/brake calibration of MetaDrive's default car, measured: acceleration per unit action
     throttle_accel_mps2: float = 2.76
     brake_decel_mps2: float = 16.3
-    # expert (IDM lane choice; speed: curvature limit, capped to stop behind the object ahead)
+    # expert (IDM lane choice; speed: curvature limit, stops behind leads and before crossing cars;
+    # see training/envs/metadrive/expert.py)
     lead_gap_m: float = 6.0  # bumper-to-bumper distance the expert keeps to a stopped object
     lead_time_gap_s: float = 1.0  # plus this many seconds at the lead's speed
-    lead_search_half_width_m: float = 1.9  # objects whose centre is this close to the route block it
-    object_search_radius_m: float = 50.0
-    conflict_horizon_s: float = 2.0  # vehicles are extrapolated this far to find crossing traffic
+    corridor_margin_m: float = 0.3  # an object this close to the ego's sides is in its way
+    yield_margin_m: float = 1.0  # the same for other cars' predicted paths (turning cars cut corners)
+    # cars up to yield_horizon_s at the cruise speed from a conflict ahead must be seen
+    object_search_radius_m: float = 80.0
+    idm_search_radius_m: float = 50.0  # what MetaDrive's IDM lane choice sees (its lidar's default)
+    yield_horizon_s: float = 6.0  # other cars' paths are predicted this far ahead
+    yield_step_s: float = 0.1
+    yield_buffer_s: float = 1.5  # the expert and a crossing car are never at one place this close in time
+    yield_gap_m: float = 4.0  # front bumper to where a crossing car passes, when stopped for it
+    traffic_accel_mps2: float = 1.0  # other cars are predicted to accelerate to the cruise speed at this
+    moving_mps: float = 1.0  # slower cars are not predicted to move
     # map and traffic at difficulty 0 and 1 (linear in between)
     map_blocks: tuple[int, int] = (2, 4)
     traffic_density: tuple[float, float] = (0.02, 0.2)
@@ -66,6 +78,20 @@ class MetaDriveWorldConfig:
     @property
     def substeps(self) -> int:
         return round(self.geometry.policy_dt / self.sim_dt)
+
+    def yield_settings(self) -> YieldSettings:
+        return YieldSettings(
+            lead_gap_m=self.lead_gap_m,
+            lead_time_gap_s=self.lead_time_gap_s,
+            corridor_margin_m=self.corridor_margin_m,
+            yield_margin_m=self.yield_margin_m,
+            yield_horizon_s=self.yield_horizon_s,
+            yield_step_s=self.yield_step_s,
+            yield_buffer_s=self.yield_buffer_s,
+            yield_gap_m=self.yield_gap_m,
+            traffic_accel_mps2=self.traffic_accel_mps2,
+            moving_mps=self.moving_mps,
+        )
 
     def _lerp(self, bounds: tuple[float, float]) -> float:
         return bounds[0] + (bounds[1] - bounds[0]) * self.difficulty

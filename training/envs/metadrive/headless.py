@@ -16,7 +16,9 @@ lock file of another process that is downloading). Nothing is written into site-
 
 MetaDrive also allocates one dict entry per scenario seed (``PGMapManager.maps``, sized by
 ``num_scenarios``), so the protocol's unbounded scenario seeds (up to ~2e9 here) would need
-gigabytes. ``_OpenSeedMapManager`` builds each map on demand and keeps none (``store_map=False``).
+gigabytes (and ``PGMapManager.clear_stored_maps`` refills that dict when the engine closes: a
+closing world asked for tens of GB). ``_OpenSeedMapManager`` builds each map on demand and keeps none
+(``store_map=False``).
 """
 
 from __future__ import annotations
@@ -74,6 +76,15 @@ class _OpenSeedMapManager(PGMapManager):
         self.current_map = None
         self.start_seed = 0
         self.env_num = SCENARIO_SEED_SPACE
+        self.maps = defaultdict(lambda: None)
+
+    def clear_stored_maps(self) -> None:
+        """``PGMapManager.clear_stored_maps`` without refilling one entry per possible seed: theirs
+        rebuilds a dict of ``SCENARIO_SEED_SPACE`` entries when the engine closes (tens of GB)."""
+        for stored in self.maps.values():
+            if stored is not None:
+                stored.detach_from_world()
+                stored.destroy()
         self.maps = defaultdict(lambda: None)
 
 

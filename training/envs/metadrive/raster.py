@@ -10,11 +10,13 @@ the toy world sets a pixel when any surface sample falls into it).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from training.envs.metadrive.single import world_to_ego
 from training.envs.toy.config import ToyWorldConfig
 
 DRIVABLE, ROUTE, VEHICLES, OBSTACLES = 0, 1, 2, 3
@@ -39,6 +41,15 @@ class DrivableGrid:
         rows, cols = self.mask.shape
         inside = (row >= 0) & (row < rows) & (col >= 0) & (col < cols)
         return inside & self.mask[row.clip(0, rows - 1), col.clip(0, cols - 1)]
+
+    def contains_xy(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """``contains`` for world coordinates given as two arrays of one shape."""
+        col = np.floor((x - self.x0) / self.resolution_m).astype(np.int64)
+        row = np.floor((y - self.y0) / self.resolution_m).astype(np.int64)
+        rows, cols = self.mask.shape
+        inside = (row >= 0) & (row < rows) & (col >= 0) & (col < cols)
+        flat = np.where(inside, row * cols + col, 0)
+        return inside & np.take(self.mask.reshape(-1), flat)
 
 
 def _lane_surface(lane: Any, step_m: float) -> np.ndarray:
@@ -73,25 +84,38 @@ def build_drivable_grid(lanes: list[Any], resolution_m: float, margin_m: float =
 
 
 class BevRasteriser:
-    """Draws the BEV of one world; the pixel sample grid is built once."""
+    """Draws the BEV of one world; the pixel sample grid is built once.
+
+    The samples form a regular grid in the ego frame, so their world coordinates are an outer sum
+    of one row term and one column term, and a box only needs the samples of its bounding window.
+    """
 
     def __init__(self, cfg: ToyWorldConfig, subpixels: int) -> None:
         self.cfg = cfg
         size, res = cfg.bev_size_px, cfg.bev_resolution_m
         offsets = (np.arange(subpixels) + 0.5) / subpixels  # sample positions inside a pixel
         rows = (np.arange(size)[:, None] + offsets[None, :]).reshape(-1)  # [size * sp]
-        cols = rows.copy()
-        x = (cfg.bev_ego_row - rows) * res  # ego frame: x forward (up), y left
-        y = (size / 2 - cols) * res
-        grid_x, grid_y = np.meshgrid(x, y, indexing="ij")
-        self.samples_ego = np.stack([grid_x, grid_y], axis=-1)  # [size * sp, size * sp, 2]
+        self.sample_x = (cfg.bev_ego_row - rows) * res  # ego frame: x forward (up) per sample row
+        self.sample_y = (size / 2 - rows) * res  # y left per sample column
         self.subpixels = subpixels
         # the BEV's reach from the rear axle, to skip far objects
         self.reach_m = float(np.hypot(max(cfg.bev_ego_row, size - cfg.bev_ego_row), size / 2) * res) + 5.0
 
     def _pool(self, hits: np.ndarray) -> np.ndarray:
-        size, sp = self.cfg.bev_size_px, self.subpixels
-        return hits.reshape(size, sp, size, sp).any(axis=(1, 3))
+        """A pixel is set when any of its ``subpixels x subpixels`` samples is."""
+        sp = self.subpixels
+        pooled = np.zeros(hits[::sp, ::sp].shape, dtype=bool)
+        for row in range(sp):
+            for col in range(sp):
+                pooled |= hits[row::sp, col::sp]
+        return pooled
+
+    def samples_world(self, pose: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """World ``x``, ``y`` ``[size * sp, size * sp]`` of the pixel samples for rear-axle ``pose``."""
+        cos, sin = math.cos(pose[2]), math.sin(pose[2])
+        x = (pose[0] + cos * self.sample_x)[:, None] - (sin * self.sample_y)[None, :]
+        y = (pose[1] + sin * self.sample_x)[:, None] + (cos * self.sample_y)[None, :]
+        return x, y
 
     def render(
         self,
@@ -105,26 +129,41 @@ class BevRasteriser:
         centre x, y, heading, length, width in the world frame; ``route_xy`` ``[P, 2]`` world."""
         size = self.cfg.bev_size_px
         bev = np.zeros((4, size, size), dtype=np.uint8)
-        samples_world = ego_to_world_np(self.samples_ego, pose)
-        bev[DRIVABLE] = self._pool(grid.contains(samples_world)) * np.uint8(255)
-        bev[VEHICLES] = self._pool(self._inside_boxes(samples_world, vehicle_boxes, pose)) * np.uint8(255)
-        bev[OBSTACLES] = self._pool(self._inside_boxes(samples_world, obstacle_boxes, pose)) * np.uint8(255)
+        x, y = self.samples_world(pose)
+        bev[DRIVABLE] = self._pool(grid.contains_xy(x, y)) * np.uint8(255)
+        bev[VEHICLES] = self._pool(self._inside_boxes(x, y, vehicle_boxes, pose)) * np.uint8(255)
+        bev[OBSTACLES] = self._pool(self._inside_boxes(x, y, obstacle_boxes, pose)) * np.uint8(255)
         bev[ROUTE] = self._route_line(route_xy, pose)
         return bev
 
-    def _inside_boxes(self, samples_world: np.ndarray, boxes: np.ndarray, pose: np.ndarray) -> np.ndarray:
-        hits = np.zeros(samples_world.shape[:2], dtype=bool)
-        near = (
-            boxes[np.hypot(boxes[:, 0] - pose[0], boxes[:, 1] - pose[1]) < self.reach_m]
-            if len(boxes)
-            else boxes
-        )
+    def _inside_boxes(self, x: np.ndarray, y: np.ndarray, boxes: np.ndarray, pose: np.ndarray) -> np.ndarray:
+        """Which samples lie inside any box; each box is tested on its bounding window only."""
+        hits = np.zeros(x.shape, dtype=bool)
+        if len(boxes) == 0:
+            return hits
+        near = boxes[np.hypot(boxes[:, 0] - pose[0], boxes[:, 1] - pose[1]) < self.reach_m]
         for cx, cy, heading, length, width in near:
-            dx, dy = samples_world[..., 0] - cx, samples_world[..., 1] - cy
+            rows, cols = self._window(cx, cy, heading, length, width, pose)
+            dx, dy = x[rows, cols] - cx, y[rows, cols] - cy
             cos, sin = np.cos(heading), np.sin(heading)
             along, across = cos * dx + sin * dy, -sin * dx + cos * dy
-            hits |= (np.abs(along) <= length / 2) & (np.abs(across) <= width / 2)
+            hits[rows, cols] |= (np.abs(along) <= length / 2) & (np.abs(across) <= width / 2)
         return hits
+
+    def _window(
+        self, cx: float, cy: float, heading: float, length: float, width: float, pose: np.ndarray
+    ) -> tuple[slice, slice]:
+        """Sample rows and columns covering a box (one sample of margin on each side)."""
+        half = np.array([[1, 1], [1, -1], [-1, 1], [-1, -1]]) * (length / 2, width / 2)
+        cos, sin = math.cos(heading), math.sin(heading)
+        corners = np.array([cx, cy]) + half @ np.array([[cos, sin], [-sin, cos]])
+        local = world_to_ego(corners, pose)
+        cfg, sp, count = self.cfg, self.subpixels, len(self.sample_x)
+        rows = (cfg.bev_ego_row - local[:, 0] / cfg.bev_resolution_m) * sp - 0.5
+        cols = (cfg.bev_size_px / 2 - local[:, 1] / cfg.bev_resolution_m) * sp - 0.5
+        row0, row1 = max(int(math.floor(rows.min())) - 1, 0), min(int(math.ceil(rows.max())) + 2, count)
+        col0, col1 = max(int(math.floor(cols.min())) - 1, 0), min(int(math.ceil(cols.max())) + 2, count)
+        return slice(row0, max(row0, row1)), slice(col0, max(col0, col1))
 
     def _route_line(self, route_xy: np.ndarray, pose: np.ndarray) -> np.ndarray:
         """Anti-aliased centre line: each sample spreads bilinear weights to its 4 nearest pixel
@@ -137,9 +176,11 @@ class BevRasteriser:
         points = np.stack(
             [np.interp(fine, cumulative, route_xy[:, 0]), np.interp(fine, cumulative, route_xy[:, 1])], -1
         )
-        local = world_to_ego_np(points, pose)
+        local = world_to_ego(points, pose)
         row = cfg.bev_ego_row - local[:, 0] / cfg.bev_resolution_m - 0.5
         col = size / 2 - local[:, 1] / cfg.bev_resolution_m - 0.5
+        on_image = (row > -1) & (row < size) & (col > -1) & (col < size)  # the others weigh nothing here
+        row, col = row[on_image], col[on_image]
         r0, c0 = np.floor(row), np.floor(col)
         fr, fc = row - r0, col - c0
         flat = np.zeros(size * size + 1, dtype=np.int32)
@@ -150,17 +191,3 @@ class BevRasteriser:
             index = np.where(inside, r * size + c, size * size)
             np.maximum.at(flat, index, np.round(weight * 255).astype(np.int32))
         return flat[:-1].reshape(size, size).astype(np.uint8)
-
-
-def ego_to_world_np(points: np.ndarray, pose: np.ndarray) -> np.ndarray:
-    """Ego-frame points ``[..., 2]`` (x forward, y left) to the world frame of pose ``(x, y, yaw)``."""
-    cos, sin = np.cos(pose[2]), np.sin(pose[2])
-    x, y = points[..., 0], points[..., 1]
-    return np.stack([pose[0] + cos * x - sin * y, pose[1] + sin * x + cos * y], axis=-1)
-
-
-def world_to_ego_np(points: np.ndarray, pose: np.ndarray) -> np.ndarray:
-    """World points ``[..., 2]`` to the ego frame of pose ``(x, y, yaw)``."""
-    cos, sin = np.cos(pose[2]), np.sin(pose[2])
-    dx, dy = points[..., 0] - pose[0], points[..., 1] - pose[1]
-    return np.stack([cos * dx + sin * dy, -sin * dx + cos * dy], axis=-1)

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from metadrive.component.lane.circular_lane import CircularLane
+from metadrive.component.lane.straight_lane import StraightLane
 
 
 @dataclass
@@ -25,7 +27,22 @@ class LocalRoute:
 
 
 def _lane_samples(lane: Any, start: float, stop: float, step: float) -> tuple[np.ndarray, np.ndarray]:
+    """Centre-line points ``[M, 2]`` and headings ``[M]`` every ``step`` metres in ``[start, stop)``.
+
+    Straight and circular lanes (MetaDrive's procedural maps) are sampled in closed form, with
+    their own ``position`` / ``heading_theta_at`` formulas; any other lane point by point.
+    """
     longs = np.arange(start, stop, step)
+    kind = type(lane)
+    if kind.position is StraightLane.position and kind.heading_theta_at is StraightLane.heading_theta_at:
+        xy = np.asarray(lane.start, dtype=np.float64)[:2] + longs[:, None] * np.asarray(lane.direction)[:2]
+        return xy.reshape(-1, 2), np.full(len(longs), float(lane.heading))
+    if kind.position is CircularLane.position and kind.heading_theta_at is CircularLane.heading_theta_at:
+        phi = lane.direction * longs / lane.radius + lane.start_phase
+        xy = np.asarray(lane.center, dtype=np.float64)[:2] + lane.radius * np.stack(
+            [np.cos(phi), np.sin(phi)], -1
+        )
+        return xy.reshape(-1, 2), phi + math.pi / 2 * lane.direction
     xy = np.array([lane.position(float(s), 0.0) for s in longs], dtype=np.float64).reshape(-1, 2)
     heading = np.array([lane.heading_theta_at(float(s)) for s in longs], dtype=np.float64)
     return xy, heading
@@ -51,12 +68,15 @@ def build_local_route(
     behind_m: float,
     ahead_m: float,
     spacing_m: float,
+    successors: dict[Any, Any] | None = None,
 ) -> LocalRoute:
     """Sample ``lane`` and its successors along the route around the ego's projection on ``lane``.
 
     Before the lane's start MetaDrive's lane geometry is extended (a straight line continues, an
     arc keeps turning); past the route's last lane the polyline continues straight.
+    ``successors`` caches ``next_route_lane`` by lane index: pass one dict per episode (one route).
     """
+    successors = {} if successors is None else successors
     count = int(round((behind_m + ahead_m) / spacing_m)) + 1
     long0 = float(lane.local_coordinates(ego_xy)[0])
     pieces_xy, pieces_heading = [], []
@@ -69,7 +89,11 @@ def build_local_route(
         pieces_heading.append(heading)
         have += len(xy)
         cursor = (cursor + len(xy) * spacing_m) - current.length  # carry the spacing into the next lane
-        current = next_route_lane(current, checkpoints, graph) if have < count else None
+        if have >= count:
+            break
+        if current.index not in successors:
+            successors[current.index] = next_route_lane(current, checkpoints, graph)
+        current = successors[current.index]
     xy = np.concatenate(pieces_xy) if pieces_xy else np.zeros((0, 2))
     heading = np.concatenate(pieces_heading) if pieces_heading else np.zeros(0)
     if len(xy) < count:  # the route ends: continue straight along its last heading

@@ -1,7 +1,8 @@
 """One MetaDrive world behind the waypoint protocol, as plain numpy in and out (runs in a worker).
 
 Each ``step`` turns the plan (ego frame at the observation) into the world frame, runs the toy
-world's tracking controller (pure pursuit + speed control) at MetaDrive's 10 Hz decision rate for
+world's tracking controller (pure pursuit + speed control; its one-world numpy twin in ``single.py``:
+1-element torch tensors cost more than the arithmetic) at MetaDrive's 10 Hz decision rate for
 ``policy_dt`` seconds, mapping its steering angle and acceleration to MetaDrive's
 ``[steering, throttle_brake]`` action, then scores the step the way the toy world does. The ego's
 reference point is the rear axle, as in the toy world.
@@ -9,7 +10,8 @@ reference point is the rear axle, as in the toy world.
 The expert drives like MetaDrive's ``IDMPolicy``: the IDM's routing and lane-change logic picks the
 lane, and the plan follows that lane's centre line along the route (the toy expert's plan, with its
 critically damped return to the centre line), at MetaDrive's IDM cruise speed (30 km/h), slowed for
-curves and to stop behind the nearest vehicle or obstacle ahead in that lane.
+curves, behind the object ahead in its corridor and before cars that will cross or merge into it
+(``expert.py``).
 """
 
 from __future__ import annotations
@@ -18,27 +20,32 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from metadrive.component.vehicle.base_vehicle import BaseVehicle
 from metadrive.policy.idm_policy import IDMPolicy
 
 from training.envs.metadrive.config import MetaDriveWorldConfig
+from training.envs.metadrive.expert import Traffic, expert_stops
 from training.envs.metadrive.frames import WorldFrame, WorldStep
 from training.envs.metadrive.headless import SCENARIO_SEED_SPACE, HeadlessMetaDriveEnv
 from training.envs.metadrive.raster import BevRasteriser, build_drivable_grid
 from training.envs.metadrive.route import build_local_route, speed_profile
-from training.envs.toy.dynamics import (
-    VehicleState,
+from training.envs.metadrive.single import (
     ego_to_world,
+    expert_plan,
+    interpolate_profile,
     plan_speeds,
+    project_to_route,
     pure_pursuit_steer,
     speed_command,
 )
-from training.envs.toy.expert import expert_plan
-from training.envs.toy.scenario import interpolate_profile, project_points_to_route
 
 _MAX_WAYPOINT_M = 200.0  # as in the toy world: plans are clamped; non-finite plans mean "stop here"
 _COLLISION_KEYS = ("crash_vehicle", "crash_object", "crash_building", "crash_human")
+
+
+def _distance(a: object, b: object) -> float:
+    (ax, ay), (bx, by) = a.position, b.position
+    return math.hypot(ax - bx, ay - by)
 
 
 @dataclass
@@ -81,6 +88,7 @@ class MetaDriveWorld:
         self.t = 0
         self.totals = dict.fromkeys(("return", "lateral", "jerk", "steer_rate", "substeps"), 0.0)
         self.best_completion = 0.0
+        self.successors: dict = {}  # next_route_lane by lane index, for this episode's route
         self._refresh()
         return self.frame
 
@@ -88,44 +96,62 @@ class MetaDriveWorld:
         self.env.close()
 
     # ------------------------------------------------------------------ geometry
-    def _pose(self) -> np.ndarray:
+    def _pose(self) -> tuple[float, float, float]:
+        """Rear-axle ``x, y`` (m) and yaw (rad), world frame."""
         x, y = self.ego.position
         yaw = self.motion.yaw
-        return np.array(
-            [x - self.rear_offset_m * math.cos(yaw), y - self.rear_offset_m * math.sin(yaw), yaw], np.float32
-        )
+        return x - self.rear_offset_m * math.cos(yaw), y - self.rear_offset_m * math.sin(yaw), yaw
 
-    def _route_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.from_numpy(self.route.xy)[None], torch.from_numpy(self.route.heading)[None]
-
-    def _project(self, points_world: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _project(self, points_world: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Route coordinates ``s, d, heading`` ``[Q]`` of world points ``[Q, 2]`` (any distance along)."""
-        route_xy, route_heading = self._route_tensors()
-        points = torch.as_tensor(points_world, dtype=torch.float32)[None]
-        hint = torch.full(points.shape[:2], self.ego_index, dtype=torch.int64)
-        window = (-self.ego_index, route_xy.shape[1] - self.ego_index)
-        s, d, heading, _ = project_points_to_route(
-            route_xy, route_heading, points, hint, self.geometry, window
-        )
-        return s[0], d[0], heading[0]
+        return project_to_route(self.route.xy, self.route.heading, points_world, self.geometry)
 
-    def _nearby_objects(self) -> tuple[np.ndarray, np.ndarray, list[float]]:
-        """Boxes ``[B, 5]`` (x, y, heading, length, width) of other vehicles and of static
-        objects within the search radius, and each vehicle's speed (m/s)."""
-        found = self.ego.lidar.get_surrounding_objects(self.ego, radius=self.config.object_search_radius_m)
-        vehicles, obstacles, speeds = [], [], []
+    def _traffic(self, found: set) -> tuple[Traffic, np.ndarray, np.ndarray]:
+        """What the expert and the BEV need of the objects ``found`` near the ego: the expert's
+        view (boxes, speeds, predicted paths; vehicles first) and the vehicle and obstacle boxes
+        ``[B, 5]`` (x, y, heading, length, width)."""
+        vehicles, obstacles, speeds, paths, waiting = [], [], [], [], []
+        # MetaDrive's trigger-mode traffic: a block's cars stand until the ego enters the block
+        started = {id(v) for v in getattr(self.env.engine.traffic_manager, "_traffic_vehicles", [])}
         for obj in sorted(found, key=lambda o: o.name):  # a set: sort for determinism
             box = [*obj.position, obj.heading_theta, obj.LENGTH, obj.WIDTH]
             if isinstance(obj, BaseVehicle):
                 vehicles.append(box)
                 speeds.append(float(obj.speed))
+                waiting.append(id(obj) not in started)
+                predicted = speeds[-1] >= self.config.moving_mps or waiting[-1]
+                paths.append(self._vehicle_path(obj) if predicted else None)
             else:
                 obstacles.append(box)
         as_boxes = lambda rows: np.asarray(rows, dtype=np.float64).reshape(-1, 5)  # noqa: E731
-        return as_boxes(vehicles), as_boxes(obstacles), speeds
+        vehicles, obstacles = as_boxes(vehicles), as_boxes(obstacles)
+        traffic = Traffic(
+            boxes=np.concatenate([vehicles, obstacles]),
+            speeds=np.concatenate([np.asarray(speeds, dtype=np.float64), np.zeros(len(obstacles))]),
+            paths=paths + [None] * len(obstacles),
+            waiting=np.asarray(waiting + [False] * len(obstacles), dtype=bool),
+        )
+        return traffic, vehicles, obstacles
 
-    def _expert_lane(self) -> object:
-        """The lane MetaDrive's IDM policy steers to now (``IDMPolicy.act`` without acting)."""
+    def _vehicle_path(self, vehicle: BaseVehicle) -> np.ndarray | None:
+        """The polyline ``[P, 2]`` a traffic car will drive from where it is: the lane its IDM
+        policy steers to, then the lanes of its own route; None when it is on no lane."""
+        g, cfg = self.geometry, self.config
+        policy = self.env.engine.get_policy(vehicle.name)
+        lane = getattr(policy, "routing_target_lane", None) or vehicle.lane
+        navigation = getattr(vehicle, "navigation", None)
+        if lane is None or navigation is None:
+            return None
+        ahead_m = (max(float(vehicle.speed), g.road_speed_mps) + 1.0) * cfg.yield_horizon_s
+        graph = self.navigation.map.road_network.graph
+        path = build_local_route(
+            lane, np.asarray(vehicle.position), navigation.checkpoints, graph, 0.0, ahead_m, g.route_spacing_m
+        )
+        return path.xy.astype(np.float64)
+
+    def _expert_lane(self, found: set) -> object:
+        """The lane MetaDrive's IDM policy steers to now (``IDMPolicy.act`` without acting), given
+        the objects ``found`` around the ego (what ``act`` asks the ego's lidar for)."""
         idm = self.idm
         # Called once per 0.1 s, the IDM spends one call on a lane of the new road that merely
         # connects to its old lane before re-syncing to the ego's own lane on the next call; at our
@@ -135,7 +161,8 @@ class MetaDriveWorld:
         if not (on_route and idm.enable_lane_change):
             return idm.routing_target_lane
         try:
-            return idm.lane_change_policy(idm.control_object.lidar.get_surrounding_objects(self.ego))[2]
+            near = {o for o in found if _distance(o, self.ego) <= self.config.idm_search_radius_m}
+            return idm.lane_change_policy(near)[2]
         except Exception:  # IDMPolicy.act falls back to its routing lane on any error; so do we
             return idm.routing_target_lane
 
@@ -144,85 +171,59 @@ class MetaDriveWorld:
         """Rebuild the local route, the BEV, the expert plan and the state for the current moment."""
         g, cfg = self.geometry, self.config
         pose = self._pose()
+        found = self.ego.lidar.get_surrounding_objects(self.ego, radius=cfg.object_search_radius_m)
         self.route = build_local_route(
-            self._expert_lane(),
-            pose[:2].astype(np.float64),
+            self._expert_lane(found),
+            np.array(pose[:2]),
             self.navigation.checkpoints,
             self.navigation.map.road_network.graph,
             g.lead_in_m,
             cfg.route_ahead_m,
             g.route_spacing_m,
+            self.successors,
         )
-        vehicles, obstacles, vehicle_speeds = self._nearby_objects()
-        bev = self.rasteriser.render(pose.astype(np.float64), self.grid, self.route.xy, vehicles, obstacles)
-        s, d, heading = self._project(np.stack([pose[:2], np.asarray(self.ego.position)]))
-        self.frenet = (s[:1], d[:1], heading[:1])  # rear axle
+        traffic, vehicles, obstacles = self._traffic(found)
+        bev = self.rasteriser.render(np.array(pose), self.grid, self.route.xy, vehicles, obstacles)
+        s, d, heading = self._project(np.array([pose[:2], self.ego.position]))
+        self.frenet = (float(s[0]), float(d[0]), float(heading[0]))  # rear axle
         self.centre_d = float(d[1])
         self.centre_heading = float(heading[1])
         self.road_speed = speed_profile(
             self.route, g.route_spacing_m, g.road_speed_mps, g.max_lateral_accel, g.comfort_decel
         )
-        expert = self._expert(pose, vehicles, obstacles, vehicle_speeds)
+        expert = self._expert(pose, traffic)
         to_goal = max(0.0, self.navigation.total_length - self.navigation.travelled_length)
         m = self.motion
         state = np.array([m.speed, m.steer, m.accel, m.yaw_rate, to_goal], dtype=np.float32)
-        self.frame = WorldFrame(bev, state, expert, pose, self.centre_d, m.speed)
+        self.frame = WorldFrame(bev, state, expert, np.array(pose, np.float32), self.centre_d, m.speed)
 
-    def _expert(
-        self, pose: np.ndarray, vehicles: np.ndarray, obstacles: np.ndarray, vehicle_speeds: list[float]
-    ) -> np.ndarray:
+    def _expert(self, pose: tuple[float, float, float], traffic: Traffic) -> np.ndarray:
+        """The expert's plan ``[K, 2]`` (ego frame): the route at the road speed profile, lowered
+        to stop behind the lead and before cars it must yield to (``expert.py``)."""
         g = self.geometry
-        stop_index, lead_speed = self._stop_point(vehicles, obstacles, vehicle_speeds)
-        target = speed_profile(
-            self.route,
-            g.route_spacing_m,
-            g.road_speed_mps,
-            g.max_lateral_accel,
-            g.comfort_decel,
-            stop_index,
-            lead_speed,
-        )
-        route_xy, route_heading = self._route_tensors()
-        x, y, yaw = (torch.tensor([float(v)]) for v in pose)
-        plan = expert_plan(
-            route_xy,
-            route_heading,
-            torch.from_numpy(target)[None],
-            (x, y, yaw),
-            torch.tensor([self.motion.speed]),
-            self.frenet,
+        target = self.road_speed
+        stops = expert_stops(
+            self.route.xy,
+            self.route.heading,
+            self.frenet[0],
+            self.motion.speed,
+            traffic,
             g,
+            self.config.yield_settings(),
         )
-        return plan[0].numpy().astype(np.float32)
-
-    def _stop_point(
-        self, vehicles: np.ndarray, obstacles: np.ndarray, vehicle_speeds: list[float]
-    ) -> tuple[float | None, float]:
-        """Route index where the rear axle must stop behind the nearest object ahead in the
-        expert's lane, and that object's speed along the route; ``(None, 0)`` when the lane is clear."""
-        g, cfg = self.geometry, self.config
-        boxes = np.concatenate([vehicles, obstacles])
-        if len(boxes) == 0:
-            return None, 0.0
-        speeds = np.concatenate([np.asarray(vehicle_speeds), np.zeros(len(obstacles))])
-        # Where each object is now and, at constant velocity, in the next seconds: a car crossing
-        # at an intersection blocks the lane where it will cross, with no speed along the route.
-        horizon = np.arange(0.0, cfg.conflict_horizon_s + 1e-9, g.waypoint_dt)
-        direction = np.stack([np.cos(boxes[:, 2]), np.sin(boxes[:, 2])], axis=-1)
-        future = boxes[None, :, :2] + horizon[:, None, None] * speeds[None, :, None] * direction[None]
-        s, d, heading = (v.numpy().reshape(len(horizon), -1) for v in self._project(future.reshape(-1, 2)))
-        ahead = (s > self.frenet[0].item() + self.rear_offset_m) & (np.abs(d) < cfg.lead_search_half_width_m)
-        if not ahead.any():
-            return None, 0.0
-        s_blocked = np.where(ahead, s, np.inf).min(axis=0)  # [B]: nearest blocked place per object
-        lead = int(np.argmin(s_blocked))
-        now_in_lane = bool(ahead[0, lead])
-        along = math.cos(boxes[lead, 2] - heading[0, lead])
-        lead_speed = max(0.0, float(speeds[lead] * along)) if now_in_lane else 0.0
-        s = s_blocked
-        front_m = g.length_m - g.rear_overhang_m  # rear axle to front bumper
-        stop_s = s[lead] - boxes[lead, 3] / 2 - front_m - cfg.lead_gap_m - cfg.lead_time_gap_s * lead_speed
-        return (stop_s + g.lead_in_m) / g.route_spacing_m, lead_speed
+        for stop in stops:
+            limited = speed_profile(
+                self.route,
+                g.route_spacing_m,
+                g.road_speed_mps,
+                g.max_lateral_accel,
+                g.comfort_decel,
+                (stop.s + g.lead_in_m) / g.route_spacing_m,
+                stop.speed_mps,
+            )
+            target = np.minimum(target, limited)
+        plan = expert_plan(self.route.xy, self.route.heading, target, pose, self.motion.speed, self.frenet, g)
+        return plan.astype(np.float32)
 
     # ------------------------------------------------------------------ step
     def step(self, waypoints: np.ndarray) -> WorldStep:
@@ -231,10 +232,7 @@ class MetaDriveWorld:
         if not np.isfinite(plan).all():
             plan = np.zeros_like(plan)
         plan = np.clip(plan, -_MAX_WAYPOINT_M, _MAX_WAYPOINT_M)
-        pose = self._pose()
-        x, y, yaw = (torch.tensor([float(v)]) for v in pose)
-        origin = torch.zeros(1, 1, 2)
-        plan_world = ego_to_world(torch.cat([origin, torch.from_numpy(plan)[None]], dim=1), x, y, yaw)
+        plan_world = ego_to_world(np.concatenate([np.zeros((1, 2)), plan]), self._pose())  # [K+1, 2]
         speeds = plan_speeds(plan_world, g)
         plan_terms = self._plan_quality(plan_world, speeds)
         travelled_before = self.navigation.travelled_length
@@ -254,15 +252,13 @@ class MetaDriveWorld:
         reward = self._reward(progress_m, flags, plan_terms)
         return self._finish(reward, flags)
 
-    def _control(self, plan_world: torch.Tensor, speeds: torch.Tensor, time_in_plan: float) -> list[float]:
+    def _control(self, plan_world: np.ndarray, speeds: np.ndarray, time_in_plan: float) -> list[float]:
         """MetaDrive action ``[steering, throttle_brake]`` tracking the plan (toy controller)."""
         g, cfg, m = self.geometry, self.config, self.motion
-        pose = self._pose()
-        state = VehicleState(*(torch.tensor([float(v)]) for v in (*pose, m.speed, m.steer, m.accel)))
-        steer = float(pure_pursuit_steer(state, plan_world, g)[0])
+        steer = pure_pursuit_steer(self._pose(), m.speed, plan_world, g)
         max_change = g.max_steer_rate * cfg.sim_dt
         steer = min(max(steer, m.steer - max_change, -g.max_steer_rad), m.steer + max_change, g.max_steer_rad)
-        accel = float(speed_command(state, speeds, time_in_plan, g)[0])
+        accel = speed_command(m.speed, speeds, time_in_plan, g)
         accel = min(max(accel, -g.max_decel), g.max_accel)
         throttle = accel / cfg.throttle_accel_mps2 if accel >= 0 else accel / cfg.brake_decel_mps2
         return [steer / g.max_steer_rad, min(max(throttle, -1.0), 1.0)]
@@ -278,20 +274,17 @@ class MetaDriveWorld:
         yaw_rate = math.atan2(math.sin(yaw - m.yaw), math.cos(yaw - m.yaw)) / cfg.sim_dt
         self.motion = _Motion(speed=speed, yaw=yaw, steer=steer, accel=accel, yaw_rate=yaw_rate)
 
-    def _plan_quality(self, plan_world: torch.Tensor, speeds: torch.Tensor) -> tuple[float, float]:
+    def _plan_quality(self, plan_world: np.ndarray, speeds: np.ndarray) -> tuple[float, float]:
         """Mean distance (m) of the plan's waypoints from the route, and mean |planned speed -
         road target speed| / road speed over its intervals (the toy world's plan terms)."""
         g = self.geometry
-        s, d, _ = self._project(plan_world[0, 1:].numpy())
-        target = interpolate_profile(torch.from_numpy(self.road_speed)[None], s[None], g)[0]
-        return float(d.abs().mean()), float((speeds[0] - target).abs().mean() / g.road_speed_mps)
+        s, d, _ = self._project(plan_world[1:])
+        target = interpolate_profile(self.road_speed, s, g)
+        return float(np.abs(d).mean()), float(np.abs(speeds - target).mean() / g.road_speed_mps)
 
     def _reward(self, progress_m: float, flags: dict[str, bool], plan_terms: tuple[float, float]) -> float:
         g, w = self.geometry, self.config.reward
-        ego_s = float(self.frenet[0][0])
-        target = float(
-            interpolate_profile(torch.from_numpy(self.road_speed)[None], torch.tensor([[ego_s]]), g)[0, 0]
-        )
+        target = float(interpolate_profile(self.road_speed, np.array([self.frenet[0]]), g)[0])
         heading_error = math.atan2(
             math.sin(self.motion.yaw - self.centre_heading), math.cos(self.motion.yaw - self.centre_heading)
         )
