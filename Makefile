@@ -4,8 +4,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
-OUT ?= out
+# make demo ENV=metadrive writes under out/metadrive, next to the toy demo's out/
+OUT ?= $(if $(filter toy,$(ENV)),out,out/$(ENV))
 DEVICE ?= cpu
+ENV ?= toy
 
 .PHONY: demo test test-slow lint format install clean bench
 
@@ -18,7 +20,7 @@ $(STAMP): pyproject.toml constraints-ci.txt
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m training.demo --out-root $(OUT) --device $(DEVICE)
+	$(PY) -m training.demo --env $(ENV) --out-root $(OUT) --device $(DEVICE)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
