@@ -10,9 +10,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from training.envs.protocol import BatchedWaypointEnv, StepResult
 from training.envs.toy import STATE_NAMES, ToyWaypointEnv, ToyWorldConfig
 from training.envs.toy.scenario import generate_scenarios
-from training.rl.env_interface import BatchedWaypointEnv, StepResult
 
 K = ToyWorldConfig().num_waypoints
 

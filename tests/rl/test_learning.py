@@ -14,8 +14,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from training.envs.protocol import (
+    BatchedWaypointEnv,
+    EnvSpec,
+    EpisodeStats,
+    Observation,
+    StepInfo,
+    StepResult,
+)
 from training.rl.buffer import RolloutBuffer
-from training.rl.env_interface import EnvSpec, EpisodeStats, Observation, StepInfo, StepResult
 from training.rl.policy import PPOPolicy
 from training.rl.ppo import ppo_update
 from training.rl.trainer import collect_rollout
@@ -40,7 +47,7 @@ def target_plan(state: Tensor) -> Tensor:
     return torch.stack((x, y), dim=-1)
 
 
-class TargetEnv:
+class TargetEnv(BatchedWaypointEnv):
     """``num_envs`` worlds of the fixed task: 8-step episodes, truncated by the time limit, autoreset."""
 
     def __init__(self, num_envs: int) -> None:

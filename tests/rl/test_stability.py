@@ -215,9 +215,9 @@ class _EveryEpisodeSucceeds:
         result.info.episode.goal_reached = result.info.episode.done.clone()
         return result
 
-    def set_difficulty(self, difficulty: float) -> None:
+    def set_difficulty(self, difficulty: float) -> bool:
         self.difficulties.append(difficulty)
-        self._env.set_difficulty(difficulty)
+        return self._env.set_difficulty(difficulty)
 
     def __getattr__(self, name: str):
         return getattr(self._env, name)

@@ -20,10 +20,10 @@ from eval.metrics import summarise
 from training.common.errors import EXIT_USER_ERROR, UserError
 from training.common.io import atomic_write_json
 from training.common.progress import log_line, progress_bar
+from training.envs.protocol import BatchedWaypointEnv, Observation, StepResult
 from training.rl.buffer import RolloutBuffer
 from training.rl.config import PPOConfig
 from training.rl.distributed import DistContext, init_distributed, shutdown
-from training.rl.env_interface import BatchedWaypointEnv, Observation, StepResult
 from training.rl.policy import PPOPolicy
 from training.rl.ppo import ppo_update
 from training.rl.run import Run, build_run, latest_checkpoint, resume_from, write_run_config
@@ -156,7 +156,7 @@ def collect_rollout(
     Non-finite rewards and observations are counted in ``tally.nonfinite`` (read once per
     iteration, no per-step host synchronisation); the caller skips the update when any appeared.
     """
-    tally = EpisodeTally.zeros(env.device, env.num_envs, getattr(env, "groups", None))
+    tally = EpisodeTally.zeros(env.device, env.num_envs, env.groups)
     z, sft_waypoints = policy.features(obs.bev, obs.state)
     for step in range(buffer.num_steps):
         delta, log_prob, value = policy.act(z, sft_waypoints, generator=generator)

@@ -9,9 +9,11 @@ There is no Python loop over worlds; on CUDA there is no host synchronisation in
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import torch
 
+from training.envs.protocol import BatchedWaypointEnv, EpisodeStats, Observation, StepInfo, StepResult
 from training.envs.toy.config import ToyWorldConfig, shared_layout_spec
 from training.envs.toy.dynamics import (
     VehicleState,
@@ -31,13 +33,12 @@ from training.envs.toy.scenario import (
     project_points_to_route,
     project_to_route,
 )
-from training.rl.env_interface import EpisodeStats, Observation, StepInfo, StepResult
 
 _MAX_WAYPOINT_M = 200.0  # plans are clamped to this distance; non-finite plans mean "stop here"
 
 
-class ToyWaypointEnv:
-    """``num_envs`` toy driving worlds meeting ``BatchedWaypointEnv`` (see env_interface)."""
+class ToyWaypointEnv(BatchedWaypointEnv):
+    """``num_envs`` toy driving worlds meeting ``BatchedWaypointEnv`` (``training/envs/protocol.py``)."""
 
     def __init__(self, config: ToyWorldConfig | None = None, device: str | torch.device = "cpu") -> None:
         self.config = config or ToyWorldConfig()
@@ -57,7 +58,7 @@ class ToyWaypointEnv:
     def difficulty(self) -> float:
         return self.config.difficulty
 
-    def set_difficulty(self, difficulty: float) -> None:
+    def set_difficulty(self, difficulty: float) -> bool:
         """Scenarios generated from now on (resets and autoresets) use ``difficulty`` (0..1).
 
         Episodes under way keep their scenario; a curriculum raises the level between rollouts.
@@ -65,6 +66,7 @@ class ToyWaypointEnv:
         config = dataclasses.replace(self.config, difficulty=float(difficulty))
         config.validate()
         self.config = config
+        return True
 
     # ------------------------------------------------------------------ reset
     def reset(self, seed: int | None = None) -> Observation:
@@ -220,7 +222,7 @@ class ToyWaypointEnv:
             self.config,
         )
 
-    def route_xy_for_seeds(self, seeds: list[int]) -> torch.Tensor:
+    def route_xy_for_seeds(self, seeds: Sequence[int]) -> torch.Tensor:
         """Route centre lines ``[M, P, 2]`` (world frame) of the scenarios with these seeds, for drawing."""
         seeds_t = torch.tensor(seeds, dtype=torch.int64, device=self.device)
         return generate_scenarios(seeds_t, self.config).route_xy
