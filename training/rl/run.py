@@ -20,7 +20,7 @@ from training.envs.options import EnvOptions, for_process
 from training.envs.protocol import BatchedWaypointEnv, Observation
 from training.envs.registry import make_env_mix, make_envs
 from training.rl.buffer import RolloutBuffer
-from training.rl.checkpoint import build_policy, load_rl_checkpoint, save_rl_checkpoint
+from training.rl.checkpoint import load_rl_checkpoint, save_rl_checkpoint
 from training.rl.config import PPOConfig
 from training.rl.curriculum import Curriculum, curriculum_levels
 from training.rl.distributed import RANK_SEED_STRIDE, DistContext
@@ -205,7 +205,7 @@ def build_run(config: PPOConfig, ctx: DistContext | None = None) -> Run:
         raise
 
     torch.manual_seed(config.seed)  # identical heads on every rank
-    policy = build_policy(sft_model, dataclasses.asdict(config)).to(device)
+    policy = PPOPolicy(sft_model, config.policy_settings()).to(device)
     policy.train()
     rank_seed = config.seed + RANK_GENERATOR_STRIDE * ctx.rank
     return Run(

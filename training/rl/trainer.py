@@ -24,7 +24,7 @@ from training.envs.protocol import BatchedWaypointEnv, Observation, StepResult
 from training.rl.buffer import RolloutBuffer
 from training.rl.config import PPOConfig
 from training.rl.distributed import DistContext, init_distributed, shutdown
-from training.rl.policy import PPOPolicy
+from training.rl.policy import Exploration, PPOPolicy
 from training.rl.ppo import ppo_update
 from training.rl.run import Run, build_run, latest_checkpoint, resume_from, write_run_config
 from training.rl.selection import PolicySelection
@@ -266,7 +266,7 @@ def train_iteration(run: Run) -> dict[str, Any]:
     if config.anneal_lr:
         run.optimizer.param_groups[0]["lr"] = config.lr * (1.0 - (iteration - 1) / config.num_iterations)
     scale = exploration_scale(config, iteration)
-    run.policy.set_exploration(scale, scale if config.warmup_bound else 1.0)
+    run.policy.exploration = Exploration(scale, scale if config.warmup_bound else 1.0)
 
     # 1. rollout with the current policy (every process its own worlds), tallies summed over processes
     run.obs, tally = collect_rollout(
