@@ -26,8 +26,9 @@ from training.common.errors import exit_on_user_error
 from training.envs.registry import make_env
 from training.rl.checkpoint import load_rl_checkpoint
 from training.rl.config import PPOConfig
+from training.rl.evaluation import EVAL_METRICS
 from training.rl.policy import PPOPolicy
-from training.rl.trainer import EVAL_METRICS, train_ppo
+from training.rl.trainer import train_ppo
 from training.sft import load_sft_model
 
 TRAIN_KEYS = (
