@@ -29,9 +29,9 @@ from PIL import Image, ImageDraw, ImageFont
 
 from training.common.errors import UserError
 from training.common.io import atomic_write_bytes
+from training.envs.protocol import BatchedWaypointEnv, EnvSpec, EpisodeStats, Observation
 from training.envs.toy.config import BEV_CHANNELS, ToyWorldConfig
 from training.envs.toy.viz import EGO_COLOUR, EXPERT_COLOUR, MODEL_COLOUR, bev_to_rgb, ego_to_pixel
-from training.rl.env_interface import BatchedWaypointEnv, EnvSpec, EpisodeStats, Observation
 
 PlanFn = Callable[[Observation], torch.Tensor]  # observation batch -> waypoints [N, K, 2], metres
 

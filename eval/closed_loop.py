@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from eval.metrics import displacement_errors
-from training.rl.env_interface import BatchedWaypointEnv, Observation
+from training.envs.protocol import BatchedWaypointEnv, Observation
 
 Tensor = torch.Tensor
 
@@ -80,10 +80,10 @@ def ego_to_world(waypoints_ego: Tensor, pose: Tensor) -> Tensor:
 
 def _initial_pose(env: BatchedWaypointEnv) -> Tensor:
     """The ego poses after ``reset`` when the env can tell them (optional ``ego_pose()``), else NaN."""
-    getter = getattr(env, "ego_pose", None)
-    if callable(getter):
-        return getter().to(torch.float32)
-    return torch.full((env.num_envs, 3), math.nan, device=env.device)
+    pose = env.ego_pose()
+    if pose is None:
+        return torch.full((env.num_envs, 3), math.nan, device=env.device)
+    return pose.to(torch.float32)
 
 
 def _run_chunk(

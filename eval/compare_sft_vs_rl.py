@@ -34,6 +34,7 @@ from training.common.io import ensure_writable_dir, file_sha256
 from training.common.seeds import DEV_SEED_START, RL_TRAIN_SEED_START, TEST_SEED_START, split_of
 from training.envs.capacity import default_worlds
 from training.envs.options import EnvOptions, SimulatorFlags
+from training.envs.protocol import BatchedWaypointEnv
 from training.envs.registry import check_env_choice, make_env
 from training.rl.checkpoint import load_rl_checkpoint, trained_policy
 from training.rl.policy import PPOPolicy
@@ -153,7 +154,12 @@ def _read_run_metrics(rl_checkpoint: Path) -> tuple[list[dict], list[dict]]:
 
 
 def make_plots(
-    out_dir: Path, config: CompareConfig, rows: list, sft: ClosedLoopResult, rl: ClosedLoopResult, env: Any
+    out_dir: Path,
+    config: CompareConfig,
+    rows: list,
+    sft: ClosedLoopResult,
+    rl: ClosedLoopResult,
+    env: BatchedWaypointEnv,
 ) -> dict[str, Path]:
     plots_dir = out_dir / "plots"
     plots = {
@@ -170,10 +176,8 @@ def make_plots(
             train, evals, plots_dir / "training_curves.png"
         )
     if sft.trajectories:
-        routes = None
-        if hasattr(env, "route_xy_for_seeds"):
-            seeds = [t["scenario_seed"] for t in sft.trajectories]
-            routes = [r for r in env.route_xy_for_seeds(seeds).cpu().numpy()]
+        route_xy = env.route_xy_for_seeds([t["scenario_seed"] for t in sft.trajectories])
+        routes = None if route_xy is None else list(route_xy.cpu().numpy())
         plots["Episodes from above (SFT vs RL)"] = plot_episodes(
             sft.trajectories, rl.trajectories, plots_dir / "episodes.png", route_xy=routes
         )

@@ -13,8 +13,8 @@ from training.common.errors import UserError
 from training.envs.carla import CarlaConfig, CarlaWaypointEnv
 from training.envs.carla.connection import ServerAddress
 from training.envs.carla.session import CarlaSession
+from training.envs.protocol import BatchedWaypointEnv
 from training.envs.toy import ToyWaypointEnv, ToyWorldConfig
-from training.rl.env_interface import BatchedWaypointEnv
 
 SHORT = CarlaConfig(difficulty=0.0, route_length_m=25.0, max_episode_steps=6)
 

@@ -11,7 +11,7 @@ from training.common.errors import UserError
 from training.envs.mixed import MixedEnv
 from training.envs.registry import split_env_mix
 from training.envs.toy import ToyWaypointEnv, ToyWorldConfig
-from training.rl.trainer import EpisodeTally
+from training.rl.episodes import EpisodeTally
 
 
 def _toy(num_envs: int, difficulty: float = 0.5, **overrides) -> ToyWaypointEnv:

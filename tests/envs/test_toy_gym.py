@@ -119,8 +119,8 @@ def test_the_final_observation_of_a_truncated_episode_is_returned() -> None:
     # Not the next episode's first observation: the car has stopped.
     assert obs["state"][0] < 0.5
     # The batched world underneath did autoreset; the view must not have leaked it.
-    assert int(env.world.t[0]) == 0
-    assert float(env.world.vehicle.speed[0]) >= ToyWorldConfig().start_speed_range[0]
+    assert int(env.world.state.t[0]) == 0
+    assert float(env.world.state.vehicle.speed[0]) >= ToyWorldConfig().start_speed_range[0]
 
 
 def test_bad_actions() -> None:

@@ -10,9 +10,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from training.envs.protocol import BatchedWaypointEnv, StepResult
 from training.envs.toy import STATE_NAMES, ToyWaypointEnv, ToyWorldConfig
-from training.envs.toy.scenario import generate_scenarios
-from training.rl.env_interface import BatchedWaypointEnv, StepResult
+from training.envs.toy.scenario import Scenarios, generate_scenarios
 
 K = ToyWorldConfig().num_waypoints
 
@@ -89,9 +89,9 @@ def test_a_scenario_depends_only_on_its_seed() -> None:
         obs_small = small.reset(seed=20 + i)
         assert torch.equal(obs_big.bev[i], obs_small.bev[0])
         assert torch.equal(obs_big.state[i], obs_small.state[0])
-        for field in dataclasses.fields(big.scenarios):
+        for field in dataclasses.fields(big.state.scenarios):
             torch.testing.assert_close(
-                getattr(big.scenarios, field.name)[i], getattr(small.scenarios, field.name)[0]
+                getattr(big.state.scenarios, field.name)[i], getattr(small.state.scenarios, field.name)[0]
             )
         torch.testing.assert_close(big.expert_waypoints()[i], small.expert_waypoints()[0])
         # And the world stays the same under the same plans, whatever the other worlds do.
@@ -118,7 +118,7 @@ def test_time_limit_truncates_and_autoresets_with_the_next_seeds() -> None:
     n, limit = 3, 4
     env = _env(n, difficulty=0.0, max_episode_steps=limit)
     env.reset(seed=100)
-    assert env.scenario_seed.tolist() == [100, 101, 102]
+    assert env.state.scenario_seed.tolist() == [100, 101, 102]
     for step in range(1, limit + 1):
         result = env.step(_stop_plan(n))
         if step < limit:
@@ -140,8 +140,8 @@ def test_time_limit_truncates_and_autoresets_with_the_next_seeds() -> None:
         assert not torch.equal(final.state[i], result.obs.state[i])
     assert float(final.state[:, 0].max()) < 0.5
     assert float(result.obs.state[:, 0].min()) >= ToyWorldConfig().start_speed_range[0]
-    assert env.t.tolist() == [0] * n
-    assert env.scenario_seed.tolist() == [103, 104, 105]
+    assert env.state.t.tolist() == [0] * n
+    assert env.state.scenario_seed.tolist() == [103, 104, 105]
     # The new first observation is exactly a fresh reset's.
     fresh = _env(1, difficulty=0.0).reset(seed=104)
     assert torch.equal(result.obs.bev[1], fresh.bev[0])
@@ -172,13 +172,13 @@ def test_off_road_terminates_with_the_penalty_and_seeds_follow_the_finishing_ord
             w = ToyWorldConfig().reward
             assert float(result.reward[1]) < -w.off_road + 2.0  # the penalty, barely offset by progress
             assert float(result.reward[0]) > -2.0 and float(result.reward[2]) > -2.0
-            assert env.scenario_seed.tolist() == [200, 203, 202]  # world 1 took the next seed
-            assert int(env.t[1]) == 0
+            assert env.state.scenario_seed.tolist() == [200, 203, 202]  # world 1 took the next seed
+            assert int(env.state.t[1]) == 0
     assert off_step is not None and off_step < limit
     # Worlds 0 and 2 hit the time limit together: seeds by world index; world 1 runs on.
     assert result.truncated[[0, 2]].tolist() == [True, True]
-    assert env.scenario_seed.tolist() == [204, 203, 205]
-    assert int(env.t[1]) == limit - off_step
+    assert env.state.scenario_seed.tolist() == [204, 203, 205]
+    assert int(env.state.t[1]) == limit - off_step
 
 
 def test_bad_shapes_and_step_before_reset_raise() -> None:
@@ -214,8 +214,8 @@ def test_wild_waypoints_keep_the_world_finite_and_episodes_end_cleanly(
         assert torch.isfinite(result.reward).all()
         assert torch.isfinite(result.info.expert_waypoints).all()
         assert torch.isfinite(result.info.final_observation.state).all()
-        for field in env.vehicle.fields():
-            assert torch.isfinite(getattr(env.vehicle, field)).all(), field
+        for field in env.state.vehicle.fields():
+            assert torch.isfinite(getattr(env.state.vehicle, field)).all(), field
         ep = result.info.episode
         done = ep.done
         assert torch.equal(done, result.terminated | result.truncated)
@@ -246,3 +246,49 @@ def test_cpu_and_cuda_worlds_agree() -> None:
         assert torch.equal(r_cuda.terminated.cpu(), r_cpu.terminated)
         assert torch.equal(r_cuda.truncated.cpu(), r_cpu.truncated)
         obs_cpu, obs_cuda = r_cpu.obs, r_cuda.obs
+
+
+# The checkpoint format of the toy world: resumable runs saved it under exactly these keys.
+_STATE_KEYS = [
+    *(f"vehicle.{name}" for name in ("x", "y", "yaw", "speed", "steer", "accel")),
+    *(f"scenarios.{field.name}" for field in dataclasses.fields(Scenarios)),
+    *(f"acc.{name}" for name in ("ret", "lat", "jerk", "steer_rate", "substeps")),
+    *("frenet.0", "frenet.1", "frenet.2"),
+    *("route_hint", "t", "time_s", "best_s", "scenario_seed", "next_seed", "obs.bev", "obs.state"),
+]
+
+
+def test_saved_state_has_the_checkpoint_keys_and_restores_the_worlds_exactly() -> None:
+    limit = 4
+    env = _env(3, max_episode_steps=limit)
+    env.reset(seed=70)
+    generator = torch.Generator().manual_seed(0)
+    plans = [0.5 * torch.randn(3, K, 2, generator=generator) for _ in range(2 * limit)]
+    for plan in plans[:limit]:  # crosses an autoreset
+        env.step(env.expert_waypoints() + plan)
+    saved = env.state_dict()
+    assert list(saved) == _STATE_KEYS
+    assert all(tensor.device.type == "cpu" for tensor in saved.values())
+
+    restored = _env(3, max_episode_steps=limit)
+    obs = restored.load_state_dict(saved)
+    assert torch.equal(obs.bev, env.state.obs.bev) and torch.equal(obs.state, env.state.obs.state)
+    for plan in plans[limit:]:
+        a = env.step(env.expert_waypoints() + plan)
+        b = restored.step(restored.expert_waypoints() + plan)
+        assert torch.equal(a.reward, b.reward) and torch.equal(a.obs.bev, b.obs.bev)
+        assert torch.equal(a.info.episode.scenario_seed, b.info.episode.scenario_seed)
+    after_a, after_b = env.state_dict(), restored.state_dict()
+    assert all(torch.equal(after_a[key], after_b[key]) for key in _STATE_KEYS)
+
+
+def test_a_saved_state_that_lacks_a_field_or_has_other_worlds_is_refused() -> None:
+    env = _env(2)
+    with pytest.raises(RuntimeError, match="reset"):
+        env.state_dict()
+    env.reset(seed=0)
+    saved = env.state_dict()
+    with pytest.raises(ValueError, match=r"lacks 'acc\.jerk'"):
+        _env(2).load_state_dict({k: v for k, v in saved.items() if k != "acc.jerk"})
+    with pytest.raises(ValueError, match="holds 2 worlds"):
+        _env(3).load_state_dict(saved)

@@ -13,7 +13,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from training.rl.env_interface import EnvSpec, EpisodeStats, Observation, StepInfo, StepResult
+from training.envs import protocol
+from training.envs.protocol import EnvSpec, EpisodeStats, Observation, StepInfo, StepResult
 
 NUM_WAYPOINTS = 3
 MAX_EPISODE_STEPS = 6
@@ -36,7 +37,7 @@ def expert_plan(seed: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return torch.stack((x, y), dim=-1)
 
 
-class FakeWaypointEnv:
+class FakeWaypointEnv(protocol.BatchedWaypointEnv):
     """``num_envs`` independent toy worlds with autoreset, on the CPU."""
 
     def __init__(self, num_envs: int) -> None:

@@ -100,7 +100,8 @@ def test_env_that_never_ends_is_an_error(fake):
 
 def test_first_pose_unknown_without_ego_pose_method(fake):
     class NoPose(fake.Env):
-        ego_pose = None  # the protocol does not require it
+        def ego_pose(self):  # the protocol's default: the pose is unknown
+            return None
 
     result = run_closed_loop(NoPose(num_envs=2), fake.offset_policy, 4, 2, record_trajectories=1)
     traj = result.trajectories[0]

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import pytest
 import torch
 from torch import Tensor, nn
 
-from training.rl.policy import PPOPolicy
+from training.rl.policy import PolicySettings, PPOPolicy
 
 BEV_SHAPE = (2, 6, 6)  # C, H, W
 STATE_DIM = 3
@@ -49,6 +52,21 @@ def make_observation(num: int, seed: int = 0) -> tuple[Tensor, Tensor]:
     return bev, state
 
 
+def policy_settings(**overrides: Any) -> PolicySettings:
+    """The policy the RL unit tests were written against: a plain residual (gain 1), the same
+    starting std (0.2 m) on every waypoint, log std clamped to [-5, 1], heads 32 wide."""
+    plain = PolicySettings(
+        max_delta=1.0,
+        init_log_std=-1.6,
+        std_horizon_exponent=0.0,
+        min_log_std=-5.0,
+        max_log_std=1.0,
+        action_scale=1.0,
+        hidden_size=32,
+    )
+    return dataclasses.replace(plain, **overrides)
+
+
 @pytest.fixture
 def sft_model() -> FakeSFT:
     return FakeSFT()
@@ -57,4 +75,4 @@ def sft_model() -> FakeSFT:
 @pytest.fixture
 def policy(sft_model: FakeSFT) -> PPOPolicy:
     torch.manual_seed(1)
-    return PPOPolicy(sft_model, max_delta=1.0, init_log_std=-1.6, hidden_sizes=(32, 32))
+    return PPOPolicy(sft_model, policy_settings())

@@ -24,9 +24,10 @@ def test_log_prob_and_entropy_match_independent_normal(policy: PPOPolicy) -> Non
     _perturb_heads(policy)
     z, sft = policy.features(*make_observation(5))
     delta = torch.randn(5, NUM_WAYPOINTS, 2, generator=torch.Generator().manual_seed(4))
-    log_prob, entropy, value = policy.evaluate_actions(z, sft, delta)
+    log_prob, entropy, value, mean_delta = policy.evaluate_actions(z, sft, delta)
 
     mean = policy.delta_head(z, sft)
+    torch.testing.assert_close(mean_delta, mean)  # what the update's L2 and KL penalties read
     reference = Independent(Normal(mean, policy.log_std.exp()), 2)
     torch.testing.assert_close(log_prob, reference.log_prob(delta))
     torch.testing.assert_close(entropy, reference.entropy())
@@ -46,7 +47,7 @@ def test_act_log_prob_is_that_of_the_returned_delta(policy: PPOPolicy) -> None:
     delta, log_prob, value = policy.act(z, sft, generator=torch.Generator().manual_seed(0))
     again, _, _ = policy.act(z, sft, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(delta, again)  # seeded sampling is reproducible
-    evaluated, _, evaluated_value = policy.evaluate_actions(z, sft, delta)
+    evaluated, _, evaluated_value, _ = policy.evaluate_actions(z, sft, delta)
     torch.testing.assert_close(log_prob, evaluated)
     torch.testing.assert_close(value, evaluated_value)
 
@@ -59,12 +60,15 @@ def test_log_std_is_clamped_where_used(policy: PPOPolicy) -> None:
     with torch.no_grad():
         policy.log_std.fill_(-50.0)
     torch.testing.assert_close(
-        policy.distribution(z, sft).stddev, torch.full((2, NUM_WAYPOINTS, 2), math.exp(policy.min_log_std))
+        policy.distribution(z, sft).stddev,
+        torch.full((2, NUM_WAYPOINTS, 2), math.exp(policy.settings.min_log_std)),
     )
     with torch.no_grad():
         policy.log_std.fill_(50.0)
     dist = policy.distribution(z, sft)
-    torch.testing.assert_close(dist.stddev, torch.full((2, NUM_WAYPOINTS, 2), math.exp(policy.max_log_std)))
+    torch.testing.assert_close(
+        dist.stddev, torch.full((2, NUM_WAYPOINTS, 2), math.exp(policy.settings.max_log_std))
+    )
     assert torch.isfinite(dist.entropy()).all()
 
 

@@ -14,8 +14,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from tests.rl.conftest import policy_settings
+from training.envs import protocol
+from training.envs.protocol import EnvSpec, EpisodeStats, Observation, StepInfo, StepResult
 from training.rl.buffer import RolloutBuffer
-from training.rl.env_interface import EnvSpec, EpisodeStats, Observation, StepInfo, StepResult
 from training.rl.policy import PPOPolicy
 from training.rl.ppo import ppo_update
 from training.rl.trainer import collect_rollout
@@ -40,7 +42,7 @@ def target_plan(state: Tensor) -> Tensor:
     return torch.stack((x, y), dim=-1)
 
 
-class TargetEnv:
+class TargetEnv(protocol.BatchedWaypointEnv):
     """``num_envs`` worlds of the fixed task: 8-step episodes, truncated by the time limit, autoreset."""
 
     def __init__(self, num_envs: int) -> None:
@@ -165,13 +167,7 @@ def deterministic_return(policy: PPOPolicy) -> float:
 def train(lr: float) -> dict[str, list[float]]:
     """The trainer's loop (rollout, GAE, PPO update) on the fixed task; returns per-iteration returns."""
     torch.manual_seed(0)
-    policy = PPOPolicy(
-        OffsetSFT(),
-        max_delta=1.0,
-        init_log_std=-1.0,
-        hidden_sizes=(32, 32),
-        action_scale=1.0,
-    )
+    policy = PPOPolicy(OffsetSFT(), policy_settings(init_log_std=-1.0))
     optimizer = torch.optim.Adam(policy.trainable_parameters(), lr=lr, eps=1e-5)
     env = TargetEnv(NUM_ENVS)
     buffer = RolloutBuffer(ROLLOUT_STEPS, NUM_ENVS, FEATURE_DIM, NUM_WAYPOINTS)
@@ -203,7 +199,7 @@ def train(lr: float) -> dict[str, list[float]]:
 def test_fake_sft_is_off_by_the_constant() -> None:
     """The task is what the learning test assumes: SFT earns exactly -SFT_ERROR_M per step."""
     torch.manual_seed(0)
-    policy = PPOPolicy(OffsetSFT(), max_delta=1.0, hidden_sizes=(8, 8))
+    policy = PPOPolicy(OffsetSFT(), policy_settings(hidden_size=8))
     sft_return = deterministic_return(policy)
     assert abs(sft_return - (-SFT_ERROR_M * EPISODE_STEPS)) < 1e-4
     env = TargetEnv(3)

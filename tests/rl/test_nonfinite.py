@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import training.rl.run as run_module
+from training.envs.protocol import StepResult
 from training.envs.toy import ToyWaypointEnv
 from training.rl.config import PPOConfig
-from training.rl.env_interface import StepResult
 from training.rl.test_ppo_delta_smoke import smoke_config
 from training.rl.trainer import TrainingDiverged, train_ppo
 

@@ -48,13 +48,13 @@ def test_update_raises_log_prob_of_positive_advantage_actions(policy: PPOPolicy)
     z, sft = buffer.z.flatten(0, 1), buffer.sft_waypoints.flatten(0, 1)
     delta, advantages = buffer.delta.flatten(0, 1), buffer.advantages.flatten()
     good = advantages > advantages.median()
-    before, _, _ = policy.evaluate_actions(z, sft, delta)
+    before = policy.evaluate_actions(z, sft, delta).log_prob
 
     optimizer = torch.optim.Adam(policy.trainable_parameters(), lr=3e-3)
     generator = torch.Generator().manual_seed(0)
     for _ in range(3):
         stats = ppo_update(policy, optimizer, buffer, generator=generator, **SETTINGS)
-    after, _, _ = policy.evaluate_actions(z, sft, delta)
+    after = policy.evaluate_actions(z, sft, delta).log_prob
 
     assert (after - before)[good].mean() > 0
     assert (after - before)[good].mean() > (after - before)[~good].mean()
@@ -127,3 +127,27 @@ def test_critic_only_warm_up_leaves_the_actor_unchanged(policy: PPOPolicy) -> No
         torch.cat([p.detach().flatten() for p in policy.value_head.parameters()]), critic_before
     )
     assert stats["approx_kl"] == 0.0 and stats["early_stopped"] == 0.0
+
+
+def test_the_update_scores_with_the_policy_and_penalises_its_kl_to_sft(
+    policy: PPOPolicy, monkeypatch
+) -> None:
+    """The update has no distribution code of its own: it asks the policy for log-probs and the KL,
+    so its kl_to_reference is the policy's kl_to_sft of the minibatch's mean delta."""
+    with torch.no_grad():
+        policy.delta_head.net[-1].bias.fill_(0.2)  # a residual: the KL to SFT is not 0
+    buffer = _bandit_buffer(policy)
+    scored: list[torch.Tensor] = []
+    evaluate_actions = policy.evaluate_actions
+
+    def recording(z, sft_waypoints, delta):
+        scores = evaluate_actions(z, sft_waypoints, delta)
+        scored.append(policy.kl_to_sft(scores.mean_delta).mean().detach())
+        return scores
+
+    monkeypatch.setattr(policy, "evaluate_actions", recording)
+    optimizer = torch.optim.SGD(policy.trainable_parameters(), lr=0.0)  # nothing moves
+    stats = ppo_update(policy, optimizer, buffer, kl_coef=1.0, **{**SETTINGS, "update_epochs": 1})
+    assert len(scored) == stats["minibatch_updates"] == NUM_STEPS * NUM_ENVS // SETTINGS["minibatch_size"]
+    assert stats["kl_to_reference"] > 0
+    assert stats["kl_to_reference"] == torch.stack(scored).mean().item()

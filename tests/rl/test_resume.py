@@ -162,9 +162,13 @@ class _WorldWithoutState:
     def __init__(self, env) -> None:
         self._env = env
 
+    def state_dict(self) -> None:  # the protocol's answer of a world that cannot save its state
+        return None
+
+    def load_state_dict(self, state):
+        raise AssertionError("a world without state is never restored")
+
     def __getattr__(self, name: str):
-        if name in ("state_dict", "load_state_dict"):
-            raise AttributeError(name)
         return getattr(self._env, name)
 
 

@@ -13,13 +13,14 @@ from torch.distributions import Normal, kl_divergence
 
 from eval.closed_loop import run_closed_loop
 from eval.metrics import summarise
+from tests.rl.conftest import policy_settings
 from training.common.errors import UserError
 from training.envs.registry import make_env
 from training.envs.toy import ToyWaypointEnv, ToyWorldConfig
 from training.rl.checkpoint import load_rl_policy
 from training.rl.config import PPOConfig
 from training.rl.curriculum import Curriculum, curriculum_levels
-from training.rl.policy import PPOPolicy
+from training.rl.policy import FULL_EXPLORATION, Exploration, PPOPolicy
 from training.rl.test_ppo_delta_smoke import smoke_config
 from training.rl.trainer import adapt_kl_coef, exploration_scale, train_ppo
 from training.sft.model import load_sft_model
@@ -39,19 +40,21 @@ def _records(out_dir: Path) -> list[dict]:
 # ------------------------------------------------------------------------------------ KL to SFT
 def test_kl_to_sft_is_the_gaussian_kl_and_zero_at_the_start_at_any_exploration_scale(tiny_run) -> None:
     sft = load_sft_model(tiny_run["sft"])
-    policy = PPOPolicy(sft, max_delta=2.0, init_log_std=-2.0, std_horizon_exponent=1.0)
+    policy = PPOPolicy(
+        sft, policy_settings(max_delta=2.0, init_log_std=-2.0, std_horizon_exponent=1.0, hidden_size=256)
+    )
     zero = torch.zeros(3, policy.num_waypoints, 2)
     mean = torch.randn(3, policy.num_waypoints, 2, generator=torch.Generator().manual_seed(0)) * 0.3
     with torch.no_grad():
         policy.log_std.add_(0.4)  # the policy's noise has grown since the start
     for scale in (1.0, 0.2):
-        policy.set_exploration(scale)
+        policy.exploration = Exploration(scale)
         expected = kl_divergence(Normal(mean, policy.std()), Normal(0.0, policy.reference_std()))
         torch.testing.assert_close(policy.kl_to_sft(mean), expected.sum(dim=(-2, -1)))
     with torch.no_grad():
         policy.log_std.sub_(0.4)
     for scale in (1.0, 0.2):  # at the starting std the reference is the policy, at any noise scale
-        policy.set_exploration(scale)
+        policy.exploration = Exploration(scale)
         torch.testing.assert_close(policy.kl_to_sft(zero), torch.zeros(3), atol=1e-6, rtol=0)
 
 
@@ -123,13 +126,15 @@ def test_exploration_grows_linearly_to_full_scale(tiny_run, tmp_path: Path) -> N
 
 
 def test_the_exploration_scale_multiplies_the_noise_and_clips_the_applied_delta(tiny_run) -> None:
-    policy = PPOPolicy(load_sft_model(tiny_run["sft"]), max_delta=2.0, init_log_std=-2.0)
+    policy = PPOPolicy(
+        load_sft_model(tiny_run["sft"]), policy_settings(max_delta=2.0, init_log_std=-2.0, hidden_size=256)
+    )
     with torch.no_grad():  # a trained head, so that the mean residual is not 0
         policy.delta_head.net[-1].bias.fill_(3.0)
     z = torch.randn(2, policy.delta_head.net[0].in_features - 2 * policy.num_waypoints)
     sft_plan = torch.zeros(2, policy.num_waypoints, 2)
     full_std, mean = policy.std().clone(), policy.delta_head(z, sft_plan)
-    policy.set_exploration(0.25, 0.5)
+    policy.exploration = Exploration(0.25, 0.5)
     torch.testing.assert_close(policy.std(), 0.25 * full_std)
     # review fix: the schedule clips what a rollout applies; it never rescales the mean
     torch.testing.assert_close(policy.delta_head(z, sft_plan), mean)
@@ -138,9 +143,9 @@ def test_the_exploration_scale_multiplies_the_noise_and_clips_the_applied_delta(
     with policy.deployed():  # evaluation drives as a loaded final.pt: full bound
         assert policy.final_waypoints(sft_plan, torch.full_like(sft_plan, 5.0)).max().item() == 2.0
     assert policy.action_bound == pytest.approx(1.0)  # the schedule is restored after
-    policy.set_exploration()
+    policy.exploration = FULL_EXPLORATION
     assert policy.final_waypoints(sft_plan, torch.full_like(sft_plan, 5.0)).max().item() == pytest.approx(2.0)
-    assert "exploration_scale" not in " ".join(policy.heads_state_dict())  # not saved: a schedule sets it
+    assert "exploration" not in " ".join(policy.heads_state_dict())  # not saved: a schedule sets it
 
 
 def test_a_bound_warmup_as_long_as_the_run_evaluates_what_final_pt_reloads(tiny_run, tmp_path: Path) -> None:
@@ -215,9 +220,9 @@ class _EveryEpisodeSucceeds:
         result.info.episode.goal_reached = result.info.episode.done.clone()
         return result
 
-    def set_difficulty(self, difficulty: float) -> None:
+    def set_difficulty(self, difficulty: float) -> bool:
         self.difficulties.append(difficulty)
-        self._env.set_difficulty(difficulty)
+        return self._env.set_difficulty(difficulty)
 
     def __getattr__(self, name: str):
         return getattr(self._env, name)

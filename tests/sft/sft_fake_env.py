@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from training.rl.env_interface import EnvSpec, EpisodeStats, Observation, StepInfo, StepResult
+from training.envs import protocol
+from training.envs.protocol import EnvSpec, EpisodeStats, Observation, StepInfo, StepResult
 
 SPEC = EnvSpec(
     bev_shape=(4, 16, 16),
@@ -23,7 +24,7 @@ SPEC = EnvSpec(
 )
 
 
-class FakeWaypointEnv:
+class FakeWaypointEnv(protocol.BatchedWaypointEnv):
     def __init__(self, num_envs: int, device: str | torch.device = "cpu") -> None:
         self.num_envs = num_envs
         self.device = torch.device(device)

@@ -25,12 +25,12 @@ from tests import own_models
 from tests.cli_helpers import assert_one_line_error, run_cli
 from training.common.io import file_sha256
 from training.common.seeds import DEV_SEED_START
+from training.envs.protocol import EnvSpec
 from training.envs.registry import make_env
 from training.envs.toy import viz
 from training.rl import train_ppo_delta_waypoint
-from training.rl.checkpoint import build_policy, load_rl_checkpoint
-from training.rl.config import PPOConfig
-from training.rl.env_interface import EnvSpec
+from training.rl.checkpoint import load_rl_checkpoint
+from training.rl.policy import PolicySettings, PPOPolicy
 from training.sft.external import ExternalSFTModel, is_state_dict, read_sft
 
 MLP = "tests.own_models:mlp"
@@ -189,7 +189,7 @@ def test_iteration_zero_drives_exactly_like_the_model(
     model = source.for_env(toy_spec)
     assert isinstance(model, ExternalSFTModel)
     assert (model.feature_dim, model.num_waypoints) == (feature_dim, toy_spec.num_waypoints)
-    policy = build_policy(model, vars(PPOConfig(sft_checkpoint="unused")))
+    policy = PPOPolicy(model, PolicySettings())  # a run's defaults
     policy.train()
     assert not policy.sft_model.training
     generator = torch.Generator().manual_seed(0)

@@ -1,1 +1,1 @@
-"""Environments that meet the batched protocol of ``training.rl.env_interface``."""
+"""Environments that meet the batched protocol of ``training.envs.protocol``."""

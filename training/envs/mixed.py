@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from training.common.errors import UserError
-from training.rl.env_interface import BatchedWaypointEnv, EnvSpec, Observation, StepResult
+from training.envs.protocol import BatchedWaypointEnv, EnvSpec, Observation, StepResult
 
 
 def concat_batches(parts: list[Any]) -> Any:
@@ -30,7 +30,7 @@ def concat_batches(parts: list[Any]) -> Any:
     raise TypeError(f"cannot concatenate {type(first).__name__}")
 
 
-class MixedEnv:
+class MixedEnv(BatchedWaypointEnv):
     """``BatchedWaypointEnv`` over named sub-environments, e.g. toy and MetaDrive worlds together.
 
     ``groups`` maps each name to its slice of the batch, for per-environment metrics. A reset
@@ -67,20 +67,20 @@ class MixedEnv:
     def expert_waypoints(self) -> torch.Tensor:
         return torch.cat([env.expert_waypoints() for env in self.envs])
 
-    def set_difficulty(self, difficulty: float) -> None:
-        """Forwarded to the environments that have a difficulty; the others ignore it."""
-        for env in self.envs:
-            if hasattr(env, "set_difficulty"):
-                env.set_difficulty(difficulty)
+    def set_difficulty(self, difficulty: float) -> bool:
+        """Forwarded to every environment; those without a difficulty ignore it. True when one has one."""
+        applied = [env.set_difficulty(difficulty) for env in self.envs]
+        return any(applied)
 
     def state_dict(self) -> dict[str, torch.Tensor] | None:
         """Every environment's state, or ``None`` when one cannot save it (the run re-seeds)."""
-        if not all(hasattr(env, "state_dict") for env in self.envs):
+        states = [env.state_dict() for env in self.envs]
+        if any(state is None for state in states):
             return None
         return {
             f"{name}/{key}": value
-            for name, env in zip(self.names, self.envs, strict=True)
-            for key, value in env.state_dict().items()
+            for name, state in zip(self.names, states, strict=True)
+            for key, value in state.items()
         }
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> Observation:

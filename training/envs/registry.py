@@ -14,7 +14,7 @@ import torch
 
 from training.common.errors import UserError
 from training.envs.options import EnvOptions
-from training.rl.env_interface import BatchedWaypointEnv
+from training.envs.protocol import BatchedWaypointEnv
 
 EnvFactory = Callable[[int, torch.device | str, EnvOptions], BatchedWaypointEnv]
 

@@ -14,28 +14,11 @@ import torch
 
 from training.common.errors import UserError
 from training.common.io import load_checkpoint, save_checkpoint
-from training.rl.policy import PPOPolicy, SFTModel
+from training.rl.policy import PolicySettings, PPOPolicy, SFTModel
 from training.sft.model import load_sft_model
 
 RL_CHECKPOINT_KIND = "ppo_delta_waypoint"
 RL_FORMAT_VERSION = 1
-
-
-def policy_kwargs(config: dict[str, Any]) -> dict[str, Any]:
-    """``PPOPolicy`` constructor arguments from a ``PPOConfig`` dict."""
-    return {
-        "max_delta": float(config["max_delta"]),
-        "init_log_std": float(config["init_log_std"]),
-        "hidden_sizes": (int(config["hidden_size"]),) * 2,
-        "min_log_std": float(config["min_log_std"]),
-        "max_log_std": float(config["max_log_std"]),
-        "action_scale": float(config["action_scale"]),
-        "std_horizon_exponent": float(config["std_horizon_exponent"]),
-    }
-
-
-def build_policy(sft_model: SFTModel, config: dict[str, Any]) -> PPOPolicy:
-    return PPOPolicy(sft_model, **policy_kwargs(config))
 
 
 def save_rl_checkpoint(
@@ -73,10 +56,11 @@ def load_rl_checkpoint(path: str | Path) -> dict[str, Any]:
 def trained_policy(checkpoint: dict[str, Any], sft_model: SFTModel) -> PPOPolicy:
     """The policy an RL checkpoint describes, on ``sft_model``'s device, in eval mode.
 
-    ``sft_model`` must be the model the run refined (compare ``checkpoint["sft_sha256"]``).
+    ``sft_model`` must be the model the run refined (compare ``checkpoint["sft_sha256"]``). The
+    policy's settings are read from the run's configuration the checkpoint stores.
     """
     device = next(sft_model.parameters()).device
-    policy = build_policy(sft_model, checkpoint["config"]).to(device)
+    policy = PPOPolicy(sft_model, PolicySettings.from_config(checkpoint["config"])).to(device)
     policy.load_heads_state_dict(checkpoint["heads"])  # load_state_dict copies across devices
     return policy.eval()
 

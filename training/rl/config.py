@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Any
 
 from training.common.cli import config_field, require
 from training.common.errors import UserError
@@ -13,6 +14,7 @@ from training.envs.capacity import announce, describe, is_process_backed, machin
 from training.envs.options import EnvOptions, SimulatorFlags
 from training.envs.registry import split_env_mix
 from training.envs.toy.config import REWARD_PRESETS
+from training.rl.policy import PolicySettings
 from training.sft.external import parse_factory_spec
 
 # Training scenario seeds are ``TRAIN_SEED_START + seed * TRAIN_SEEDS_PER_RUN + k``; the in-training
@@ -36,6 +38,13 @@ def _largest_fitting_mix(env: str, weights: str | None, per_simulator: int) -> i
         if all(count <= per_simulator for name, count in mix if is_process_backed([name])):
             return total
     return 1
+
+
+def _policy_flag(name: str) -> Any:
+    """``PPOConfig``'s field for the policy setting ``name``, with the default and help of
+    ``PolicySettings`` (a config field of its own would be a second home for them)."""
+    setting = {field.name: field for field in dataclasses.fields(PolicySettings)}[name]
+    return dataclasses.field(default=setting.default, metadata=setting.metadata)
 
 
 @dataclass
@@ -76,15 +85,14 @@ class PPOConfig(SimulatorFlags):
     target_kl: float | None = config_field(
         0.05, "stop an update's epochs once approx KL exceeds this (none: off)"
     )
-    max_delta: float = config_field(2.0, "bound on the residual per waypoint coordinate", "m")
-    init_log_std: float = config_field(-2.3, "initial log std of the first waypoint's residual (-2.3: 0.1 m)")
-    std_horizon_exponent: float = config_field(
-        1.0, "waypoint k starts with std exp(init_log_std) * k^this: far waypoints explore more"
-    )
-    min_log_std: float = config_field(-4.0, "lower clamp of the log std")
-    max_log_std: float = config_field(0.0, "upper clamp of the log std (0: 1 m)")
-    action_scale: float = config_field(0.1, "gain on the delta head's raw output before tanh (ResiP)")
-    hidden_size: int = config_field(256, "width of the delta and value heads' two hidden layers")
+    # the policy's settings: default and help from PolicySettings, their one home
+    max_delta: float = _policy_flag("max_delta")
+    init_log_std: float = _policy_flag("init_log_std")
+    std_horizon_exponent: float = _policy_flag("std_horizon_exponent")
+    min_log_std: float = _policy_flag("min_log_std")
+    max_log_std: float = _policy_flag("max_log_std")
+    action_scale: float = _policy_flag("action_scale")
+    hidden_size: int = _policy_flag("hidden_size")
     residual_l2_coef: float = config_field(0.01, "L2 penalty on the mean residual (ResiP)", "1/m^2")
     kl_coef: float = config_field(
         1.0, "weight of the KL from the SFT reference policy (a Gaussian on the SFT plan); 0: off"
@@ -269,6 +277,10 @@ class PPOConfig(SimulatorFlags):
             f"--curriculum-threshold must be in (0, 1], got {self.curriculum_threshold}",
         )
         require(self.curriculum_min_episodes >= 1, "--curriculum-min-episodes must be >= 1")
+
+    def policy_settings(self) -> PolicySettings:
+        """The policy this run trains, from its flags (as a checkpoint's stored config rebuilds it)."""
+        return PolicySettings.from_config(dataclasses.asdict(self))
 
     def env_options(self, difficulty: float | None) -> EnvOptions:
         """The simulator flags plus this run's reward preset."""

@@ -19,18 +19,89 @@ deltas are in metres in the ego frame (x forward, y left).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 from torch import Tensor, nn
 from torch.distributions import Normal
 
+from training.common.cli import config_field
 from training.common.errors import UserError
 from training.rl.losses import kl_to_reference
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"tanh": nn.Tanh, "silu": nn.SiLU}
+HIDDEN_LAYERS = 2  # hidden layers of each head, ``hidden_size`` wide
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicySettings:
+    """Everything the policy's heads and distribution are built from: the one home of these settings.
+
+    ``PPOConfig`` offers each field that has a help string as a flag of the same name, default and
+    help, and a run's ``config.json`` and checkpoints store them (flat, among the other settings),
+    from which :meth:`from_config` rebuilds the policy. ``activation`` and ``waypoint_scale`` have
+    no flag: every run so far used their defaults.
+    """
+
+    max_delta: float = config_field(2.0, "bound on the residual per waypoint coordinate", "m")
+    init_log_std: float = config_field(-2.3, "initial log std of the first waypoint's residual (-2.3: 0.1 m)")
+    std_horizon_exponent: float = config_field(
+        1.0, "waypoint k starts with std exp(init_log_std) * k^this: far waypoints explore more"
+    )
+    min_log_std: float = config_field(-4.0, "lower clamp of the log std")
+    max_log_std: float = config_field(0.0, "upper clamp of the log std (0: 1 m)")
+    action_scale: float = config_field(0.1, "gain on the delta head's raw output before tanh (ResiP)")
+    hidden_size: int = config_field(256, "width of the delta and value heads' two hidden layers")
+    activation: str = "tanh"  # of the heads' hidden layers: a key of ACTIVATIONS
+    waypoint_scale: float = 10.0  # metres by which the SFT waypoints are divided before entering the heads
+
+    @property
+    def hidden_sizes(self) -> tuple[int, ...]:
+        return (self.hidden_size,) * HIDDEN_LAYERS
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> PolicySettings:
+        """The settings in a run's configuration as ``config.json`` and checkpoints store it (the
+        ``PPOConfig`` fields, flat); a setting without a flag that is absent keeps its default.
+
+        Raises:
+            UserError: a setting that has a flag is absent (not a configuration of this trainer).
+        """
+        values: dict[str, Any] = {}
+        for field in dataclasses.fields(cls):
+            if field.name in config:
+                values[field.name] = type(field.default)(config[field.name])
+            elif "help" in field.metadata:
+                raise UserError(f"the run's configuration lacks the policy setting {field.name!r}")
+        return cls(**values)
+
+
+@dataclasses.dataclass(frozen=True)
+class Exploration:
+    """How much a rollout explores (progressive exploration); the policy holds one, full by default.
+
+    ``noise_scale`` multiplies the delta's std and the SFT reference's std alike, so the KL to SFT
+    compares policies at the same noise level; the applied residual is clipped to ``bound_scale *
+    max_delta``. The mean delta itself is never rescaled: the schedule changes what a rollout
+    applies, not what the heads compute, so no iteration moves the plan without a gradient step.
+    Not saved with the heads: a schedule sets it from the iteration number, and a loaded
+    (deployed) policy runs at full scale.
+    """
+
+    noise_scale: float = 1.0
+    bound_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not (0 < self.noise_scale <= 1 and 0 < self.bound_scale <= 1):
+            raise ValueError(
+                f"exploration scales must be in (0, 1], got {self.noise_scale}, {self.bound_scale}"
+            )
+
+
+FULL_EXPLORATION = Exploration()
 
 
 class SFTModel(Protocol):
@@ -87,22 +158,19 @@ class DeltaHead(nn.Module):
     by several times the exploration std and PPO's KL stop ends each update after one step.
     """
 
-    def __init__(
-        self,
-        feature_dim: int,
-        num_waypoints: int,
-        max_delta: float,
-        hidden_sizes: Sequence[int] = (256, 256),
-        activation: str = "tanh",
-        waypoint_scale: float = 10.0,
-        action_scale: float = 1.0,
-    ) -> None:
+    def __init__(self, feature_dim: int, num_waypoints: int, settings: PolicySettings) -> None:
         super().__init__()
         self.num_waypoints = num_waypoints
-        self.max_delta = float(max_delta)
-        self.action_scale = float(action_scale)
-        self.waypoint_scale = float(waypoint_scale)
-        self.net = _mlp(feature_dim + 2 * num_waypoints, hidden_sizes, 2 * num_waypoints, activation, 0.0)
+        self.max_delta = float(settings.max_delta)
+        self.action_scale = float(settings.action_scale)
+        self.waypoint_scale = float(settings.waypoint_scale)
+        self.net = _mlp(
+            feature_dim + 2 * num_waypoints,
+            settings.hidden_sizes,
+            2 * num_waypoints,
+            settings.activation,
+            0.0,
+        )
 
     def forward(self, z: Tensor, sft_waypoints: Tensor) -> Tensor:
         """``z`` ``[N, D]``, ``sft_waypoints`` ``[N, K, 2]`` (m) -> mean delta ``[N, K, 2]`` (m)."""
@@ -113,17 +181,10 @@ class DeltaHead(nn.Module):
 class ValueHead(nn.Module):
     """Critic ``V(s)`` ``[N]`` from the state features and the base (SFT) action."""
 
-    def __init__(
-        self,
-        feature_dim: int,
-        num_waypoints: int,
-        hidden_sizes: Sequence[int] = (256, 256),
-        activation: str = "tanh",
-        waypoint_scale: float = 10.0,
-    ) -> None:
+    def __init__(self, feature_dim: int, num_waypoints: int, settings: PolicySettings) -> None:
         super().__init__()
-        self.waypoint_scale = float(waypoint_scale)
-        self.net = _mlp(feature_dim + 2 * num_waypoints, hidden_sizes, 1, activation, 1.0)
+        self.waypoint_scale = float(settings.waypoint_scale)
+        self.net = _mlp(feature_dim + 2 * num_waypoints, settings.hidden_sizes, 1, settings.activation, 1.0)
 
     def forward(self, z: Tensor, sft_waypoints: Tensor) -> Tensor:
         """``z`` ``[N, D]``, ``sft_waypoints`` ``[N, K, 2]`` -> value ``[N]`` (return units)."""
@@ -145,97 +206,81 @@ def sum_over_waypoints(x: Tensor) -> Tensor:
     return x.sum(dim=(-2, -1))
 
 
+class ActionScores(NamedTuple):
+    """What the PPO update needs of stored deltas, with gradients (:meth:`PPOPolicy.evaluate_actions`)."""
+
+    log_prob: Tensor  # [N], summed over waypoints and axes
+    entropy: Tensor  # [N], summed over waypoints and axes
+    value: Tensor  # [N]
+    mean_delta: Tensor  # [N, K, 2] metres: the distribution's mean (for the L2 and KL penalties)
+
+
 class PPOPolicy(nn.Module):
     """Frozen SFT model + trained :class:`DeltaHead`, :class:`ValueHead` and ``log_std`` ``[K, 2]``.
+
+    Owns the SFT reference policy of the KL penalty (:meth:`reference_std`, :meth:`kl_to_sft`)
+    and the rollout's :class:`Exploration`, so the update and the logging read one KL.
 
     Args:
         sft_model: an :class:`SFTModel` module (``frozen_features(bev, state) -> (z [N, D],
             waypoints [N, K, 2])``, ``feature_dim`` D, ``num_waypoints`` K). It is frozen here:
             ``requires_grad_(False)`` and kept in eval mode whatever ``train()`` is called with.
-        max_delta: bound on the residual per coordinate, metres.
-        init_log_std: initial log standard deviation of the first waypoint's delta (``-1.6`` is
-            about 0.2 m).
-        std_horizon_exponent: waypoint ``k`` (1-based) starts with std ``exp(init_log_std) * k **
-            std_horizon_exponent``: far waypoints, which the controller barely executes before the
-            next plan, can explore widely without disturbing the driving; near ones stay precise.
-        hidden_sizes: hidden layer widths of both heads.
-        activation: ``"tanh"`` or ``"silu"``.
-        min_log_std, max_log_std: ``log_std`` is clamped to this range wherever it is used
-            (outside it the clamp passes no gradient).
-        waypoint_scale: metres by which the SFT waypoints are divided before entering the heads.
-        action_scale: gain on the delta head's raw output before the ``tanh`` (see DeltaHead).
+        settings: the heads and the distribution (:class:`PolicySettings`): ``max_delta`` bounds
+            the residual per coordinate (m); waypoint ``k`` (1-based) starts with std
+            ``exp(init_log_std) * k ** std_horizon_exponent``, so far waypoints, which the
+            controller barely executes before the next plan, can explore widely without
+            disturbing the driving while near ones stay precise; ``log_std`` is clamped to
+            ``[min_log_std, max_log_std]`` wherever it is used (outside it the clamp passes no
+            gradient); ``action_scale`` is the delta head's gain (see :class:`DeltaHead`).
     """
 
-    def __init__(
-        self,
-        sft_model: nn.Module,
-        max_delta: float,
-        init_log_std: float = -1.6,
-        hidden_sizes: Sequence[int] = (256, 256),
-        activation: str = "tanh",
-        min_log_std: float = -5.0,
-        max_log_std: float = 1.0,
-        waypoint_scale: float = 10.0,
-        action_scale: float = 1.0,
-        std_horizon_exponent: float = 0.0,
-    ) -> None:
+    def __init__(self, sft_model: nn.Module, settings: PolicySettings) -> None:
         super().__init__()
-        if not action_scale > 0:
-            raise UserError(f"action_scale must be > 0, got {action_scale}")
-        if not max_delta > 0:
-            raise UserError(f"max_delta must be > 0 metres, got {max_delta}")
+        if not settings.action_scale > 0:
+            raise UserError(f"action_scale must be > 0, got {settings.action_scale}")
+        if not settings.max_delta > 0:
+            raise UserError(f"max_delta must be > 0 metres, got {settings.max_delta}")
         feature_dim = int(sft_model.feature_dim)
         num_waypoints = int(sft_model.num_waypoints)
-        initial_log_std = initial_std(num_waypoints, init_log_std, std_horizon_exponent).log()
-        if not (min_log_std <= initial_log_std.min() and initial_log_std.max() <= max_log_std):
+        initial_log_std = initial_std(
+            num_waypoints, settings.init_log_std, settings.std_horizon_exponent
+        ).log()
+        if not (
+            settings.min_log_std <= initial_log_std.min() and initial_log_std.max() <= settings.max_log_std
+        ):
             raise UserError(
                 f"initial log std {initial_log_std.min():.2f}..{initial_log_std.max():.2f} is outside "
-                f"[min_log_std, max_log_std] = [{min_log_std}, {max_log_std}]"
+                f"[min_log_std, max_log_std] = [{settings.min_log_std}, {settings.max_log_std}]"
             )
+        self.settings = settings
         self.sft_model = sft_model
         self.sft_model.requires_grad_(False)
         self.sft_model.eval()
-        self.max_delta = float(max_delta)
-        self.min_log_std = float(min_log_std)
-        self.max_log_std = float(max_log_std)
         self.num_waypoints = num_waypoints
-        self.delta_head = DeltaHead(
-            feature_dim, num_waypoints, max_delta, hidden_sizes, activation, waypoint_scale, action_scale
-        )
-        self.value_head = ValueHead(feature_dim, num_waypoints, hidden_sizes, activation, waypoint_scale)
+        self.delta_head = DeltaHead(feature_dim, num_waypoints, settings)
+        self.value_head = ValueHead(feature_dim, num_waypoints, settings)
         self.log_std = nn.Parameter(initial_log_std)
         # The SFT reference policy of the KL penalty: a Gaussian on the SFT plan with the starting
         # std (not saved: it follows from the settings).
         self.register_buffer("initial_std", initial_log_std.exp(), persistent=False)
-        self.exploration_scale = 1.0
-        self.action_bound = self.max_delta  # what a rollout may apply; max_delta when deployed
+        self.exploration = FULL_EXPLORATION
 
-    def set_exploration(self, noise_scale: float = 1.0, bound_scale: float = 1.0) -> None:
-        """Scale the exploration noise and the applied residual bound (progressive exploration).
-
-        ``std()`` and ``reference_std()`` become ``noise_scale`` times their full values, so the
-        KL to SFT compares policies at the same noise level; the applied delta is clipped to
-        ``bound_scale * max_delta``. The mean delta itself is never rescaled: the schedule changes
-        what a rollout applies, not what the heads compute, so no iteration moves the plan
-        without a gradient step. Plain attributes, not parameters or buffers: a schedule sets
-        them from the iteration number, and a loaded (deployed) policy runs at full scale.
-        """
-        if not (0 < noise_scale <= 1 and 0 < bound_scale <= 1):
-            raise ValueError(f"exploration scales must be in (0, 1], got {noise_scale}, {bound_scale}")
-        self.exploration_scale = float(noise_scale)
-        self.action_bound = self.max_delta * float(bound_scale)
+    @property
+    def action_bound(self) -> float:
+        """What a rollout may apply of the residual per coordinate (m): ``max_delta`` at full exploration."""
+        return self.settings.max_delta * float(self.exploration.bound_scale)
 
     @contextlib.contextmanager
     def deployed(self) -> Iterator[PPOPolicy]:
-        """Eval mode at full scale, as a loaded ``final.pt`` drives; the schedule is restored after."""
-        saved = (self.exploration_scale, self.action_bound, self.training)
-        self.exploration_scale, self.action_bound = 1.0, self.max_delta
+        """Eval mode at full exploration, as a loaded ``final.pt`` drives; the schedule is restored after."""
+        saved, was_training = self.exploration, self.training
+        self.exploration = FULL_EXPLORATION
         self.eval()
         try:
             yield self
         finally:
-            self.exploration_scale, self.action_bound = saved[0], saved[1]
-            self.train(saved[2])
+            self.exploration = saved
+            self.train(was_training)
 
     # --- modes and parameters -------------------------------------------------------------------
 
@@ -300,12 +345,16 @@ class PPOPolicy(nn.Module):
     def std(self) -> Tensor:
         """Standard deviation of the delta ``[K, 2]`` in metres (``exp`` of the clamped ``log_std``,
         times the exploration schedule's noise scale)."""
-        return self.log_std.clamp(self.min_log_std, self.max_log_std).exp() * self.exploration_scale
+        settings = self.settings
+        return (
+            self.log_std.clamp(settings.min_log_std, settings.max_log_std).exp()
+            * self.exploration.noise_scale
+        )
 
     def reference_std(self) -> Tensor:
         """Std ``[K, 2]`` (m) of the SFT reference policy, ``Normal(sft_plan, reference_std)``: the
         starting std times the exploration schedule's noise scale, so the KL starts at 0."""
-        return self.initial_std * self.exploration_scale
+        return self.initial_std * self.exploration.noise_scale
 
     def kl_to_sft(self, mean_delta: Tensor) -> Tensor:
         """``KL(policy || SFT reference)`` per plan ``[N]`` (nats) for mean deltas ``[N, K, 2]`` (m)."""
@@ -350,14 +399,12 @@ class PPOPolicy(nn.Module):
         log_prob = sum_over_waypoints(dist.log_prob(delta))
         return delta, log_prob, self.value(z, sft_waypoints)
 
-    def evaluate_actions(
-        self, z: Tensor, sft_waypoints: Tensor, delta: Tensor
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """``(log_prob [N], entropy [N], value [N])`` of stored deltas ``[N, K, 2]``, with gradients."""
+    def evaluate_actions(self, z: Tensor, sft_waypoints: Tensor, delta: Tensor) -> ActionScores:
+        """Log-prob, entropy, value and mean delta of stored deltas ``[N, K, 2]``, with gradients."""
         dist = self.distribution(z, sft_waypoints)
         log_prob = sum_over_waypoints(dist.log_prob(delta))
         entropy = sum_over_waypoints(dist.entropy())
-        return log_prob, entropy, self.value(z, sft_waypoints)
+        return ActionScores(log_prob, entropy, self.value(z, sft_waypoints), dist.mean)
 
     def final_waypoints(self, sft_waypoints: Tensor, delta: Tensor) -> Tensor:
         """The plan sent to the world: ``sft_waypoints + clamp(delta, -max_delta, max_delta)``.

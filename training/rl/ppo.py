@@ -10,7 +10,7 @@ from torch import Tensor
 from training.rl.buffer import RolloutBuffer
 from training.rl.distributed import DistContext
 from training.rl.losses import explained_variance, ppo_loss, residual_l2_penalty
-from training.rl.policy import PPOPolicy, sum_over_waypoints
+from training.rl.policy import PPOPolicy
 
 
 def ppo_update(
@@ -77,10 +77,9 @@ def ppo_update(
     for _epoch in range(update_epochs):
         epochs_run += 1
         for batch in buffer.minibatches(minibatch_size, generator):
-            dist = policy.distribution(batch.z, batch.sft_waypoints)
-            new_log_prob = sum_over_waypoints(dist.log_prob(batch.delta))
-            entropy = sum_over_waypoints(dist.entropy())
-            new_value = policy.value(batch.z, batch.sft_waypoints)
+            new_log_prob, entropy, new_value, mean_delta = policy.evaluate_actions(
+                batch.z, batch.sft_waypoints, batch.delta
+            )
             if critic_only:  # the policy terms become constants: only the critic learns
                 new_log_prob, entropy = new_log_prob.detach(), entropy.detach()
 
@@ -98,8 +97,8 @@ def ppo_update(
                 old_value=batch.value,
                 value_clip=value_clip,
             )
-            residual_l2 = residual_l2_penalty(dist.mean)
-            kl_ref = policy.kl_to_sft(dist.mean).mean()
+            residual_l2 = residual_l2_penalty(mean_delta)
+            kl_ref = policy.kl_to_sft(mean_delta).mean()
             if not critic_only:
                 if residual_l2_coef > 0:
                     loss = loss + residual_l2_coef * residual_l2

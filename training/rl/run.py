@@ -17,13 +17,13 @@ from training.common.device import resolve_device, set_cpu_threads
 from training.common.errors import UserError
 from training.common.io import atomic_write_json, ensure_writable_dir, file_sha256, read_json
 from training.envs.options import EnvOptions, for_process
+from training.envs.protocol import BatchedWaypointEnv, Observation
 from training.envs.registry import make_env_mix, make_envs
 from training.rl.buffer import RolloutBuffer
-from training.rl.checkpoint import build_policy, load_rl_checkpoint, save_rl_checkpoint
+from training.rl.checkpoint import load_rl_checkpoint, save_rl_checkpoint
 from training.rl.config import PPOConfig
 from training.rl.curriculum import Curriculum, curriculum_levels
 from training.rl.distributed import RANK_SEED_STRIDE, DistContext
-from training.rl.env_interface import BatchedWaypointEnv, Observation
 from training.rl.policy import PPOPolicy
 from training.rl.selection import PolicySelection
 from training.sft.external import read_sft
@@ -126,8 +126,8 @@ class Run:
                 "batch": self.batch_gen.get_state(),
                 "torch": torch.get_rng_state(),
             },
-            # Worlds that can save their state (the toy world) resume exactly; others are re-seeded.
-            "world": self.env.state_dict() if hasattr(self.env, "state_dict") else None,
+            # Worlds that can save their state (the toy world) resume exactly; others (None) are re-seeded.
+            "world": self.env.state_dict(),
         }
 
     def state(self) -> dict[str, Any]:
@@ -205,7 +205,7 @@ def build_run(config: PPOConfig, ctx: DistContext | None = None) -> Run:
         raise
 
     torch.manual_seed(config.seed)  # identical heads on every rank
-    policy = build_policy(sft_model, dataclasses.asdict(config)).to(device)
+    policy = PPOPolicy(sft_model, config.policy_settings()).to(device)
     policy.train()
     rank_seed = config.seed + RANK_GENERATOR_STRIDE * ctx.rank
     return Run(
@@ -238,13 +238,12 @@ def build_run(config: PPOConfig, ctx: DistContext | None = None) -> Run:
 def _build_curriculum(config: PPOConfig, env: BatchedWaypointEnv) -> Curriculum | None:
     if not config.curriculum:
         return None
-    if not hasattr(env, "set_difficulty"):
+    levels = curriculum_levels(config.curriculum_start, config.curriculum_step, config.difficulty)
+    curriculum = Curriculum(levels, config.curriculum_threshold, config.curriculum_min_episodes)
+    if not env.set_difficulty(curriculum.difficulty):
         raise UserError(
             f"--curriculum needs an environment with a difficulty (toy); --env {config.env} has none"
         )
-    levels = curriculum_levels(config.curriculum_start, config.curriculum_step, config.difficulty)
-    curriculum = Curriculum(levels, config.curriculum_threshold, config.curriculum_min_episodes)
-    env.set_difficulty(curriculum.difficulty)
     return curriculum
 
 

@@ -24,9 +24,11 @@ from eval.closed_loop import run_closed_loop
 from eval.metrics import summarise
 from training.common.errors import exit_on_user_error
 from training.envs.registry import make_env
-from training.rl.checkpoint import build_policy, load_rl_checkpoint
+from training.rl.checkpoint import load_rl_checkpoint
 from training.rl.config import PPOConfig
-from training.rl.trainer import EVAL_METRICS, train_ppo
+from training.rl.evaluation import EVAL_METRICS
+from training.rl.policy import PPOPolicy
+from training.rl.trainer import train_ppo
 from training.sft import load_sft_model
 
 TRAIN_KEYS = (
@@ -132,7 +134,7 @@ def check_invariants(sft_path: Path, config: PPOConfig, trained_policy: torch.nn
         check(torch.equal(before, after.cpu()), f"SFT parameter {name} changed during RL")
     check(not trained_policy.sft_model.training, "SFT model left eval mode")
 
-    fresh = build_policy(load_sft_model(sft_path), vars(config))
+    fresh = PPOPolicy(load_sft_model(sft_path), config.policy_settings())
     env = make_env("toy", config.eval_episodes, "cpu", config.difficulty)
     obs = env.reset(seed=config.eval_seed)
     with torch.no_grad():

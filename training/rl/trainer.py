@@ -1,264 +1,100 @@
-"""The residual PPO loop: collect a rollout, compute advantages, update the heads, log, evaluate.
+"""The residual PPO loop, top to bottom like CleanRL's ``ppo_continuous_action.py``.
 
-Reads top to bottom like CleanRL's ``ppo_continuous_action.py``; the pieces live next door:
-``policy.py`` (heads and distribution), ``buffer.py`` (storage and GAE), ``ppo.py`` (the update),
-``run.py`` (the run's state, files, checkpoints and resuming), ``eval/closed_loop.py``
-(deterministic evaluation).
+:func:`train_ppo` runs the whole training, :func:`train_iteration` one PPO iteration (rollout,
+advantages, update, metrics) and :func:`collect_rollout` the rollout; the helpers of each step come
+after them. One iteration can be followed from rollout to update with this file, ``policy.py``
+(heads, distribution, the KL to SFT) and ``losses.py`` (the loss terms). Next door: ``buffer.py``
+(storage and GAE), ``ppo.py`` (the update epochs), ``run.py`` (the run's state, files, checkpoints
+and resuming), ``evaluation.py`` (the development evaluation), ``episodes.py`` (the rollout's
+episode tally) and ``run_log.py`` (metrics files, TensorBoard, console).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from typing import Any
 
 import torch
-from torch.utils.tensorboard import SummaryWriter
 
-from eval.closed_loop import run_closed_loop
-from eval.metrics import summarise
 from training.common.errors import EXIT_USER_ERROR, UserError
-from training.common.io import atomic_write_json
-from training.common.progress import log_line, progress_bar
+from training.envs.protocol import BatchedWaypointEnv, Observation, StepResult
 from training.rl.buffer import RolloutBuffer
 from training.rl.config import PPOConfig
 from training.rl.distributed import DistContext, init_distributed, shutdown
-from training.rl.env_interface import BatchedWaypointEnv, Observation, StepResult
-from training.rl.policy import PPOPolicy
+from training.rl.episodes import EpisodeTally
+from training.rl.evaluation import evaluate
+from training.rl.policy import Exploration, PPOPolicy
 from training.rl.ppo import ppo_update
 from training.rl.run import Run, build_run, latest_checkpoint, resume_from, write_run_config
+from training.rl.run_log import RunLog
 from training.rl.selection import PolicySelection
 
-# What every evaluation record holds besides iteration and env_steps (means over the held-out episodes).
-EVAL_METRICS = (
-    "ade",
-    "fde",
-    "episode_return",
-    "route_completion",
-    "collision_rate",
-    "off_road_rate",
-    "failure_rate",
-    "goal_rate",
-    "mean_abs_lateral_m",
-    "mean_abs_jerk",
-)
 
+# ---------------------------------------------------------------------------------------- the run
+def train_ppo(config: PPOConfig) -> dict[str, Any]:
+    """Run (or with ``config.resume`` continue) residual PPO; returns the baseline and final evaluations.
 
-# ---------------------------------------------------------------------------------------- rollout
-_TALLY_FIELDS = ("count", "ret", "route_completion", "collision", "off_road", "goal")
-
-
-@dataclasses.dataclass
-class EpisodeTally:
-    """Sums over the training episodes that ended during one rollout, per environment group.
-
-    ``sums`` is ``[len(_TALLY_FIELDS), G]`` on the device; ``group`` ``[N]`` says which group
-    (environment of a mix) each world belongs to. Nothing is read on the host before
-    :meth:`means`, once per iteration.
+    Under ``torchrun`` every process runs this; rank 0 alone evaluates and writes files.
     """
-
-    sums: torch.Tensor
-    group: torch.Tensor
-    names: tuple[str, ...]
-    nonfinite: torch.Tensor  # non-finite reward or observation entries seen
-
-    @classmethod
-    def zeros(
-        cls, device: torch.device, num_envs: int = 1, groups: dict[str, slice] | None = None
-    ) -> EpisodeTally:
-        group = torch.zeros(num_envs, dtype=torch.int64, device=device)
-        for index, world_slice in enumerate((groups or {}).values()):
-            group[world_slice] = index
-        names = tuple(groups) if groups else ("",)
-        sums = torch.zeros(len(_TALLY_FIELDS), len(names), device=device)
-        return cls(sums, group, names, torch.zeros((), device=device))
-
-    def add(self, result: StepResult) -> None:
-        ep = result.info.episode
-        done = ep.done.float()
-        values = torch.stack(
-            [
-                done,
-                done * ep.episode_return,
-                done * ep.route_completion,
-                done * ep.collision.float(),
-                done * ep.off_road.float(),
-                done * ep.goal_reached.float(),
-            ]
-        )
-        self.sums.index_add_(1, self.group, values)
-
-    def all_reduce(self, ctx: DistContext) -> None:
-        """Sum the tallies of every process (one collective per iteration)."""
-        if ctx.enabled:
-            packed = torch.cat([self.sums.flatten(), self.nonfinite.reshape(1)])
-            ctx.sum_(packed)
-            self.sums = packed[:-1].view_as(self.sums)
-            self.nonfinite = packed[-1]
-
-    def means(self) -> dict[str, float]:
-        """Read once per iteration; NaN when no episode ended. A mix adds ``<env>/<metric>`` keys."""
-        sums = self.sums.cpu()
-        record: dict[str, float] = {"nonfinite_inputs": int(self.nonfinite.item())}
-        record |= _episode_means(sums.sum(dim=1))
-        if len(self.names) > 1:
-            for index, name in enumerate(self.names):
-                record |= {f"{name}/{key}": value for key, value in _episode_means(sums[:, index]).items()}
-        return record
+    config.validate()
+    ctx = init_distributed(config.device)
+    try:
+        run = _build_agreed(config, ctx)
+        try:
+            return _train(run)
+        finally:
+            run.env.close()
+            for env in run.eval_envs.values():
+                env.close()
+    finally:
+        shutdown(ctx)
 
 
-def _episode_means(sums: torch.Tensor) -> dict[str, float]:
-    totals = dict(zip(_TALLY_FIELDS, sums.tolist(), strict=True))
-    count = int(round(totals["count"]))
-    mean = (lambda key: totals[key] / count) if count else (lambda key: float("nan"))
-    return {
-        "episodes": count,
-        "goals": int(round(totals["goal"])),
-        "episode_return": mean("ret"),
-        "route_completion": mean("route_completion"),
-        "collision_rate": mean("collision"),
-        "off_road_rate": mean("off_road"),
-        "goal_rate": mean("goal"),
-    }
+def _train(run: Run) -> dict[str, Any]:
+    config, ctx = run.config, run.ctx
+    # 1. start fresh (config.json, the SFT baseline as iteration 0) or from the latest checkpoint
+    checkpoint = latest_checkpoint(run.out_dir) if config.resume else None
+    ctx.barrier()  # rank 0 has prepared the out-dir
+    if checkpoint is None:
+        start_fresh(run)
+    else:
+        resume_from(run, checkpoint)
+    log = RunLog(run, resumed=checkpoint is not None)
+
+    # killed between the last checkpoint_iter_N.pt and final.pt: nothing left to train, final.pt to write
+    finished_before = checkpoint is not None and run.iteration >= config.num_iterations
+    while run.iteration < config.num_iterations:
+        run.iteration += 1
+        # 2. one PPO iteration; a streak of updates skipped for NaN/inf stops the run
+        record = train_iteration(run)
+        log.train(record)
+        if run.bad_iterations >= config.max_bad_iterations:
+            log.close()
+            raise TrainingDiverged(
+                f"{run.bad_iterations} updates in a row were skipped for NaN/inf "
+                f"(iteration {run.iteration}); "
+                f"stopped, the last good checkpoint in {run.out_dir} is kept"
+            )
+        # 3. evaluation on the development scenarios, offered to the selection of final.pt
+        last = run.iteration == config.num_iterations
+        if ctx.is_main and ((config.eval_every and run.iteration % config.eval_every == 0) or last):
+            log.eval(evaluate_and_select(run))
+        # 4. checkpoints: every --save-every iterations and the last, which writes final.pt too
+        if last:
+            _check_in_sync(run)
+        if (config.save_every and run.iteration % config.save_every == 0) or last:
+            state = run.state()  # one (collective) snapshot for both files of the last iteration
+            run.save(f"checkpoint_iter_{run.iteration}.pt", state)  # the last iteration, resumable
+            if last:
+                run.save_final(state)
+        log.iteration_done(record)
+    if finished_before:
+        run.save_final()
+    log.close()
+    return _results(run)
 
 
-def bootstrap_values(policy: PPOPolicy, result: StepResult, next_value: torch.Tensor) -> torch.Tensor:
-    """``V`` of the state after each step: ``V(final_observation)`` where the episode was truncated.
-
-    Terminated steps get no bootstrap in GAE, so their entry does not matter. On the CPU only
-    the truncated worlds are encoded again; on CUDA all are (no host synchronisation).
-    """
-    truncated = result.truncated
-    final = result.info.final_observation
-    if next_value.device.type == "cpu":
-        if not bool(truncated.any()):
-            return next_value
-        index = truncated.nonzero()[:, 0]
-        z, sft = policy.features(final.bev[index], final.state[index])
-        values = next_value.clone()
-        values[index] = policy.value(z, sft)
-        return values
-    z, sft = policy.features(final.bev, final.state)
-    return torch.where(truncated, policy.value(z, sft), next_value)
-
-
-@torch.no_grad()
-def collect_rollout(
-    policy: PPOPolicy,
-    env: BatchedWaypointEnv,
-    buffer: RolloutBuffer,
-    obs: Observation,
-    generator: torch.Generator,
-    reward_scale: float,
-) -> tuple[Observation, EpisodeTally]:
-    """Fill ``buffer`` with ``buffer.num_steps`` steps of every world; return the next observation.
-
-    Non-finite rewards and observations are counted in ``tally.nonfinite`` (read once per
-    iteration, no per-step host synchronisation); the caller skips the update when any appeared.
-    """
-    tally = EpisodeTally.zeros(env.device, env.num_envs, getattr(env, "groups", None))
-    z, sft_waypoints = policy.features(obs.bev, obs.state)
-    for step in range(buffer.num_steps):
-        delta, log_prob, value = policy.act(z, sft_waypoints, generator=generator)
-        result = env.step(policy.final_waypoints(sft_waypoints, delta))
-        next_z, next_sft = policy.features(result.obs.bev, result.obs.state)
-        next_value = bootstrap_values(policy, result, policy.value(next_z, next_sft))
-        buffer.add(
-            step,
-            z=z,
-            sft_waypoints=sft_waypoints,
-            delta=delta,
-            log_prob=log_prob,
-            value=value,
-            reward=result.reward * reward_scale,
-            terminated=result.terminated,
-            truncated=result.truncated,
-            next_value=next_value,
-        )
-        tally.add(result)
-        tally.nonfinite += (~torch.isfinite(result.reward)).sum() + (~torch.isfinite(result.obs.state)).sum()
-        obs, z, sft_waypoints = result.obs, next_z, next_sft
-    return obs, tally
-
-
-# ---------------------------------------------------------------------------------------- evaluation
-def evaluate_env(
-    policy: PPOPolicy, env: BatchedWaypointEnv, config: PPOConfig
-) -> tuple[dict[str, float], int, float]:
-    """Deterministic closed-loop metrics on the fixed held-out scenarios of one environment."""
-    result = run_closed_loop(
-        env,
-        lambda obs: policy.deterministic_waypoints(obs.bev, obs.state),
-        seed=config.eval_seed,
-        num_episodes=config.eval_episodes,
-    )
-    summary = summarise(result.episodes)
-    return (
-        {key: summary.get(key, float("nan")) for key in EVAL_METRICS},
-        len(result.episodes),
-        result.wall_time_s,
-    )
-
-
-def evaluate(
-    policy: PPOPolicy,
-    envs: dict[str, BatchedWaypointEnv],
-    config: PPOConfig,
-    iteration: int,
-    env_steps: int,
-) -> dict[str, Any]:
-    """One evaluation record; for a mix, the mean over environments plus ``<env>/<metric>`` keys."""
-    with policy.deployed():  # full scale and bound, exactly as final.pt will drive
-        per_env = {name: evaluate_env(policy, env, config) for name, env in envs.items()}
-    record: dict[str, Any] = {"iteration": iteration, "env_steps": env_steps}
-    for key in EVAL_METRICS:
-        record[key] = sum(metrics[key] for metrics, _, _ in per_env.values()) / len(per_env)
-    record["episodes"] = sum(count for _, count, _ in per_env.values())
-    record["wall_time_s"] = sum(wall for _, _, wall in per_env.values())
-    if len(per_env) > 1:
-        for name, (metrics, _, _) in per_env.items():
-            record |= {f"{name}/{key}": value for key, value in metrics.items()}
-    return record
-
-
-# ---------------------------------------------------------------------------------------- the loop
-def start_fresh(run: Run) -> None:
-    """Write ``config.json``, evaluate the SFT baseline (iteration 0) and reset the worlds."""
-    if run.ctx.is_main:
-        write_run_config(run)
-        run.eval_records = [evaluate(run.policy, run.eval_envs, run.config, 0, 0)]
-        run.selection = PolicySelection.start(run.eval_records[0], run.policy.heads_state_dict())
-        atomic_write_json(run.out_dir / "eval_metrics.json", run.eval_records)
-    run.obs = run.env.reset(seed=run.train_seed_start)
-
-
-def exploration_scale(config: PPOConfig, iteration: int) -> float:
-    """Progressive exploration: the residual's noise scale at ``iteration`` (1-based).
-
-    Grows linearly from ``--exploration-start-scale`` at the first iteration to 1 at iteration
-    ``--exploration-warmup-iterations + 1`` (ResiP and Policy Decorator let the residual explore
-    gradually, so the early, still-untrained residual does not wreck the SFT policy's driving).
-    """
-    warmup = config.exploration_warmup_iterations
-    if warmup == 0:
-        return 1.0
-    progress = min(1.0, (iteration - 1) / warmup)
-    return config.exploration_start_scale + (1.0 - config.exploration_start_scale) * progress
-
-
-KL_COEF_MIN, KL_COEF_MAX = 1e-6, 1e3  # bounds of the adaptive KL coefficient
-
-
-def adapt_kl_coef(kl_coef: float, measured_kl: float, kl_target: float) -> float:
-    """The adaptive KL penalty of Schulman et al. (2017), section 4: double the coefficient when
-    the KL overshoots 1.5 x target, halve it when it undershoots target / 1.5."""
-    if measured_kl > 1.5 * kl_target:
-        return min(kl_coef * 2.0, KL_COEF_MAX)
-    if measured_kl < kl_target / 1.5:
-        return max(kl_coef / 2.0, KL_COEF_MIN)
-    return kl_coef
-
-
+# ---------------------------------------------------------------------------------------- one iteration
 def train_iteration(run: Run) -> dict[str, Any]:
     """One PPO iteration: rollout, advantages, update (skipped on non-finite inputs), metrics."""
     config, iteration = run.config, run.iteration
@@ -266,7 +102,7 @@ def train_iteration(run: Run) -> dict[str, Any]:
     if config.anneal_lr:
         run.optimizer.param_groups[0]["lr"] = config.lr * (1.0 - (iteration - 1) / config.num_iterations)
     scale = exploration_scale(config, iteration)
-    run.policy.set_exploration(scale, scale if config.warmup_bound else 1.0)
+    run.policy.exploration = Exploration(scale, scale if config.warmup_bound else 1.0)
 
     # 1. rollout with the current policy (every process its own worlds), tallies summed over processes
     run.obs, tally = collect_rollout(
@@ -320,53 +156,67 @@ def train_iteration(run: Run) -> dict[str, Any]:
     return record
 
 
-def _advance_curriculum(run: Run, episodes: dict[str, Any]) -> dict[str, Any]:
-    """Record this rollout's episodes at the current level; raise the level when they pass the bar.
+# ---------------------------------------------------------------------------------------- the rollout
+@torch.no_grad()
+def collect_rollout(
+    policy: PPOPolicy,
+    env: BatchedWaypointEnv,
+    buffer: RolloutBuffer,
+    obs: Observation,
+    generator: torch.Generator,
+    reward_scale: float,
+) -> tuple[Observation, EpisodeTally]:
+    """Fill ``buffer`` with ``buffer.num_steps`` steps of every world; return the next observation.
 
-    Returns the level the rollout ran at (``curriculum_level``, 0 without a curriculum) and its
-    ``difficulty``.
+    Non-finite rewards and observations are counted in ``tally.nonfinite`` (read once per
+    iteration, no per-step host synchronisation); the caller skips the update when any appeared.
     """
-    if run.curriculum is None:
-        return {"curriculum_level": 0, "difficulty": run.config.difficulty}
-    level = {"curriculum_level": run.curriculum.level, "difficulty": run.curriculum.difficulty}
-    if run.curriculum.record(episodes["episodes"], episodes["goals"]):
-        run.env.set_difficulty(run.curriculum.difficulty)
-    return level
+    tally = EpisodeTally.zeros(env.device, env.num_envs, env.groups)
+    z, sft_waypoints = policy.features(obs.bev, obs.state)
+    for step in range(buffer.num_steps):
+        delta, log_prob, value = policy.act(z, sft_waypoints, generator=generator)
+        result = env.step(policy.final_waypoints(sft_waypoints, delta))
+        next_z, next_sft = policy.features(result.obs.bev, result.obs.state)
+        next_value = bootstrap_values(policy, result, policy.value(next_z, next_sft))
+        buffer.add(
+            step,
+            z=z,
+            sft_waypoints=sft_waypoints,
+            delta=delta,
+            log_prob=log_prob,
+            value=value,
+            reward=result.reward * reward_scale,
+            terminated=result.terminated,
+            truncated=result.truncated,
+            next_value=next_value,
+        )
+        tally.add(result)
+        tally.nonfinite += (~torch.isfinite(result.reward)).sum() + (~torch.isfinite(result.obs.state)).sum()
+        obs, z, sft_waypoints = result.obs, next_z, next_sft
+    return obs, tally
 
 
-def residual_stats(run: Run) -> dict[str, float]:
-    """Over the rollout's states, after the update: the mean residual per waypoint (``delta_norm``,
-    m) and the mean KL from the SFT reference policy per plan (``kl_to_sft``, nats), averaged over
-    processes so that the adaptive KL coefficient stays the same on every one."""
-    policy = run.policy
-    with torch.no_grad():
-        z = run.buffer.z.flatten(0, 1)
-        sft = run.buffer.sft_waypoints.flatten(0, 1)
-        mean_delta = policy.delta_head(z, sft)
-        values = torch.stack([mean_delta.norm(dim=-1).mean(), policy.kl_to_sft(mean_delta).mean()])
-        delta_norm, kl = run.ctx.mean(values).tolist()
-    return {"delta_norm": delta_norm, "kl_to_sft": kl}
+def bootstrap_values(policy: PPOPolicy, result: StepResult, next_value: torch.Tensor) -> torch.Tensor:
+    """``V`` of the state after each step: ``V(final_observation)`` where the episode was truncated.
 
-
-def train_ppo(config: PPOConfig) -> dict[str, Any]:
-    """Run (or with ``config.resume`` continue) residual PPO; returns the baseline and final evaluations.
-
-    Under ``torchrun`` every process runs this; rank 0 alone evaluates and writes files.
+    Terminated steps get no bootstrap in GAE, so their entry does not matter. On the CPU only
+    the truncated worlds are encoded again; on CUDA all are (no host synchronisation).
     """
-    config.validate()
-    ctx = init_distributed(config.device)
-    try:
-        run = _build_agreed(config, ctx)
-        try:
-            return _train(run)
-        finally:
-            run.env.close()
-            for env in run.eval_envs.values():
-                env.close()
-    finally:
-        shutdown(ctx)
+    truncated = result.truncated
+    final = result.info.final_observation
+    if next_value.device.type == "cpu":
+        if not bool(truncated.any()):
+            return next_value
+        index = truncated.nonzero()[:, 0]
+        z, sft = policy.features(final.bev[index], final.state[index])
+        values = next_value.clone()
+        values[index] = policy.value(z, sft)
+        return values
+    z, sft = policy.features(final.bev, final.state)
+    return torch.where(truncated, policy.value(z, sft), next_value)
 
 
+# ---------------------------------------------------------------------------------------- run helpers
 def _build_agreed(config: PPOConfig, ctx: DistContext) -> Run:
     """``build_run`` on every process; if one fails, all stop instead of waiting for it.
 
@@ -387,91 +237,26 @@ def _build_agreed(config: PPOConfig, ctx: DistContext) -> Run:
     return run
 
 
-def _train(run: Run) -> dict[str, Any]:
-    config, ctx = run.config, run.ctx
-    checkpoint = latest_checkpoint(run.out_dir) if config.resume else None
-    ctx.barrier()  # rank 0 has prepared the out-dir
-    if checkpoint is None:
-        start_fresh(run)
-    else:
-        resume_from(run, checkpoint)
-    writer = (
-        SummaryWriter(log_dir=str(run.out_dir), purge_step=run.env_steps if checkpoint else None)
-        if ctx.is_main
-        else None
-    )
-    if writer and checkpoint is None:
-        _log_scalars(writer, "eval", run.eval_records[0], 0)
-
-    # killed between the last checkpoint_iter_N.pt and final.pt: nothing left to train, final.pt to write
-    finished_before = checkpoint is not None and run.iteration >= config.num_iterations
-    bar = progress_bar(config.num_iterations, "ppo", "it", config.progress and ctx.is_main, run.iteration)
-    while run.iteration < config.num_iterations:
-        run.iteration += 1
-        record = train_iteration(run)
-        if ctx.is_main:
-            run.train_records.append(record)
-            atomic_write_json(run.out_dir / "train_metrics.json", run.train_records)
-            _log_scalars(writer, "train", record, run.env_steps)
-        if run.bad_iterations >= config.max_bad_iterations:
-            if writer:
-                writer.close()
-            raise TrainingDiverged(
-                f"{run.bad_iterations} updates in a row were skipped for NaN/inf "
-                f"(iteration {run.iteration}); "
-                f"stopped, the last good checkpoint in {run.out_dir} is kept"
-            )
-        last = run.iteration == config.num_iterations
-        if ctx.is_main and ((config.eval_every and run.iteration % config.eval_every == 0) or last):
-            _evaluate_and_select(run, writer)
-        if last:
-            _check_in_sync(run)
-        if (config.save_every and run.iteration % config.save_every == 0) or last:
-            state = run.state()  # one (collective) snapshot for both files of the last iteration
-            run.save(f"checkpoint_iter_{run.iteration}.pt", state)  # the last iteration, resumable
-            if last:
-                run.save_final(state)
-        bar.update(1)
-        if ctx.is_main:
-            bar.set_postfix(
-                steps_s=f"{record['steps_per_s']:.0f}",
-                ret=f"{record['episode_return']:.2f}",
-                ade=f"{run.eval_records[-1]['ade']:.3f}",
-            )
-            latest = run.eval_records[-1]
-            log_line(
-                f"iteration {run.iteration}/{config.num_iterations}: {record['steps_per_s']:.0f} steps/s, "
-                f"episode return {record['episode_return']:.2f}, "
-                f"eval ADE {latest['ade']:.3f} m (iteration {latest['iteration']})",
-                config.progress,
-            )
-    bar.close()
-    if finished_before:
-        run.save_final()
-    if writer:
-        writer.close()
-    if not ctx.is_main:
-        return {"out_dir": str(run.out_dir), "policy": run.policy, "rank": ctx.rank}
-    return {
-        "out_dir": str(run.out_dir),
-        "baseline": run.eval_records[0],
-        "final": run.eval_records[-1],
-        "selected_iteration": run.selection.iteration if run.selection else run.iteration,
-        "selected": run.selection.record if run.selection else run.eval_records[-1],
-        "policy": run.policy,
-    }
+def start_fresh(run: Run) -> None:
+    """Write ``config.json``, evaluate the SFT baseline (iteration 0) and reset the worlds."""
+    if run.ctx.is_main:
+        write_run_config(run)
+        run.eval_records = [evaluate(run.policy, run.eval_envs, run.config, 0, 0)]
+        run.selection = PolicySelection.start(run.eval_records[0], run.policy.heads_state_dict())
+    run.obs = run.env.reset(seed=run.train_seed_start)
 
 
-def _evaluate_and_select(run: Run, writer: SummaryWriter | None) -> None:
-    """Evaluate on the development scenarios, log it, and offer the policy to the selection."""
+class TrainingDiverged(UserError):
+    """Updates kept meeting non-finite values; the run stops and keeps its last good checkpoint."""
+
+
+def evaluate_and_select(run: Run) -> dict[str, Any]:
+    """Evaluate on the development scenarios and offer the policy to the selection (rank 0)."""
     record = evaluate(run.policy, run.eval_envs, run.config, run.iteration, run.env_steps)
     if run.selection is not None:
         run.selection.consider(run.iteration, record, run.policy.heads_state_dict())
         record["selected_iteration"] = run.selection.iteration
-    run.eval_records.append(record)
-    atomic_write_json(run.out_dir / "eval_metrics.json", run.eval_records)
-    if writer:
-        _log_scalars(writer, "eval", record, run.env_steps)
+    return record
 
 
 def _check_in_sync(run: Run) -> None:
@@ -482,36 +267,72 @@ def _check_in_sync(run: Run) -> None:
         )
 
 
-class TrainingDiverged(UserError):
-    """Updates kept meeting non-finite values; the run stops and keeps its last good checkpoint."""
+def _results(run: Run) -> dict[str, Any]:
+    """What ``train_ppo`` returns: rank 0 the baseline, the last and the selected evaluation."""
+    if not run.ctx.is_main:
+        return {"out_dir": str(run.out_dir), "policy": run.policy, "rank": run.ctx.rank}
+    return {
+        "out_dir": str(run.out_dir),
+        "baseline": run.eval_records[0],
+        "final": run.eval_records[-1],
+        "selected_iteration": run.selection.iteration if run.selection else run.iteration,
+        "selected": run.selection.record if run.selection else run.eval_records[-1],
+        "policy": run.policy,
+    }
 
 
-_TB_GROUPS = {
-    "policy_loss": "losses",
-    "value_loss": "losses",
-    "entropy": "losses",
-    "approx_kl": "losses",
-    "clip_fraction": "losses",
-    "explained_variance": "losses",
-    "loss": "losses",
-    "grad_norm": "losses",
-    "residual_l2": "losses",
-    "std": "policy",
-    "delta_norm": "policy",
-    "kl_to_sft": "policy",
-    "kl_coef": "policy",
-    "exploration_scale": "policy",
-    "curriculum_level": "curriculum",
-    "difficulty": "curriculum",
-    "lr": "charts",
-    "steps_per_s": "charts",
-}
+# ---------------------------------------------------------------------------------------- iteration helpers
+def exploration_scale(config: PPOConfig, iteration: int) -> float:
+    """Progressive exploration: the residual's noise scale at ``iteration`` (1-based).
+
+    Grows linearly from ``--exploration-start-scale`` at the first iteration to 1 at iteration
+    ``--exploration-warmup-iterations + 1`` (ResiP and Policy Decorator let the residual explore
+    gradually, so the early, still-untrained residual does not wreck the SFT policy's driving).
+    """
+    warmup = config.exploration_warmup_iterations
+    if warmup == 0:
+        return 1.0
+    progress = min(1.0, (iteration - 1) / warmup)
+    return config.exploration_start_scale + (1.0 - config.exploration_start_scale) * progress
 
 
-def _log_scalars(writer: SummaryWriter, split: str, record: dict[str, Any], step: int) -> None:
-    """TensorBoard scalars under the same names as the metrics files (``losses/value_loss`` ...)."""
-    for key, value in record.items():
-        if key in ("iteration", "env_steps") or not isinstance(value, int | float):
-            continue
-        group = "eval" if split == "eval" else _TB_GROUPS.get(key, "charts")
-        writer.add_scalar(f"{group}/{key}", value, step)
+def residual_stats(run: Run) -> dict[str, float]:
+    """Over the rollout's states, after the update: the mean residual per waypoint (``delta_norm``,
+    m) and the mean KL from the SFT reference policy per plan (``kl_to_sft``, nats: the policy's
+    own :meth:`~PPOPolicy.kl_to_sft`, as the update penalises it), averaged over processes so that
+    the adaptive KL coefficient stays the same on every one."""
+    policy = run.policy
+    with torch.no_grad():
+        z = run.buffer.z.flatten(0, 1)
+        sft = run.buffer.sft_waypoints.flatten(0, 1)
+        mean_delta = policy.delta_head(z, sft)
+        values = torch.stack([mean_delta.norm(dim=-1).mean(), policy.kl_to_sft(mean_delta).mean()])
+        delta_norm, kl = run.ctx.mean(values).tolist()
+    return {"delta_norm": delta_norm, "kl_to_sft": kl}
+
+
+KL_COEF_MIN, KL_COEF_MAX = 1e-6, 1e3  # bounds of the adaptive KL coefficient
+
+
+def adapt_kl_coef(kl_coef: float, measured_kl: float, kl_target: float) -> float:
+    """The adaptive KL penalty of Schulman et al. (2017), section 4: double the coefficient when
+    the KL overshoots 1.5 x target, halve it when it undershoots target / 1.5."""
+    if measured_kl > 1.5 * kl_target:
+        return min(kl_coef * 2.0, KL_COEF_MAX)
+    if measured_kl < kl_target / 1.5:
+        return max(kl_coef / 2.0, KL_COEF_MIN)
+    return kl_coef
+
+
+def _advance_curriculum(run: Run, episodes: dict[str, Any]) -> dict[str, Any]:
+    """Record this rollout's episodes at the current level; raise the level when they pass the bar.
+
+    Returns the level the rollout ran at (``curriculum_level``, 0 without a curriculum) and its
+    ``difficulty``.
+    """
+    if run.curriculum is None:
+        return {"curriculum_level": 0, "difficulty": run.config.difficulty}
+    level = {"curriculum_level": run.curriculum.level, "difficulty": run.curriculum.difficulty}
+    if run.curriculum.record(episodes["episodes"], episodes["goals"]):
+        run.env.set_difficulty(run.curriculum.difficulty)
+    return level

@@ -33,7 +33,7 @@ from torch.utils.data import Dataset
 from training.common.errors import UserError
 from training.common.io import atomic_write_json, load_checkpoint, read_json, save_checkpoint
 from training.common.seeds import DEV_SEED_START, SFT_VAL_SEED_START
-from training.rl.env_interface import BatchedWaypointEnv
+from training.envs.protocol import BatchedWaypointEnv
 
 DEMO_SHARD_KIND = "sft_demo_shard"
 DEMO_FORMAT_VERSION = 1

@@ -44,7 +44,7 @@ from torch import Tensor, nn
 
 from training.common.errors import UserError
 from training.common.io import load_checkpoint
-from training.rl.env_interface import EnvSpec
+from training.envs.protocol import EnvSpec
 from training.sft.model import SFT_CHECKPOINT_KIND, WaypointModel, model_from_checkpoint
 
 # Batch sizes of the shape check; two of them, so that a model traced or exported with a fixed

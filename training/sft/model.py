@@ -8,7 +8,7 @@ z --> head MLP --> [N, K, 2] * waypoint_scale --> waypoints_ego_m (metres, ego f
 
 The RL stage freezes this model and reads ``encode`` (the feature ``z``) and ``head`` (the base
 plan) separately, once per environment step; both accept the observation tensors exactly as an
-environment that meets ``training/rl/env_interface.py`` returns them. ``frozen_features`` is that
+environment that meets ``training/envs/protocol.py`` returns them. ``frozen_features`` is that
 read for a frozen model: inference mode, and on CUDA the encoder under autocast (fp16 by default:
 bf16 moved waypoints by up to 6 cm against fp32, fp16 by under 0.6 cm; see docs/benchmarks.md).
 

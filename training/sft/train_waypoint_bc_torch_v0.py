@@ -37,8 +37,8 @@ from training.common.io import atomic_write_json, ensure_writable_dir, save_chec
 from training.common.progress import log_line, progress_bar
 from training.envs.capacity import default_worlds
 from training.envs.options import SimulatorFlags
+from training.envs.protocol import BatchedWaypointEnv, EnvSpec
 from training.envs.registry import check_env_choice, make_env
-from training.rl.env_interface import BatchedWaypointEnv, EnvSpec
 from training.sft.data import (
     SEEDS_PER_RUN_SEED,
     VAL_SEED_OFFSET,

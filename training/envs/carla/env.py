@@ -39,8 +39,8 @@ from training.envs.carla.route import (
     target_speed_at,
 )
 from training.envs.carla.session import EgoReading, MapGeometry, SensorEvents
+from training.envs.protocol import BatchedWaypointEnv, EpisodeStats, Observation, StepInfo, StepResult
 from training.envs.toy.config import shared_layout_spec
-from training.rl.env_interface import EpisodeStats, Observation, StepInfo, StepResult
 
 _MAX_WAYPOINT_M = 200.0  # plans are clamped to this distance; non-finite plans mean "stop here"
 _LEAD_IN_M = 20.0  # route drawn behind the start
@@ -142,8 +142,8 @@ def scenario_orders(
     return rng, spawn_order, traffic_order
 
 
-class CarlaWaypointEnv:
-    """``len(worlds)`` CARLA worlds meeting ``BatchedWaypointEnv`` (see env_interface)."""
+class CarlaWaypointEnv(BatchedWaypointEnv):
+    """``len(worlds)`` CARLA worlds meeting ``BatchedWaypointEnv`` (``training/envs/protocol.py``)."""
 
     def __init__(
         self,
@@ -183,13 +183,14 @@ class CarlaWaypointEnv:
             if self._on_close is not None:
                 self._on_close()
 
-    def set_difficulty(self, level: float) -> None:
+    def set_difficulty(self, level: float) -> bool:
         """Traffic density for the episodes started from now on (``level`` in [0, 1])."""
         if not 0.0 <= level <= 1.0:
             raise ValueError(f"difficulty must be in [0, 1], got {level}")
         self.config = replace(self.config, difficulty=level)
         for world in self.worlds:
             world.cfg = self.config
+        return True
 
     def _in_every_world(self, work: Callable[[int], T], worlds: Sequence[int] | None = None) -> list[T]:
         """``work(world_index)`` in parallel for the given worlds (all by default), results in order.

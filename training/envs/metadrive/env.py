@@ -16,8 +16,8 @@ import torch
 from training.envs.metadrive.config import MetaDriveWorldConfig
 from training.envs.metadrive.frames import WorldFrame, WorldStep
 from training.envs.metadrive.workers import WorldPool
+from training.envs.protocol import BatchedWaypointEnv, EpisodeStats, Observation, StepInfo, StepResult
 from training.envs.toy.config import shared_layout_spec
-from training.rl.env_interface import EpisodeStats, Observation, StepInfo, StepResult
 
 _FLOAT_STATS = (
     "episode_return",
@@ -29,8 +29,8 @@ _FLOAT_STATS = (
 _BOOL_STATS = ("collision", "off_road", "goal_reached")
 
 
-class MetaDriveWaypointEnv:
-    """Meets ``BatchedWaypointEnv`` (see ``training/rl/env_interface.py``); no ``state_dict``:
+class MetaDriveWaypointEnv(BatchedWaypointEnv):
+    """Meets ``BatchedWaypointEnv`` (see ``training/envs/protocol.py``); no ``state_dict``:
     a resumed run re-seeds its worlds on fresh scenarios."""
 
     def __init__(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from training.rl.env_interface import EnvSpec
+from training.envs.protocol import EnvSpec
 
 BEV_CHANNELS = ("drivable", "route", "vehicles", "obstacles")
 # The navigation's distance to the destination is part of the ego state: the goal ends the

@@ -25,9 +25,9 @@ import numpy as np
 import torch
 from gymnasium import spaces
 
+from training.envs.protocol import Observation
 from training.envs.toy.config import ToyWorldConfig
 from training.envs.toy.world import ToyWaypointEnv
-from training.rl.env_interface import Observation
 
 ENV_ID = "ToyWaypoint-v0"
 ACTION_BOUND_M = 100.0  # |waypoint coordinate| bound of the action space, metres (ego frame)
@@ -65,7 +65,7 @@ class _SingleWorld(ToyWaypointEnv):
 class ToyWaypointGymEnv(gym.Env[dict[str, np.ndarray], np.ndarray]):
     """One toy world on the CPU behind the Gymnasium API.
 
-    Observation: ``{"bev": uint8 [C, H, W], "state": float32 [S]}`` (see ``env_interface``).
+    Observation: ``{"bev": uint8 [C, H, W], "state": float32 [S]}`` (see ``training/envs/protocol.py``).
     Action: float32 ``[K, 2]`` waypoints in metres, ego frame (x forward, y left), clipped to
     ``+-ACTION_BOUND_M``; a non-finite plan makes the car stop.
     Info: ``expert_waypoints`` float32 ``[K, 2]`` (the expert's plan for the returned observation)

@@ -29,8 +29,8 @@ import torch
 from training.common.cli import config_field, parse_config, require
 from training.common.errors import UserError, exit_on_user_error
 from training.common.io import atomic_write_bytes
+from training.envs.protocol import Observation
 from training.envs.toy.config import BEV_CHANNELS, ToyWorldConfig
-from training.rl.env_interface import Observation
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes

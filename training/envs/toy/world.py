@@ -9,9 +9,13 @@ There is no Python loop over worlds; on CUDA there is no host synchronisation in
 from __future__ import annotations
 
 import dataclasses
+import typing
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
+from training.envs.protocol import BatchedWaypointEnv, EpisodeStats, Observation, StepInfo, StepResult
 from training.envs.toy.config import ToyWorldConfig, shared_layout_spec
 from training.envs.toy.dynamics import (
     VehicleState,
@@ -31,13 +35,80 @@ from training.envs.toy.scenario import (
     project_points_to_route,
     project_to_route,
 )
-from training.rl.env_interface import EpisodeStats, Observation, StepInfo, StepResult
 
 _MAX_WAYPOINT_M = 200.0  # plans are clamped to this distance; non-finite plans mean "stop here"
 
 
-class ToyWaypointEnv:
-    """``num_envs`` toy driving worlds meeting ``BatchedWaypointEnv`` (see env_interface)."""
+@dataclasses.dataclass
+class EpisodeSums:
+    """Running sums ``[N]`` over each world's current episode, from which ``EpisodeStats`` averages."""
+
+    ret: torch.Tensor  # reward
+    lat: torch.Tensor  # |lateral offset of the car's centre| (m), one term per policy step
+    jerk: torch.Tensor  # |jerk| (m/s^3), one term per live substep
+    steer_rate: torch.Tensor  # |steering rate| (rad/s), one term per live substep
+    substeps: torch.Tensor  # live substeps
+
+    @classmethod
+    def zeros(cls, num_envs: int, device: torch.device) -> EpisodeSums:
+        return cls(*(torch.zeros(num_envs, device=device) for _ in dataclasses.fields(cls)))
+
+
+class Frenet(NamedTuple):
+    """The rear axle in route coordinates, each ``[N]``."""
+
+    s: torch.Tensor  # arc length along the route (m)
+    d: torch.Tensor  # signed lateral offset, left > 0 (m)
+    road_heading: torch.Tensor  # route heading at ``s`` (rad)
+
+
+@dataclasses.dataclass
+class ToyWorldState:
+    """Everything that changes as the worlds run: one entry per world along dim 0 (``next_seed``
+    is one for all). ``state_dict`` saves every field under a dotted key (``vehicle.x``,
+    ``acc.ret``, ``frenet.0``, ``obs.bev``, ``t``) and ``load_state_dict`` rebuilds the fields
+    from those keys, so a resumed run continues exactly."""
+
+    vehicle: VehicleState
+    scenarios: Scenarios  # the scenario each world plays
+    acc: EpisodeSums
+    frenet: Frenet
+    route_hint: torch.Tensor  # [N] int64: route index near the car, where the projection searches
+    t: torch.Tensor  # [N] int64: policy steps into the episode
+    time_s: torch.Tensor  # [N]: simulated seconds into the episode (where the oncoming cars are)
+    best_s: torch.Tensor  # [N]: furthest arc length reached (m), for route completion
+    scenario_seed: torch.Tensor  # [N] int64
+    next_seed: torch.Tensor  # [] int64: the next unused scenario seed
+    obs: Observation  # what the policy acts on next
+
+
+def _flatten(key: str, value: object) -> dict[str, torch.Tensor]:
+    """``{dotted key: tensor}`` of a tensor, a tuple (keys by position) or a dataclass (by field)."""
+    if isinstance(value, torch.Tensor):
+        return {key: value}
+    if isinstance(value, tuple):
+        items = {str(index): item for index, item in enumerate(value)}
+    else:
+        items = {field.name: getattr(value, field.name) for field in dataclasses.fields(value)}  # type: ignore[arg-type]
+    return {k: v for name, item in items.items() for k, v in _flatten(f"{key}.{name}", item).items()}
+
+
+def _unflatten(kind: type, key: str, flat: dict[str, torch.Tensor]) -> object:
+    """Rebuild a value of ``kind`` (a tensor, a named tuple or a dataclass) saved by :func:`_flatten`."""
+    if kind is torch.Tensor:
+        return flat[key]
+    hints = typing.get_type_hints(kind)
+    if issubclass(kind, tuple):
+        return kind(*(_unflatten(hint, f"{key}.{i}", flat) for i, hint in enumerate(hints.values())))
+    fields = dataclasses.fields(kind)
+    return kind(**{f.name: _unflatten(hints[f.name], f"{key}.{f.name}", flat) for f in fields})
+
+
+class ToyWaypointEnv(BatchedWaypointEnv):
+    """``num_envs`` toy driving worlds meeting ``BatchedWaypointEnv`` (``training/envs/protocol.py``).
+
+    The worlds live in :attr:`state` (``None`` until the first ``reset``).
+    """
 
     def __init__(self, config: ToyWorldConfig | None = None, device: str | torch.device = "cpu") -> None:
         self.config = config or ToyWorldConfig()
@@ -48,16 +119,14 @@ class ToyWaypointEnv:
         self.spec = shared_layout_spec(
             cfg.bev_size_px, cfg.num_waypoints, cfg.waypoint_dt, cfg.policy_dt, cfg.max_episode_steps
         )
-        self._next_seed = torch.zeros((), dtype=torch.int64, device=self.device)
-        self._seeded = False
         self._start_index = int(round(cfg.lead_in_m / cfg.route_spacing_m))
-        self._obs: Observation | None = None
+        self.state: ToyWorldState | None = None
 
     @property
     def difficulty(self) -> float:
         return self.config.difficulty
 
-    def set_difficulty(self, difficulty: float) -> None:
+    def set_difficulty(self, difficulty: float) -> bool:
         """Scenarios generated from now on (resets and autoresets) use ``difficulty`` (0..1).
 
         Episodes under way keep their scenario; a curriculum raises the level between rollouts.
@@ -65,33 +134,47 @@ class ToyWaypointEnv:
         config = dataclasses.replace(self.config, difficulty=float(difficulty))
         config.validate()
         self.config = config
+        return True
 
     # ------------------------------------------------------------------ reset
     def reset(self, seed: int | None = None) -> Observation:
+        """World ``i`` plays scenario ``seed + i``; without ``seed`` the next unused seeds (0 at first)."""
         if seed is not None:
-            self._next_seed.fill_(int(seed))
-        elif not self._seeded:
-            self._next_seed.zero_()
-        self._seeded = True
-        seeds = self._next_seed + torch.arange(self.num_envs, device=self.device)
-        self._next_seed += self.num_envs
-        self.scenarios = generate_scenarios(seeds, self.config)
-        self.scenario_seed = seeds
-        self._start_episodes(
-            torch.ones(self.num_envs, dtype=torch.bool, device=self.device), self.scenarios, seeds
-        )
-        self._obs = self._observe()
-        return self._obs
-
-    def _start_episodes(self, mask: torch.Tensor, scen: Scenarios, seeds: torch.Tensor) -> None:
-        """(Re)initialise the worlds in ``mask`` from ``scen`` (already blended in)."""
-        cfg = self.config
+            next_seed = torch.full((), int(seed), dtype=torch.int64, device=self.device)
+        elif self.state is None:
+            next_seed = torch.zeros((), dtype=torch.int64, device=self.device)
+        else:
+            next_seed = self.state.next_seed
+        seeds = next_seed + torch.arange(self.num_envs, device=self.device)
+        scenarios = generate_scenarios(seeds, self.config)
+        vehicle = self._start_vehicle(scenarios)
+        start_hint = torch.full((self.num_envs,), self._start_index, device=self.device)
+        frenet, route_hint = self._project(scenarios, vehicle, start_hint)
         zeros = torch.zeros(self.num_envs, device=self.device)
-        start_s = zeros
-        xy, road_heading = frenet_to_world(
-            scen.route_xy, scen.route_heading, start_s[:, None], scen.start_lateral[:, None], cfg
+        obs = self._render(vehicle, scenarios, frenet, zeros)
+        self.state = ToyWorldState(
+            vehicle=vehicle,
+            scenarios=scenarios,
+            acc=EpisodeSums.zeros(self.num_envs, self.device),
+            frenet=frenet,
+            route_hint=route_hint,
+            t=torch.zeros(self.num_envs, dtype=torch.int64, device=self.device),
+            time_s=zeros,
+            best_s=zeros.clone(),
+            scenario_seed=seeds,
+            next_seed=next_seed + self.num_envs,
+            obs=obs,
         )
-        fresh = VehicleState(
+        return obs
+
+    def _start_vehicle(self, scen: Scenarios) -> VehicleState:
+        """The car at the start of each world's scenario ``scen``: arc length 0, the scenario's
+        lateral offset, heading error and speed."""
+        zeros = torch.zeros(self.num_envs, device=self.device)
+        xy, road_heading = frenet_to_world(
+            scen.route_xy, scen.route_heading, zeros[:, None], scen.start_lateral[:, None], self.config
+        )
+        return VehicleState(
             x=xy[:, 0, 0],
             y=xy[:, 0, 1],
             yaw=road_heading[:, 0] + scen.start_heading_error,
@@ -99,46 +182,43 @@ class ToyWaypointEnv:
             steer=zeros,
             accel=zeros,
         )
-        if not hasattr(self, "vehicle"):
-            self.vehicle = fresh
-            self.route_hint = torch.full((self.num_envs,), self._start_index, device=self.device)
-            self.t = torch.zeros(self.num_envs, dtype=torch.int64, device=self.device)
-            self.time_s = zeros.clone()
-            self._acc = {name: zeros.clone() for name in ("ret", "lat", "jerk", "steer_rate", "substeps")}
-            self.best_s = zeros.clone()
-            self.scenario_seed = seeds.clone()
-        else:
-            self.vehicle = VehicleState(
-                *(torch.where(mask, getattr(fresh, f), getattr(self.vehicle, f)) for f in fresh.fields())
-            )
-        self.route_hint = torch.where(
-            mask, torch.full_like(self.route_hint, self._start_index), self.route_hint
+
+    def _start_episodes(self, mask: torch.Tensor, seeds: torch.Tensor) -> None:
+        """Restart the worlds in ``mask`` on their scenario (already in ``state.scenarios``)."""
+        st = self.state
+        zeros = torch.zeros(self.num_envs, device=self.device)
+        fresh = self._start_vehicle(st.scenarios)
+        st.vehicle = VehicleState(
+            *(torch.where(mask, getattr(fresh, f), getattr(st.vehicle, f)) for f in fresh.fields())
         )
-        self.t = torch.where(mask, torch.zeros_like(self.t), self.t)
-        self.time_s = torch.where(mask, zeros, self.time_s)
-        self.best_s = torch.where(mask, zeros, self.best_s)
-        self.scenario_seed = torch.where(mask, seeds, self.scenario_seed)
-        for name, value in self._acc.items():
-            self._acc[name] = torch.where(mask, zeros, value)
-        self._frenet = self._project()
+        route_hint = torch.where(mask, torch.full_like(st.route_hint, self._start_index), st.route_hint)
+        st.t = torch.where(mask, torch.zeros_like(st.t), st.t)
+        st.time_s = torch.where(mask, zeros, st.time_s)
+        st.best_s = torch.where(mask, zeros, st.best_s)
+        st.scenario_seed = torch.where(mask, seeds, st.scenario_seed)
+        st.acc = EpisodeSums(
+            *(torch.where(mask, zeros, getattr(st.acc, f.name)) for f in dataclasses.fields(EpisodeSums))
+        )
+        st.frenet, st.route_hint = self._project(st.scenarios, st.vehicle, route_hint)
 
     # ------------------------------------------------------------------ geometry
-    def _project(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        v = self.vehicle
+    def _project(
+        self, scen: Scenarios, vehicle: VehicleState, route_hint: torch.Tensor
+    ) -> tuple[Frenet, torch.Tensor]:
+        """The rear axle of ``vehicle`` on the routes of ``scen``, and the new route index hint."""
         s, d, road_heading, hint = project_to_route(
-            self.scenarios.route_xy,
-            self.scenarios.route_heading,
-            torch.stack([v.x, v.y], -1),
-            self.route_hint,
+            scen.route_xy,
+            scen.route_heading,
+            torch.stack([vehicle.x, vehicle.y], -1),
+            route_hint,
             self.config,
         )
-        self.route_hint = hint
-        return s, d, road_heading
+        return Frenet(s, d, road_heading), hint
 
-    def _object_boxes(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _object_boxes(self, scen: Scenarios, time_s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """World boxes ``[N, B, 3]`` (centre x, y, heading) of oncoming cars and parked cars."""
-        cfg, scen = self.config, self.scenarios
-        veh_s = scen.vehicle_s0 - scen.vehicle_speed * self.time_s[:, None]
+        cfg = self.config
+        veh_s = scen.vehicle_s0 - scen.vehicle_speed * time_s[:, None]
         veh_xy, veh_h = frenet_to_world(
             scen.route_xy, scen.route_heading, veh_s, torch.full_like(veh_s, cfg.vehicle_lateral_m), cfg
         )
@@ -163,13 +243,14 @@ class ToyWaypointEnv:
         self, s: torch.Tensor, d: torch.Tensor, road_heading: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Collision and off-road flags ``[N]`` for the current state (route-frame box overlap)."""
-        cfg, scen = self.config, self.scenarios
-        heading_error = self.vehicle.yaw - road_heading
+        cfg, st = self.config, self.state
+        scen = st.scenarios
+        heading_error = st.vehicle.yaw - road_heading
         sc, dc = self._centre_frenet(s, d, heading_error)
         cos, sin = torch.cos(heading_error).abs(), torch.sin(heading_error).abs()
         half_s = cfg.length_m / 2 * cos + cfg.width_m / 2 * sin + cfg.length_m / 2
         half_d = cfg.length_m / 2 * sin + cfg.width_m / 2 * cos + cfg.width_m / 2
-        veh_s = scen.vehicle_s0 - scen.vehicle_speed * self.time_s[:, None]
+        veh_s = scen.vehicle_s0 - scen.vehicle_speed * st.time_s[:, None]
         hit_vehicle = (
             ((veh_s - sc[:, None]).abs() < half_s[:, None])
             & ((cfg.vehicle_lateral_m - dc[:, None]).abs() < half_d[:, None])
@@ -185,52 +266,64 @@ class ToyWaypointEnv:
 
     # ------------------------------------------------------------------ observation
     def _observe(self, index: torch.Tensor | None = None) -> Observation:
-        vehicles, obstacles = self._object_boxes()
-        v = self.vehicle
+        """The observation of the current state (of the worlds in ``index`` only, when given)."""
+        st = self.state
+        return self._render(st.vehicle, st.scenarios, st.frenet, st.time_s, index)
+
+    def _render(
+        self,
+        v: VehicleState,
+        scen: Scenarios,
+        frenet: Frenet,
+        time_s: torch.Tensor,
+        index: torch.Tensor | None = None,
+    ) -> Observation:
+        vehicles, obstacles = self._object_boxes(scen, time_s)
         pose = torch.stack([v.x, v.y, v.yaw], dim=-1)
         inputs = RenderInputs(
-            route_xy=self.scenarios.route_xy,
-            route_heading=self.scenarios.route_heading,
+            route_xy=scen.route_xy,
+            route_heading=scen.route_heading,
             ego_pose=pose,
-            ego_s=self._frenet[0],
+            ego_s=frenet.s,
             vehicle_boxes=vehicles,
-            vehicle_active=self.scenarios.vehicle_active,
+            vehicle_active=scen.vehicle_active,
             obstacle_boxes=obstacles,
-            obstacle_active=self.scenarios.obstacle_active,
+            obstacle_active=scen.obstacle_active,
         )
         if index is not None:
             inputs = RenderInputs(*(getattr(inputs, f.name)[index] for f in dataclasses.fields(inputs)))
         bev = render_bev(inputs, self.config)
         yaw_rate = v.speed * torch.tan(v.steer) / self.config.wheelbase_m
-        to_goal = (self.config.route_length_m - self._frenet[0]).clamp(0.0, self.config.route_length_m)
+        to_goal = (self.config.route_length_m - frenet.s).clamp(0.0, self.config.route_length_m)
         state = torch.stack([v.speed, v.steer, v.accel, yaw_rate, to_goal], dim=-1)
         if index is not None:
             state = state[index]
         return Observation(bev=bev, state=state.float())
 
     def expert_waypoints(self) -> torch.Tensor:
-        v = self.vehicle
+        v, scen = self.state.vehicle, self.state.scenarios
         return expert_plan(
-            self.scenarios.route_xy,
-            self.scenarios.route_heading,
-            self.scenarios.target_speed,
+            scen.route_xy,
+            scen.route_heading,
+            scen.target_speed,
             (v.x, v.y, v.yaw),
             v.speed,
-            self._frenet,
+            self.state.frenet,
             self.config,
         )
 
-    def route_xy_for_seeds(self, seeds: list[int]) -> torch.Tensor:
+    def route_xy_for_seeds(self, seeds: Sequence[int]) -> torch.Tensor:
         """Route centre lines ``[M, P, 2]`` (world frame) of the scenarios with these seeds, for drawing."""
         seeds_t = torch.tensor(seeds, dtype=torch.int64, device=self.device)
         return generate_scenarios(seeds_t, self.config).route_xy
 
     def ego_pose(self) -> torch.Tensor:
-        return torch.stack([self.vehicle.x, self.vehicle.y, self.vehicle.yaw], dim=-1)
+        v = self.state.vehicle
+        return torch.stack([v.x, v.y, v.yaw], dim=-1)
 
     # ------------------------------------------------------------------ step
     def step(self, waypoints: torch.Tensor) -> StepResult:
-        if self._obs is None:
+        if self.state is None:
             raise RuntimeError("call reset() before step()")
         cfg = self.config
         expected = (self.num_envs, cfg.num_waypoints, 2)
@@ -242,17 +335,17 @@ class ToyWaypointEnv:
             -_MAX_WAYPOINT_M, _MAX_WAYPOINT_M
         )
 
-        v0 = self.vehicle
+        v0 = self.state.vehicle
         origin = torch.zeros_like(plan[:, :1])
         plan_world = ego_to_world(torch.cat([origin, plan], dim=1), v0.x, v0.y, v0.yaw)
         speeds = plan_speeds(plan_world, cfg)
-        s_before = self._frenet[0]
+        s_before = self.state.frenet.s
         plan_terms = self._plan_quality(plan_world, speeds)
         collided = torch.zeros(self.num_envs, dtype=torch.bool, device=self.device)
         off_road = torch.zeros_like(collided)
         for sub in range(cfg.substeps):
             self._substep(plan_world, speeds, sub * cfg.sim_dt, collided | off_road)
-            hit, off = self._failures(*self._frenet)
+            hit, off = self._failures(*self.state.frenet)
             collided |= hit
             off_road |= off
         return self._finish_step(s_before, collided, off_road, plan_terms)
@@ -260,32 +353,33 @@ class ToyWaypointEnv:
     def _substep(
         self, plan_world: torch.Tensor, speeds: torch.Tensor, time_in_plan: float, frozen: torch.Tensor
     ) -> None:
-        cfg, v = self.config, self.vehicle
+        cfg, st = self.config, self.state
+        v = st.vehicle
         steer_cmd = pure_pursuit_steer(v, plan_world, cfg)
         accel_cmd = speed_command(v, speeds, time_in_plan, cfg)
         nxt = bicycle_step(v, steer_cmd, accel_cmd, cfg, cfg.sim_dt)
         nxt = VehicleState(*(torch.where(frozen, getattr(v, f), getattr(nxt, f)) for f in v.fields()))
         live = (~frozen).float()
-        self._acc["jerk"] += live * ((nxt.accel - v.accel) / cfg.sim_dt).abs()
-        self._acc["steer_rate"] += live * ((nxt.steer - v.steer) / cfg.sim_dt).abs()
-        self._acc["substeps"] += live
-        self.vehicle = nxt
-        self.time_s = self.time_s + live * cfg.sim_dt
-        self._frenet = self._project()
+        st.acc.jerk += live * ((nxt.accel - v.accel) / cfg.sim_dt).abs()
+        st.acc.steer_rate += live * ((nxt.steer - v.steer) / cfg.sim_dt).abs()
+        st.acc.substeps += live
+        st.vehicle = nxt
+        st.time_s = st.time_s + live * cfg.sim_dt
+        st.frenet, st.route_hint = self._project(st.scenarios, st.vehicle, st.route_hint)
 
     def _plan_quality(
         self, plan_world: torch.Tensor, speeds: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean distance (m) of the plan's waypoints from the route centre line, and mean
         |planned speed - target speed| / v_road over its intervals, both ``[N]``."""
-        cfg = self.config
+        cfg, scen = self.config, self.state.scenarios
         waypoints = plan_world[:, 1:]
         ahead = (waypoints - plan_world[:, :1]).norm(dim=-1).clamp(max=1e3) / cfg.route_spacing_m
-        hint = self.route_hint[:, None] + ahead.long()
+        hint = self.state.route_hint[:, None] + ahead.long()
         s, d, _, _ = project_points_to_route(
-            self.scenarios.route_xy, self.scenarios.route_heading, waypoints, hint, cfg, window=(-8, 8)
+            scen.route_xy, scen.route_heading, waypoints, hint, cfg, window=(-8, 8)
         )
-        target = interpolate_profile(self.scenarios.target_speed, s, cfg)
+        target = interpolate_profile(scen.target_speed, s, cfg)
         speed_error = (speeds - target).abs().mean(dim=1) / cfg.road_speed_mps
         return d.abs().mean(dim=1), speed_error
 
@@ -296,16 +390,16 @@ class ToyWaypointEnv:
         off_road: torch.Tensor,
         plan_terms: tuple[torch.Tensor, torch.Tensor],
     ) -> torch.Tensor:
-        cfg, w = self.config, self.config.reward
+        cfg, w, st = self.config, self.config.reward, self.state
         plan_lateral, plan_speed = plan_terms
-        s, d, road_heading = self._frenet
+        s, d, road_heading = st.frenet
         heading_error = torch.atan2(
-            torch.sin(self.vehicle.yaw - road_heading), torch.cos(self.vehicle.yaw - road_heading)
+            torch.sin(st.vehicle.yaw - road_heading), torch.cos(st.vehicle.yaw - road_heading)
         )
         _, dc = self._centre_frenet(s, d, heading_error)
-        target = interpolate_profile(self.scenarios.target_speed, s[:, None], cfg)[:, 0]
+        target = interpolate_profile(st.scenarios.target_speed, s[:, None], cfg)[:, 0]
         progress = (s - s_before) / (cfg.road_speed_mps * cfg.policy_dt)
-        speed_error = (self.vehicle.speed - target).abs() / cfg.road_speed_mps
+        speed_error = (st.vehicle.speed - target).abs() / cfg.road_speed_mps
         return (
             w.progress * progress
             - w.speed * speed_error
@@ -324,34 +418,34 @@ class ToyWaypointEnv:
         off_road: torch.Tensor,
         plan_terms: tuple[torch.Tensor, torch.Tensor],
     ) -> StepResult:
-        cfg = self.config
+        cfg, st = self.config, self.state
         reward = self._reward(s_before, collided, off_road, plan_terms)
-        s, d, road_heading = self._frenet
-        heading_error = self.vehicle.yaw - road_heading
+        s, d, road_heading = st.frenet
+        heading_error = st.vehicle.yaw - road_heading
         _, dc = self._centre_frenet(s, d, heading_error)
-        self.t = self.t + 1
-        self.best_s = torch.maximum(self.best_s, s)
+        st.t = st.t + 1
+        st.best_s = torch.maximum(st.best_s, s)
         goal = s >= cfg.route_length_m
         terminated = collided | off_road | goal
-        truncated = (self.t >= cfg.max_episode_steps) & ~terminated
+        truncated = (st.t >= cfg.max_episode_steps) & ~terminated
         done = terminated | truncated
-        self._acc["ret"] += reward
-        self._acc["lat"] += dc.abs()
-        substeps = self._acc["substeps"].clamp_min(1.0)
+        st.acc.ret += reward
+        st.acc.lat += dc.abs()
+        substeps = st.acc.substeps.clamp_min(1.0)
         episode = EpisodeStats(
             done=done,
-            episode_return=self._acc["ret"].clone(),
-            length=self.t.clone(),
-            route_completion=(self.best_s / cfg.route_length_m).clamp(0.0, 1.0),
+            episode_return=st.acc.ret.clone(),
+            length=st.t.clone(),
+            route_completion=(st.best_s / cfg.route_length_m).clamp(0.0, 1.0),
             collision=collided,
             off_road=off_road,
             goal_reached=goal & ~collided & ~off_road,
-            mean_abs_lateral_m=self._acc["lat"] / self.t.clamp_min(1).float(),
-            mean_abs_jerk=self._acc["jerk"] / substeps,
-            mean_abs_steer_rate=self._acc["steer_rate"] / substeps,
-            scenario_seed=self.scenario_seed.clone(),
+            mean_abs_lateral_m=st.acc.lat / st.t.clamp_min(1).float(),
+            mean_abs_jerk=st.acc.jerk / substeps,
+            mean_abs_steer_rate=st.acc.steer_rate / substeps,
+            scenario_seed=st.scenario_seed.clone(),
         )
-        speed = self.vehicle.speed.clone()
+        speed = st.vehicle.speed.clone()
         final_obs = self._observe()
         obs = self._autoreset(done, final_obs)
         info = StepInfo(
@@ -362,35 +456,36 @@ class ToyWaypointEnv:
             speed_mps=speed,
             ego_pose=self.ego_pose(),
         )
-        self._obs = obs
+        st.obs = obs
         return StepResult(obs, reward, terminated, truncated, info)
 
     def _autoreset(self, done: torch.Tensor, final_obs: Observation) -> Observation:
         """Start new episodes in the finished worlds and return the observation to act on."""
+        st = self.state
         on_cpu = self.device.type == "cpu"
         if on_cpu and not bool(done.any()):
             return final_obs
         order = torch.cumsum(done.long(), dim=0) - 1
-        seeds = torch.where(done, self._next_seed + order, self.scenario_seed)
-        self._next_seed += done.long().sum()
+        seeds = torch.where(done, st.next_seed + order, st.scenario_seed)
+        st.next_seed = st.next_seed + done.long().sum()
         if on_cpu:  # generate only the finished worlds' scenarios (a scenario depends only on its seed)
             index = done.nonzero()[:, 0]
             fresh = generate_scenarios(seeds[index], self.config)
             for f in dataclasses.fields(Scenarios):
-                getattr(self.scenarios, f.name)[index] = getattr(fresh, f.name)
+                getattr(st.scenarios, f.name)[index] = getattr(fresh, f.name)
         else:  # no host synchronisation: generate for every world and keep the finished ones'
             fresh = generate_scenarios(seeds, self.config)
-            self.scenarios = Scenarios(
+            st.scenarios = Scenarios(
                 *(
                     torch.where(
                         done.view(-1, *([1] * (getattr(fresh, f.name).dim() - 1))),
                         getattr(fresh, f.name),
-                        getattr(self.scenarios, f.name),
+                        getattr(st.scenarios, f.name),
                     )
                     for f in dataclasses.fields(Scenarios)
                 )
             )
-        self._start_episodes(done, self.scenarios, seeds)
+        self._start_episodes(done, seeds)
         if on_cpu:
             fresh_obs = self._observe(index)
             bev, state = final_obs.bev.clone(), final_obs.state.clone()
@@ -409,42 +504,27 @@ class ToyWaypointEnv:
 
     # ------------------------------------------------------------------ save and restore
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Every tensor of the worlds' state (CPU copies), so a resumed run continues exactly."""
-        if self._obs is None:
+        """Every tensor of :attr:`state` (CPU copies) under its dotted key, so a resumed run
+        continues exactly."""
+        if self.state is None:
             raise RuntimeError("call reset() before state_dict()")
-        state = {f"vehicle.{f}": getattr(self.vehicle, f) for f in self.vehicle.fields()}
-        state |= {
-            f"scenarios.{f.name}": getattr(self.scenarios, f.name) for f in dataclasses.fields(Scenarios)
-        }
-        state |= {f"acc.{k}": v for k, v in self._acc.items()}
-        state |= {f"frenet.{i}": v for i, v in enumerate(self._frenet)}
-        state |= {
-            "route_hint": self.route_hint,
-            "t": self.t,
-            "time_s": self.time_s,
-            "best_s": self.best_s,
-            "scenario_seed": self.scenario_seed,
-            "next_seed": self._next_seed,
-            "obs.bev": self._obs.bev,
-            "obs.state": self._obs.state,
-        }
-        return {k: v.detach().cpu().clone() for k, v in state.items()}
+        flat: dict[str, torch.Tensor] = {}
+        for field in dataclasses.fields(ToyWorldState):
+            flat |= _flatten(field.name, getattr(self.state, field.name))
+        return {k: v.detach().cpu().clone() for k, v in flat.items()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> Observation:
         """Restore what :meth:`state_dict` returned; returns the observation to act on next."""
+        dev = {k: v.to(self.device) for k, v in state.items()}
+        hints = typing.get_type_hints(ToyWorldState)
         try:
-            dev = {k: v.to(self.device) for k, v in state.items()}
-            self.vehicle = VehicleState(*(dev[f"vehicle.{f}"] for f in VehicleState.fields()))
-            self.scenarios = Scenarios(*(dev[f"scenarios.{f.name}"] for f in dataclasses.fields(Scenarios)))
-            self._acc = {k[len("acc.") :]: v for k, v in dev.items() if k.startswith("acc.")}
-            self._frenet = (dev["frenet.0"], dev["frenet.1"], dev["frenet.2"])
-            self.route_hint, self.t, self.time_s = dev["route_hint"], dev["t"], dev["time_s"]
-            self.best_s, self.scenario_seed = dev["best_s"], dev["scenario_seed"]
-            self._next_seed = dev["next_seed"]
-            self._obs = Observation(dev["obs.bev"], dev["obs.state"])
+            fields = {
+                f.name: _unflatten(hints[f.name], f.name, dev) for f in dataclasses.fields(ToyWorldState)
+            }
         except KeyError as missing:
             raise ValueError(f"world state lacks {missing}") from None
-        if self.t.shape[0] != self.num_envs:
-            raise ValueError(f"world state holds {self.t.shape[0]} worlds, this env has {self.num_envs}")
-        self._seeded = True
-        return self._obs
+        restored = ToyWorldState(**fields)  # type: ignore[arg-type]
+        if restored.t.shape[0] != self.num_envs:
+            raise ValueError(f"world state holds {restored.t.shape[0]} worlds, this env has {self.num_envs}")
+        self.state = restored
+        return restored.obs
