@@ -365,6 +365,20 @@ def test_same_seed_gives_identical_runs(
     assert _without_timing(a["train"]) != _without_timing(other["train"])
 
 
+def test_the_same_command_writes_the_same_final_pt(
+    tiny_run: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Byte for byte, so that a sha256 identifies a run's result (no wall times in the file)."""
+    out = tmp_path / "run"
+    _run_tiny(out, tiny_run["sft"], 0, capsys)
+    first = (out / "final.pt").read_bytes()
+    shutil.rmtree(out)
+    _run_tiny(out, tiny_run["sft"], 0, capsys)
+    assert (out / "final.pt").read_bytes() == first
+    timings = [r["wall_time_s"] for r in json.loads((out / "eval_metrics.json").read_text())]
+    assert all(t > 0 for t in timings)  # the metrics keep them
+
+
 def test_rl_checkpoint_is_plain_data_tied_to_its_sft(tiny_run: dict[str, Path]) -> None:
     sft_sha = hashlib.sha256(tiny_run["sft"].read_bytes()).hexdigest()
     config = json.loads((tiny_run["rl_dir"] / "config.json").read_text())

@@ -95,6 +95,14 @@ def test_training_writes_outputs_and_is_deterministic(tmp_path, monkeypatch) -> 
     for (name, pa), (_, pb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
         assert torch.equal(pa, pb), name
     assert first["val_ade_m"] == second["val_ade_m"]
+    # ... and the same command, into the same folder, the same file byte for byte (RL runs pair
+    # with their SFT model by its sha256), while metrics.json keeps the wall time
+    again = tmp_path / "again"
+    train_sft(_small_config(again, overwrite=True), show_progress=False)
+    model_bytes = (again / "model.pt").read_bytes()
+    train_sft(_small_config(again, overwrite=True), show_progress=False)
+    assert (again / "model.pt").read_bytes() == model_bytes
+    assert json.loads((again / "metrics.json").read_text())["final"]["wall_time_s"] > 0
 
     # Training and held-out scenarios never overlap.
     train_seeds = set(WaypointDemoDataset(run / "demos" / "train").scenario_seed.tolist())

@@ -58,6 +58,15 @@ def rank_key(record: Mapping[str, float]) -> tuple[float, float, float]:
     return (record["failure_rate"], -completion_steps, record["ade"])
 
 
+# Measured durations, which differ between runs of the same command: kept in eval_metrics.json,
+# left out of the records that checkpoints store, so that a run's final.pt is the same bytes every time.
+TIMING_KEYS = ("wall_time_s", "steps_per_s")
+
+
+def without_timings(record: Mapping[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in record.items() if key not in TIMING_KEYS}
+
+
 @dataclasses.dataclass
 class PolicySelection:
     """The best admissible policy seen so far: its iteration, evaluation record and heads."""
@@ -70,7 +79,8 @@ class PolicySelection:
     @classmethod
     def start(cls, baseline: dict[str, Any], heads: dict[str, Tensor]) -> PolicySelection:
         """Iteration 0 (the SFT policy, zero residual) is the first candidate."""
-        return cls(baseline=dict(baseline), iteration=0, record=dict(baseline), heads=heads)
+        baseline = without_timings(baseline)
+        return cls(baseline=baseline, iteration=0, record=dict(baseline), heads=heads)
 
     def consider(self, iteration: int, record: dict[str, Any], heads: dict[str, Tensor]) -> bool:
         """Keep the candidate if it is admissible and ranks strictly better; returns whether it was kept.
@@ -80,7 +90,7 @@ class PolicySelection:
         """
         if not not_worse(record, self.baseline) or rank_key(record) >= rank_key(self.record):
             return False
-        self.iteration, self.record, self.heads = iteration, dict(record), heads
+        self.iteration, self.record, self.heads = iteration, without_timings(record), heads
         return True
 
     def state_dict(self) -> dict[str, Any]:

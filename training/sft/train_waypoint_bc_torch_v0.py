@@ -300,7 +300,10 @@ def train_sft(config: SFTTrainConfig, show_progress: bool = True) -> dict[str, A
 
     final = metrics["final"]
     if config.sft_model is None:
-        save_sft_checkpoint(model_path, model.cpu(), env_spec, config_to_dict(config), final)
+        # the model file holds no wall time, so that the same command writes the same bytes (its
+        # sha256 pairs RL runs with their SFT model); metrics.json keeps it
+        timeless = {k: v for k, v in final.items() if k != "wall_time_s"}
+        save_sft_checkpoint(model_path, model.cpu(), env_spec, config_to_dict(config), timeless)
     else:  # the plain state_dict a user would bring, read again with the same --sft-model
         module = model.module if isinstance(model, ExternalSFTModel) else model
         save_checkpoint(model_path, {k: v.detach().cpu().clone() for k, v in module.state_dict().items()})
