@@ -45,10 +45,15 @@ class StageFlags:
 STAGE_FLAGS: dict[str, StageFlags] = {
     "toy": StageFlags(),  # every command's defaults
     # two worker processes (one per core); demonstrations, rollouts and evaluations sized so that the
-    # three stages fit in under an hour on a 2-core machine
+    # three stages fit in under an hour on a 2-core machine. Reward: route progress and infractions
+    # only. With the shaped reward a weak SFT policy's steps score below zero on MetaDrive's long
+    # routes, so ending the episode early pays: measured, the evaluation return rose from -171 to -24
+    # in 25 iterations while the off-road rate went from 0.6 to 1.0 (docs/metadrive.md).
     "metadrive": StageFlags(
         sft=("--num-episodes", "60", "--val-episodes", "10", "--episodes-per-batch", "2", "--epochs", "16"),
         ppo=(
+            "--reward",
+            "progress",
             "--num-envs",
             "2",
             "--rollout-steps",
