@@ -19,8 +19,7 @@ from training.envs import protocol
 from training.envs.protocol import EnvSpec, EpisodeStats, Observation, StepInfo, StepResult
 from training.rl.buffer import RolloutBuffer
 from training.rl.policy import PPOPolicy
-from training.rl.ppo import ppo_update
-from training.rl.trainer import collect_rollout
+from training.rl.trainer import collect_rollout, ppo_update
 
 NUM_WAYPOINTS = 4
 EPISODE_STEPS = 8

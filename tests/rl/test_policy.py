@@ -15,7 +15,7 @@ from training.rl.buffer import RolloutBuffer
 from training.rl.checkpoint import load_rl_checkpoint, save_rl_checkpoint, trained_policy
 from training.rl.config import PPOConfig
 from training.rl.policy import PolicySettings, PPOPolicy
-from training.rl.ppo import ppo_update
+from training.rl.trainer import ppo_update
 
 
 def test_initial_plan_is_exactly_the_sft_plan(policy: PPOPolicy, sft_model: FakeSFT) -> None:

@@ -7,7 +7,7 @@ import torch
 from tests.rl.conftest import FEATURE_DIM, NUM_WAYPOINTS, make_observation
 from training.rl.buffer import RolloutBuffer
 from training.rl.policy import PPOPolicy
-from training.rl.ppo import ppo_update
+from training.rl.trainer import ppo_update
 
 NUM_STEPS, NUM_ENVS = 4, 16
 
