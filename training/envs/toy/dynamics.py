@@ -8,6 +8,7 @@ spacing of the waypoints (waypoints ``waypoint_dt`` apart imply the speeds betwe
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -46,18 +47,21 @@ def bicycle_step(
     accel = accel_cmd.clamp(-cfg.max_decel, cfg.max_accel)
     new_speed = (state.speed + accel * dt).clamp_min(0.0)
     accel = (new_speed - state.speed) / dt
-    mean_speed = 0.5 * (state.speed + new_speed)
-    yaw_rate = mean_speed * torch.tan(steer) / cfg.wheelbase_m
-    dyaw = yaw_rate * dt
-    new_yaw = state.yaw + dyaw
-    straight = dyaw.abs() < 1e-6
-    safe_rate = torch.where(straight, torch.ones_like(yaw_rate), yaw_rate)
-    arc_dx = mean_speed / safe_rate * (torch.sin(new_yaw) - torch.sin(state.yaw))
-    arc_dy = mean_speed / safe_rate * (torch.cos(state.yaw) - torch.cos(new_yaw))
+    distance = (state.speed + new_speed) * (0.5 * dt)  # along the arc
+    dyaw = distance * torch.tan(steer) / cfg.wheelbase_m
+    # The chord of an arc of length ``distance`` turning by ``dyaw`` has length
+    # ``distance * sin(dyaw / 2) / (dyaw / 2)`` and points along the mid-arc heading; ``sinc``
+    # is 1 at 0, so a straight line needs no branch.
+    chord = distance * torch.sinc(dyaw / (2 * torch.pi))
     mid_yaw = state.yaw + 0.5 * dyaw
-    dx = torch.where(straight, mean_speed * dt * torch.cos(mid_yaw), arc_dx)
-    dy = torch.where(straight, mean_speed * dt * torch.sin(mid_yaw), arc_dy)
-    return VehicleState(state.x + dx, state.y + dy, new_yaw, new_speed, steer, accel)
+    return VehicleState(
+        state.x + chord * torch.cos(mid_yaw),
+        state.y + chord * torch.sin(mid_yaw),
+        state.yaw + dyaw,
+        new_speed,
+        steer,
+        accel,
+    )
 
 
 def ego_to_world(points: torch.Tensor, x: torch.Tensor, y: torch.Tensor, yaw: torch.Tensor) -> torch.Tensor:
@@ -79,54 +83,81 @@ def plan_speeds(plan_world: torch.Tensor, cfg: ToyWorldConfig) -> torch.Tensor:
     return (plan_world[:, 1:] - plan_world[:, :-1]).norm(dim=-1) / cfg.waypoint_dt
 
 
-def pure_pursuit_steer(state: VehicleState, plan_world: torch.Tensor, cfg: ToyWorldConfig) -> torch.Tensor:
+class PlanPolyline(NamedTuple):
+    """A plan's polyline ``[N, K+1, 2]`` (world frame) cut into its K segments, computed once per
+    policy step and used by every controller substep."""
+
+    start: torch.Tensor  # [N, K, 2] segment start points
+    seg: torch.Tensor  # [N, K, 2] segment vectors
+    seg_len2: torch.Tensor  # [N, K] squared segment lengths (at least 1e-9)
+    end: torch.Tensor  # [N, 2] the plan's last point
+
+    @classmethod
+    def of(cls, plan_world: torch.Tensor) -> PlanPolyline:
+        start = plan_world[:, :-1]
+        seg = plan_world[:, 1:] - start
+        return cls(start, seg, (seg * seg).sum(-1).clamp_min(1e-9), plan_world[:, -1])
+
+
+def pure_pursuit_steer(
+    state: VehicleState, plan_world: torch.Tensor | PlanPolyline, cfg: ToyWorldConfig
+) -> torch.Tensor:
     """Steering angle that arcs the rear axle through the plan point one look-ahead away.
 
     ``plan_world`` ``[N, K+1, 2]`` is the plan's polyline in the world frame, starting at the
-    pose where it was made. The target is the farthest intersection of the polyline with a
-    circle of radius ``max(min_lookahead_m, lookahead_time_s * v)`` around the rear axle; if the
-    whole plan lies inside the circle, its last point.
+    pose where it was made (or that polyline's :class:`PlanPolyline`). The target is the farthest
+    intersection of the polyline with a circle of radius ``max(min_lookahead_m,
+    lookahead_time_s * v)`` around the rear axle; if the whole plan lies inside the circle, its
+    last point.
     """
+    plan = plan_world if isinstance(plan_world, PlanPolyline) else PlanPolyline.of(plan_world)
     lookahead = (state.speed * cfg.lookahead_time_s).clamp_min(cfg.min_lookahead_m)
-    ego = torch.stack([state.x, state.y], dim=-1)[:, None, :]
-    start = plan_world[:, :-1]
-    seg = plan_world[:, 1:] - start
-    rel = start - ego
-    a = (seg * seg).sum(-1).clamp_min(1e-9)
-    b = (seg * rel).sum(-1)
-    c = (rel * rel).sum(-1) - lookahead[:, None] ** 2
-    disc = b * b - a * c
-    t = (-b + disc.clamp_min(0.0).sqrt()) / a
+    ego = torch.stack([state.x, state.y], dim=-1)
+    rel = plan.start - ego[:, None, :]
+    b = (plan.seg * rel).sum(-1)
+    c = (rel * rel).sum(-1) - (lookahead * lookahead)[:, None]
+    disc = b * b - plan.seg_len2 * c
+    t = (disc.clamp_min(0.0).sqrt() - b) / plan.seg_len2
     valid = (disc >= 0) & (t >= 0) & (t <= 1)
+    # the farthest valid segment wins: score k + t, or -1 where there is no intersection
     k = valid.shape[1]
-    order = torch.arange(k, device=plan_world.device).expand_as(valid)
-    last_valid = torch.where(valid, order, torch.full_like(order, -1)).max(dim=1).values
-    has = last_valid >= 0
-    pick = last_valid.clamp_min(0)[:, None]
-    t_pick = t.gather(1, pick)
-    hit = (
-        start.gather(1, pick[..., None].expand(-1, -1, 2))[:, 0]
-        + t_pick * seg.gather(1, pick[..., None].expand(-1, -1, 2))[:, 0]
-    )
-    target = torch.where(has[:, None], hit, plan_world[:, -1])
-    local = world_to_ego(target[:, None, :], state.x, state.y, state.yaw)[:, 0]
-    dist2 = (local**2).sum(-1)
-    curvature = torch.where(dist2 > 0.25, 2.0 * local[:, 1] / dist2.clamp_min(1e-6), torch.zeros_like(dist2))
+    order = torch.arange(k, device=valid.device, dtype=t.dtype)
+    best, pick = torch.where(valid, order + t, -1.0).max(dim=1, keepdim=True)
+    hits = plan.start + t[..., None] * plan.seg  # [N, K, 2]
+    hit = hits.gather(1, pick[..., None].expand(-1, -1, 2))[:, 0]
+    target = torch.where(best >= 0, hit, plan.end)
+    dx, dy = (target - ego).unbind(-1)
+    lateral = torch.cos(state.yaw) * dy - torch.sin(state.yaw) * dx  # the target's y in the ego frame
+    dist2 = dx * dx + dy * dy
+    curvature = torch.where(dist2 > 0.25, 2.0 * lateral / dist2.clamp_min(1e-6), 0.0)
     return torch.atan(cfg.wheelbase_m * curvature)
+
+
+def setpoint_weights(
+    num_waypoints: int, times_in_plan: list[float], cfg: ToyWorldConfig, device: torch.device | None = None
+) -> torch.Tensor:
+    """``[K, T]`` weights: ``plan_speed @ weights`` is the speed set-point at each time in the plan.
+
+    The set-point at time ``t`` is the plan's speed ``speed_lead_time_s`` later, linearly
+    interpolated between interval midpoints (``plan_speed`` ``[N, K]`` holds the mean speed over
+    each waypoint interval).
+    """
+    weights = [[0.0] * len(times_in_plan) for _ in range(num_waypoints)]
+    for column, time_in_plan in enumerate(times_in_plan):
+        u = (time_in_plan + cfg.speed_lead_time_s) / cfg.waypoint_dt - 0.5
+        i0 = min(max(int(u // 1), 0), num_waypoints - 1)
+        i1 = min(i0 + 1, num_waypoints - 1)
+        frac = min(max(u - i0, 0.0), 1.0)
+        weights[i0][column] += 1 - frac
+        weights[i1][column] += frac
+    return torch.tensor(weights, device=device)
 
 
 def speed_command(
     state: VehicleState, plan_speed: torch.Tensor, time_in_plan: float, cfg: ToyWorldConfig
 ) -> torch.Tensor:
-    """Acceleration that drives the speed towards the plan's speed a short lead time ahead.
-
-    ``plan_speed`` ``[N, K]`` holds the mean speed over each waypoint interval; the set-point is
-    linearly interpolated between interval midpoints at ``time_in_plan + speed_lead_time_s``.
-    """
-    k = plan_speed.shape[1]
-    t = (time_in_plan + cfg.speed_lead_time_s) / cfg.waypoint_dt - 0.5
-    i0 = min(max(int(t // 1), 0), k - 1)
-    i1 = min(i0 + 1, k - 1)
-    frac = min(max(t - i0, 0.0), 1.0)
-    setpoint = plan_speed[:, i0] * (1 - frac) + plan_speed[:, i1] * frac
+    """Acceleration that drives the speed towards the plan's speed a short lead time ahead
+    (``plan_speed`` ``[N, K]``, the set-point of :func:`setpoint_weights`)."""
+    weights = setpoint_weights(plan_speed.shape[1], [time_in_plan], cfg, plan_speed.device)
+    setpoint = (plan_speed @ weights.to(plan_speed.dtype))[:, 0]
     return cfg.speed_gain * (setpoint - state.speed)
