@@ -9,6 +9,7 @@ coordinates ``(x, y)`` falls in row ``floor(ego_row - x / res)`` and column
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -50,55 +51,57 @@ def _to_pixels(points_ego: torch.Tensor, cfg: ToyWorldConfig) -> tuple[torch.Ten
     return row, col
 
 
-def _flat_index(row: torch.Tensor, col: torch.Tensor, channel: int, cfg: ToyWorldConfig) -> torch.Tensor:
-    """Index into a flat ``[N * C * H * W + 1]`` buffer; off-image points go to the last slot."""
+def _flat_index(
+    row: torch.Tensor, col: torch.Tensor, channel: int | torch.Tensor, cfg: ToyWorldConfig
+) -> torch.Tensor:
+    """Index into a flat ``[N * C * H * W + 1]`` buffer; off-image points go to the last slot.
+
+    ``row`` and ``col`` are ``[N, ...]``; ``channel`` is one channel or one per point (broadcast)."""
     size = cfg.bev_size_px
     n = row.shape[0]
     inside = (row >= 0) & (row < size) & (col >= 0) & (col < size)
-    pixel = row.clamp(0, size - 1) * size + col.clamp(0, size - 1)
-    batch = torch.arange(n, device=row.device)[:, None] * (4 * size * size)
-    index = batch + channel * size * size + pixel
-    return torch.where(inside, index, torch.full_like(index, n * 4 * size * size))
+    batch = torch.arange(n, device=row.device).view(n, *([1] * (row.dim() - 1))) * (4 * size * size)
+    index = batch + channel * size * size + row.clamp(0, size - 1) * size + col.clamp(0, size - 1)
+    return torch.where(inside, index, n * 4 * size * size)
 
 
-def _route_frames(
-    inputs: RenderInputs, cfg: ToyWorldConfig, step: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Route points ``[N, S, 2]`` and left normals ``[N, S, 2]`` every ``step`` metres around the ego."""
+@dataclass(frozen=True)
+class _Layout:
+    """What every render of one config draws at the same relative places, made once."""
+
+    route_offsets: torch.Tensor  # [S] arc lengths around the ego of the route line's samples
+    road_lateral: torch.Tensor  # [D] lateral offsets of the road surface's samples
+    road_stride: int  # every ``road_stride``-th route sample carries road samples
+    box_grid: torch.Tensor  # [G, 2] samples filling a car-sized box, box frame
+    corner_rows: torch.Tensor  # [2, 2] the 4 pixels around a line sample: row offsets
+    corner_cols: torch.Tensor  # [2, 2] ... and column offsets
+
+
+@functools.lru_cache(maxsize=8)
+def _layout(cfg: ToyWorldConfig, device: torch.device) -> _Layout:
     behind = (cfg.bev_size_px - cfg.bev_ego_row) * cfg.bev_resolution_m + 3.0
     ahead = cfg.bev_ego_row * cfg.bev_resolution_m + 6.0
-    device = inputs.ego_s.device
-    offsets = torch.arange(-behind, ahead, step, device=device, dtype=torch.float32)
-    s = inputs.ego_s[:, None] + offsets[None, :]
-    xy, heading = interpolate_route(inputs.route_xy, inputs.route_heading, s, cfg)
-    normal = torch.stack([-torch.sin(heading), torch.cos(heading)], dim=-1)
-    return xy, normal
-
-
-def _splat_binary(
-    flat: torch.Tensor, points_world: torch.Tensor, channel: int, inputs: RenderInputs, cfg: ToyWorldConfig
-) -> None:
-    """Set to 255 every pixel of ``channel`` that contains one of the points ``[N, Q, 2]``."""
-    x, y, yaw = inputs.ego_pose.unbind(-1)
-    row, col = _to_pixels(world_to_ego(points_world, x, y, yaw), cfg)
-    index = _flat_index(row.floor().long(), col.floor().long(), channel, cfg).reshape(-1)
-    # every write is the same value, so duplicates cannot race: a plain fill, several times faster
-    # than an ``amax`` scatter, gives the same image on any device
-    flat.index_fill_(0, index, 255)
-
-
-def _box_samples(boxes: torch.Tensor, active: torch.Tensor, cfg: ToyWorldConfig) -> torch.Tensor:
-    """World points ``[N, B * G, 2]`` filling each active box (inactive boxes sent far away)."""
-    device = boxes.device
     along = torch.arange(-cfg.length_m / 2, cfg.length_m / 2 + 1e-6, _SAMPLE_STEP_M, device=device)
     across = torch.arange(-cfg.width_m / 2, cfg.width_m / 2 + 1e-6, _SAMPLE_STEP_M, device=device)
     grid_a, grid_c = torch.meshgrid(along, across, indexing="ij")
-    local = torch.stack([grid_a.reshape(-1), grid_c.reshape(-1)], dim=-1)  # [G, 2]
+    return _Layout(
+        route_offsets=torch.arange(-behind, ahead, _LINE_STEP_M, device=device, dtype=torch.float32),
+        road_lateral=torch.arange(
+            cfg.drivable_right_m + _SAMPLE_STEP_M / 2, cfg.drivable_left_m, _SAMPLE_STEP_M, device=device
+        ),
+        road_stride=int(round(_SAMPLE_STEP_M / _LINE_STEP_M)),
+        box_grid=torch.stack([grid_a.reshape(-1), grid_c.reshape(-1)], dim=-1),
+        corner_rows=torch.tensor([[0, 0], [1, 1]], device=device),
+        corner_cols=torch.tensor([[0, 1], [0, 1]], device=device),
+    )
+
+
+def _box_samples(boxes: torch.Tensor, active: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """World points ``[N, B * G, 2]`` filling each active box (inactive boxes sent far away)."""
     cos, sin = torch.cos(boxes[..., 2])[..., None], torch.sin(boxes[..., 2])[..., None]
-    px = boxes[..., 0:1] + cos * local[:, 0] - sin * local[:, 1]
-    py = boxes[..., 1:2] + sin * local[:, 0] + cos * local[:, 1]
-    far = torch.full_like(px, 1e6)
-    px = torch.where(active[..., None], px, far)
+    px = boxes[..., 0:1] + cos * grid[:, 0] - sin * grid[:, 1]
+    py = boxes[..., 1:2] + sin * grid[:, 0] + cos * grid[:, 1]
+    px = torch.where(active[..., None], px, 1e6)
     points = torch.stack([px, py], dim=-1)  # [N, B, G, 2]
     return points.reshape(points.shape[0], -1, 2)
 
@@ -106,39 +109,58 @@ def _box_samples(boxes: torch.Tensor, active: torch.Tensor, cfg: ToyWorldConfig)
 def render_bev(inputs: RenderInputs, cfg: ToyWorldConfig) -> torch.Tensor:
     """The BEV raster ``[N, 4, H, W]`` uint8 for a batch of worlds.
 
-    Surfaces (road, boxes) are sampled every half pixel and each sample marks its pixel;
-    ``amax`` scatters on integers keep the result identical in any order and on any device.
+    Surfaces (road, boxes) are sampled every half pixel and each sample marks its pixel, all
+    channels in one write; the route line's samples spread anti-aliased weights to their 4
+    nearest pixels and each pixel keeps the largest (an ``amax`` scatter on integers), so the
+    result is the same in any order and on any device.
     """
     n = inputs.ego_s.shape[0]
     size = cfg.bev_size_px
-    device = inputs.ego_s.device
-    flat = torch.zeros(n * 4 * size * size + 1, dtype=torch.int32, device=device)
+    layout = _layout(cfg, inputs.ego_s.device)
+    flat = torch.zeros(n * 4 * size * size + 1, dtype=torch.int32, device=inputs.ego_s.device)
 
-    route_xy, normal = _route_frames(inputs, cfg, _LINE_STEP_M)
-    d_road = torch.arange(
-        cfg.drivable_right_m + _SAMPLE_STEP_M / 2, cfg.drivable_left_m, _SAMPLE_STEP_M, device=device
+    s = inputs.ego_s[:, None] + layout.route_offsets
+    route_xy, heading = interpolate_route(inputs.route_xy, inputs.route_heading, s, cfg)
+    normal = torch.stack([-torch.sin(heading), torch.cos(heading)], dim=-1)
+    stride = layout.road_stride
+    road = route_xy[:, ::stride, None, :] + layout.road_lateral[:, None] * normal[:, ::stride, None, :]
+    boxes = torch.cat([inputs.vehicle_boxes, inputs.obstacle_boxes], dim=1)
+    active = torch.cat([inputs.vehicle_active, inputs.obstacle_active], dim=1)
+    num_vehicle_samples = inputs.vehicle_boxes.shape[1] * layout.box_grid.shape[0]
+    surfaces = torch.cat([road.reshape(n, -1, 2), _box_samples(boxes, active, layout.box_grid)], dim=1)
+    channel = _surface_channels(
+        road.shape[1] * road.shape[2], num_vehicle_samples, surfaces.shape[1], flat.device
     )
-    stride = int(round(_SAMPLE_STEP_M / _LINE_STEP_M))
-    road = route_xy[:, ::stride, None, :] + d_road[None, None, :, None] * normal[:, ::stride, None, :]
-    _splat_binary(flat, road.reshape(n, -1, 2), _DRIVABLE, inputs, cfg)
-    _splat_binary(
-        flat, _box_samples(inputs.vehicle_boxes, inputs.vehicle_active, cfg), _VEHICLES, inputs, cfg
+
+    # one transform to pixels for the surfaces and the route line
+    x, y, yaw = inputs.ego_pose.unbind(-1)
+    row, col = _to_pixels(world_to_ego(torch.cat([surfaces, route_xy], dim=1), x, y, yaw), cfg)
+    num_surface = surfaces.shape[1]
+    index = _flat_index(
+        row[:, :num_surface].floor().long(), col[:, :num_surface].floor().long(), channel, cfg
     )
-    _splat_binary(
-        flat, _box_samples(inputs.obstacle_boxes, inputs.obstacle_active, cfg), _OBSTACLES, inputs, cfg
-    )
+    # every write is the same value, so duplicates cannot race: a plain fill, several times faster
+    # than an ``amax`` scatter, gives the same image on any device
+    flat.index_fill_(0, index.reshape(-1), 255)
 
     # Route centre line, anti-aliased: each sample spreads bilinear weights to its 4 nearest pixel
     # centres, and a pixel keeps the largest weight, so the line's sub-pixel position is visible.
-    x, y, yaw = inputs.ego_pose.unbind(-1)
-    row, col = _to_pixels(world_to_ego(route_xy, x, y, yaw), cfg)
-    row, col = row - 0.5, col - 0.5  # continuous coordinates relative to pixel centres
+    row, col = row[:, num_surface:] - 0.5, col[:, num_surface:] - 0.5  # relative to pixel centres
     r0, c0 = row.floor(), col.floor()
     fr, fc = row - r0, col - c0
-    for dr, dc in ((0, 0), (0, 1), (1, 0), (1, 1)):
-        weight = (fr if dr else 1 - fr) * (fc if dc else 1 - fc)
-        index = _flat_index((r0 + dr).long(), (c0 + dc).long(), _ROUTE, cfg)
-        value = (weight * 255).round().to(torch.int32)
-        flat.scatter_reduce_(0, index.reshape(-1), value.reshape(-1), "amax")
+    weight = torch.stack([1 - fr, fr], dim=-1)[..., :, None] * torch.stack([1 - fc, fc], dim=-1)[..., None, :]
+    rows = r0.long()[..., None, None] + layout.corner_rows
+    cols = c0.long()[..., None, None] + layout.corner_cols
+    index = _flat_index(rows, cols, _ROUTE, cfg)
+    flat.scatter_reduce_(0, index.reshape(-1), (weight * 255).round().to(torch.int32).reshape(-1), "amax")
 
     return flat[:-1].view(n, 4, size, size).to(torch.uint8)
+
+
+@functools.lru_cache(maxsize=8)
+def _surface_channels(num_road: int, num_vehicle: int, total: int, device: torch.device) -> torch.Tensor:
+    """The channel ``[Q]`` of each surface sample: road, then vehicles, then obstacles."""
+    channel = torch.full((total,), _OBSTACLES, device=device)
+    channel[:num_road] = _DRIVABLE
+    channel[num_road : num_road + num_vehicle] = _VEHICLES
+    return channel
