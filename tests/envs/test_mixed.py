@@ -70,6 +70,9 @@ def test_the_mix_is_its_parts_side_by_side() -> None:
         assert torch.equal(
             result.info.episode.scenario_seed, torch.cat([e.info.episode.scenario_seed for e in expected])
         )
+        assert torch.equal(
+            result.info.expert_waypoints, torch.cat([e.info.expert_waypoints for e in expected])
+        )
 
 
 def test_state_round_trip_and_difficulty_reach_every_part() -> None:

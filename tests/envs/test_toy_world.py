@@ -292,3 +292,18 @@ def test_a_saved_state_that_lacks_a_field_or_has_other_worlds_is_refused() -> No
         _env(2).load_state_dict({k: v for k, v in saved.items() if k != "acc.jerk"})
     with pytest.raises(ValueError, match="holds 2 worlds"):
         _env(3).load_state_dict(saved)
+
+
+def test_the_expert_plan_in_a_step_info_is_the_one_of_that_step_even_when_read_later() -> None:
+    """The toy world computes ``info.expert_waypoints`` on first use: read after later steps and
+    autoresets, it must still be the plan for the observation that step returned."""
+    eager, lazy = _env(6, max_episode_steps=3), _env(6, max_episode_steps=3)
+    eager.reset(seed=40)
+    lazy.reset(seed=40)
+    plans, infos = [], []
+    for _ in range(7):  # two autoresets of every world
+        plan = eager.expert_waypoints() + 0.3
+        plans.append(eager.step(plan).info.expert_waypoints.clone())
+        infos.append(lazy.step(plan).info)
+    for step, (want, info) in enumerate(zip(plans, infos, strict=True)):
+        torch.testing.assert_close(info.expert_waypoints, want, rtol=0, atol=0, msg=f"step {step}")

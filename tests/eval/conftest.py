@@ -121,7 +121,7 @@ class FakeWaypointEnv(protocol.BatchedWaypointEnv):
             torch.where(done[:, None], final_obs.state, obs.state),
         )
         info = StepInfo(
-            expert_waypoints=self.expert_waypoints(),
+            expert=self.expert_waypoints(),
             final_observation=final_obs,
             episode=episode,
             lateral_deviation_m=torch.zeros(self.num_envs),

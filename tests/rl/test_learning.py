@@ -109,7 +109,7 @@ class TargetEnv(protocol.BatchedWaypointEnv):
         self.ret = torch.where(truncated, torch.zeros_like(self.ret), self.ret)
         obs = self._obs()
         info = StepInfo(
-            expert_waypoints=target_plan(obs.state),
+            expert=target_plan(obs.state),
             final_observation=Observation(final.bev, torch.where(truncated[:, None], final.state, obs.state)),
             episode=episode,
             lateral_deviation_m=torch.zeros(self.num_envs),

@@ -87,7 +87,7 @@ class FakeWaypointEnv(protocol.BatchedWaypointEnv):
             self.t[i] = 0
         obs = self._obs()
         info = StepInfo(
-            expert_waypoints=self.expert_waypoints(),
+            expert=self.expert_waypoints(),
             final_observation=final,
             episode=episode,
             lateral_deviation_m=torch.zeros(self.num_envs),

@@ -17,7 +17,10 @@ from training.envs.protocol import BatchedWaypointEnv, EnvSpec, Observation, Ste
 
 
 def concat_batches(parts: list[Any]) -> Any:
-    """Concatenate tensors, or dataclasses / named tuples of tensors field by field, along dim 0."""
+    """Concatenate tensors, or dataclasses / named tuples of tensors field by field, along dim 0
+    (a field computed on first use stays so)."""
+    if any(callable(part) for part in parts):  # computed on first use (``StepInfo.expert``)
+        return lambda: torch.cat([part() if callable(part) else part for part in parts])
     first = parts[0]
     if isinstance(first, torch.Tensor):
         return torch.cat(parts)

@@ -42,7 +42,8 @@ and reads its answer instead of probing with ``hasattr``:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol, runtime_checkable
 
@@ -116,17 +117,24 @@ class StepInfo:
     """What a ``step`` reports besides observation, reward and end flags.
 
     ``expert_waypoints`` [N, K, 2] is the expert's plan for the *returned* observation (after
-    autoreset), so that ADE/FDE can compare it with the next action. ``final_observation``
-    holds, for worlds where ``episode.done``, the last observation of the finished episode
-    (for bootstrapping a truncation); elsewhere it equals the returned observation.
+    autoreset), so that ADE/FDE can compare it with the next action. An environment passes it
+    as ``expert``: the tensor, or a function of no arguments that computes it on first use (a
+    trainer never reads it, so the toy world does not plan for the expert at every step).
+    ``final_observation`` holds, for worlds where ``episode.done``, the last observation of the
+    finished episode (for bootstrapping a truncation); elsewhere it equals the returned
+    observation.
     """
 
-    expert_waypoints: Tensor
+    expert: Tensor | Callable[[], Tensor]
     final_observation: Observation
     episode: EpisodeStats
     lateral_deviation_m: Tensor  # float [N], signed distance from the route centre line, left > 0
     speed_mps: Tensor  # float [N]
     ego_pose: Tensor  # float [N, 3]: x, y (metres), yaw (rad) in the world frame, returned obs
+
+    @functools.cached_property
+    def expert_waypoints(self) -> Tensor:
+        return self.expert if isinstance(self.expert, Tensor) else self.expert()
 
 
 class StepResult(NamedTuple):

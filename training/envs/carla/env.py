@@ -414,7 +414,7 @@ class CarlaWaypointEnv(BatchedWaypointEnv):
             self._start(finished, seeds)
         obs = self._stack_observations() if finished else final_obs
         info = StepInfo(
-            expert_waypoints=self.expert_waypoints(),
+            expert=self.expert_waypoints(),
             final_observation=final_obs,
             episode=episode_stats,
             lateral_deviation_m=self._tensor(lateral, torch.float32),

@@ -84,7 +84,7 @@ class MetaDriveWaypointEnv(BatchedWaypointEnv):
         self.scenario_seed[finished] = seeds
         self._frames = frames
         info = StepInfo(
-            expert_waypoints=self.expert_waypoints(),
+            expert=self.expert_waypoints(),
             final_observation=self._observation(final_frames),
             episode=episode,
             lateral_deviation_m=self._tensor([f.lateral_m for f in final_frames]),

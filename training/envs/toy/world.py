@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -18,12 +18,13 @@ import torch
 from training.envs.protocol import BatchedWaypointEnv, EpisodeStats, Observation, StepInfo, StepResult
 from training.envs.toy.config import ToyWorldConfig, shared_layout_spec
 from training.envs.toy.dynamics import (
+    PlanPolyline,
     VehicleState,
     bicycle_step,
     ego_to_world,
     plan_speeds,
     pure_pursuit_steer,
-    speed_command,
+    setpoint_weights,
 )
 from training.envs.toy.expert import expert_plan
 from training.envs.toy.render import RenderInputs, render_bev
@@ -120,6 +121,9 @@ class ToyWaypointEnv(BatchedWaypointEnv):
             cfg.bev_size_px, cfg.num_waypoints, cfg.waypoint_dt, cfg.policy_dt, cfg.max_episode_steps
         )
         self._start_index = int(round(cfg.lead_in_m / cfg.route_spacing_m))
+        substep_times = [sub * cfg.sim_dt for sub in range(cfg.substeps)]
+        self._setpoint_weights = setpoint_weights(cfg.num_waypoints, substep_times, cfg, self.device)
+        self._substep_numbers = torch.arange(1, cfg.substeps + 1, device=self.device)
         self.state: ToyWorldState | None = None
 
     @property
@@ -240,28 +244,30 @@ class ToyWaypointEnv(BatchedWaypointEnv):
         return s + offset * torch.cos(heading_error), d + offset * torch.sin(heading_error)
 
     def _failures(
-        self, s: torch.Tensor, d: torch.Tensor, road_heading: torch.Tensor
+        self, frenet: Frenet, yaw: torch.Tensor, time_s: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Collision and off-road flags ``[N]`` for the current state (route-frame box overlap)."""
-        cfg, st = self.config, self.state
-        scen = st.scenarios
-        heading_error = st.vehicle.yaw - road_heading
+        """Collision and off-road flags ``[N, T]`` of the car at ``T`` moments (route-frame box
+        overlap); every argument is ``[N, T]``."""
+        cfg, scen = self.config, self.state.scenarios
+        s, d, road_heading = frenet
+        heading_error = yaw - road_heading
         sc, dc = self._centre_frenet(s, d, heading_error)
         cos, sin = torch.cos(heading_error).abs(), torch.sin(heading_error).abs()
-        half_s = cfg.length_m / 2 * cos + cfg.width_m / 2 * sin + cfg.length_m / 2
-        half_d = cfg.length_m / 2 * sin + cfg.width_m / 2 * cos + cfg.width_m / 2
-        veh_s = scen.vehicle_s0 - scen.vehicle_speed * st.time_s[:, None]
+        half_s = (cfg.length_m / 2 * cos + cfg.width_m / 2 * sin + cfg.length_m / 2)[..., None]
+        half_d = (cfg.length_m / 2 * sin + cfg.width_m / 2 * cos + cfg.width_m / 2)[..., None]
+        sc, dc = sc[..., None], dc[..., None]
+        veh_s = scen.vehicle_s0[:, None] - scen.vehicle_speed[:, None] * time_s[..., None]  # [N, T, V]
         hit_vehicle = (
-            ((veh_s - sc[:, None]).abs() < half_s[:, None])
-            & ((cfg.vehicle_lateral_m - dc[:, None]).abs() < half_d[:, None])
-            & scen.vehicle_active
-        ).any(dim=1)
+            ((veh_s - sc).abs() < half_s)
+            & ((cfg.vehicle_lateral_m - dc).abs() < half_d)
+            & scen.vehicle_active[:, None]
+        ).any(dim=-1)
         hit_obstacle = (
-            ((scen.obstacle_s - sc[:, None]).abs() < half_s[:, None])
-            & ((cfg.obstacle_lateral_m - dc[:, None]).abs() < half_d[:, None])
-            & scen.obstacle_active
-        ).any(dim=1)
-        off_road = (dc < cfg.drivable_right_m) | (dc > cfg.drivable_left_m)
+            ((scen.obstacle_s[:, None] - sc).abs() < half_s)
+            & ((cfg.obstacle_lateral_m - dc).abs() < half_d)
+            & scen.obstacle_active[:, None]
+        ).any(dim=-1)
+        off_road = (dc[..., 0] < cfg.drivable_right_m) | (dc[..., 0] > cfg.drivable_left_m)
         return hit_vehicle | hit_obstacle, off_road
 
     # ------------------------------------------------------------------ observation
@@ -301,15 +307,14 @@ class ToyWaypointEnv(BatchedWaypointEnv):
         return Observation(bev=bev, state=state.float())
 
     def expert_waypoints(self) -> torch.Tensor:
-        v, scen = self.state.vehicle, self.state.scenarios
-        return expert_plan(
-            scen.route_xy,
-            scen.route_heading,
-            scen.target_speed,
-            (v.x, v.y, v.yaw),
-            v.speed,
-            self.state.frenet,
-            self.config,
+        return self._expert_plan_of_now()()
+
+    def _expert_plan_of_now(self) -> Callable[[], torch.Tensor]:
+        """The expert's plan for the current state, computed when called (even after later steps:
+        a step replaces the state's tensors, it never writes into them)."""
+        v, scen, frenet, cfg = self.state.vehicle, self.state.scenarios, self.state.frenet, self.config
+        return lambda: expert_plan(
+            scen.route_xy, scen.route_heading, scen.target_speed, (v.x, v.y, v.yaw), v.speed, frenet, cfg
         )
 
     def route_xy_for_seeds(self, seeds: Sequence[int]) -> torch.Tensor:
@@ -341,31 +346,68 @@ class ToyWaypointEnv(BatchedWaypointEnv):
         speeds = plan_speeds(plan_world, cfg)
         s_before = self.state.frenet.s
         plan_terms = self._plan_quality(plan_world, speeds)
-        collided = torch.zeros(self.num_envs, dtype=torch.bool, device=self.device)
-        off_road = torch.zeros_like(collided)
-        for sub in range(cfg.substeps):
-            self._substep(plan_world, speeds, sub * cfg.sim_dt, collided | off_road)
-            hit, off = self._failures(*self.state.frenet)
-            collided |= hit
-            off_road |= off
+        collided, off_road = self._drive(plan_world, speeds)
         return self._finish_step(s_before, collided, off_road, plan_terms)
 
-    def _substep(
-        self, plan_world: torch.Tensor, speeds: torch.Tensor, time_in_plan: float, frozen: torch.Tensor
-    ) -> None:
+    def _drive(self, plan_world: torch.Tensor, speeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Track the plan for ``substeps`` controller steps; a world stops at its first failure.
+
+        The controller and the bicycle run substep by substep; where the car was at each substep
+        (route coordinates, failures) is then computed for all substeps at once, and each world
+        keeps the state of its first failing substep (its last when none failed). Returns the
+        collision and off-road flags ``[N]``.
+        """
         cfg, st = self.config, self.state
-        v = st.vehicle
-        steer_cmd = pure_pursuit_steer(v, plan_world, cfg)
-        accel_cmd = speed_command(v, speeds, time_in_plan, cfg)
-        nxt = bicycle_step(v, steer_cmd, accel_cmd, cfg, cfg.sim_dt)
-        nxt = VehicleState(*(torch.where(frozen, getattr(v, f), getattr(nxt, f)) for f in v.fields()))
-        live = (~frozen).float()
-        st.acc.jerk += live * ((nxt.accel - v.accel) / cfg.sim_dt).abs()
-        st.acc.steer_rate += live * ((nxt.steer - v.steer) / cfg.sim_dt).abs()
-        st.acc.substeps += live
-        st.vehicle = nxt
-        st.time_s = st.time_s + live * cfg.sim_dt
-        st.frenet, st.route_hint = self._project(st.scenarios, st.vehicle, st.route_hint)
+        polyline = PlanPolyline.of(plan_world)
+        setpoints = speeds @ self._setpoint_weights  # [N, T]: the speed set-point at each substep
+        path = [st.vehicle]
+        for sub in range(cfg.substeps):
+            v = path[-1]
+            steer_cmd = pure_pursuit_steer(v, polyline, cfg)
+            accel_cmd = cfg.speed_gain * (setpoints[:, sub] - v.speed)
+            path.append(bicycle_step(v, steer_cmd, accel_cmd, cfg, cfg.sim_dt))
+        fields = VehicleState.fields()
+        # [N, T + 1, F]: the state before the step, then after each substep
+        track = torch.stack([getattr(v, f) for v in path for f in fields], dim=-1).view(
+            self.num_envs, cfg.substeps + 1, len(fields)
+        )
+        after = track[:, 1:]
+        time_s = st.time_s[:, None] + cfg.sim_dt * self._substep_numbers
+        frenet, hints = self._project_track(after[..., :2])
+        hit, off = self._failures(frenet, after[..., fields.index("yaw")], time_s)
+        failed = hit | off
+        # the substep each world ends at: its first failure, else the last
+        last = torch.where(failed.any(dim=1), failed.int().argmax(dim=1), cfg.substeps - 1)
+        live = self._substep_numbers <= last[:, None] + 1  # substeps driven
+        self._add_comfort(track, live)
+        pick = last[:, None]
+        end = track.gather(1, (pick + 1)[..., None].expand(-1, -1, len(fields)))[:, 0]
+        st.vehicle = VehicleState(*end.unbind(-1))
+        st.time_s = time_s.gather(1, pick)[:, 0]
+        st.frenet = Frenet(*(part.gather(1, pick)[:, 0] for part in frenet))
+        st.route_hint = hints.gather(1, pick)[:, 0]
+        return hit.gather(1, pick)[:, 0], off.gather(1, pick)[:, 0]
+
+    def _project_track(self, xy: torch.Tensor) -> tuple[Frenet, torch.Tensor]:
+        """Route coordinates of the rear axle at ``T`` substeps (``xy`` ``[N, T, 2]``), each searched
+        from the step's route hint moved on by the straight distance from the step's start."""
+        st = self.state
+        start = torch.stack([st.vehicle.x, st.vehicle.y], dim=-1)[:, None]
+        moved = ((xy - start).norm(dim=-1) / self.config.route_spacing_m).long()
+        s, d, heading, hints = project_points_to_route(
+            st.scenarios.route_xy, st.scenarios.route_heading, xy, st.route_hint[:, None] + moved, self.config
+        )
+        return Frenet(s, d, heading), hints
+
+    def _add_comfort(self, track: torch.Tensor, live: torch.Tensor) -> None:
+        """Add the driven substeps' |jerk| and |steering rate| to the episode sums."""
+        fields = VehicleState.fields()
+        rates = (track[:, 1:] - track[:, :-1]).abs() / self.config.sim_dt  # [N, T, F]
+        rates = rates * live[..., None]
+        acc = self.state.acc
+        acc.jerk += rates[..., fields.index("accel")].sum(dim=1)
+        acc.steer_rate += rates[..., fields.index("steer")].sum(dim=1)
+        acc.substeps += live.sum(dim=1)
 
     def _plan_quality(
         self, plan_world: torch.Tensor, speeds: torch.Tensor
@@ -449,7 +491,7 @@ class ToyWaypointEnv(BatchedWaypointEnv):
         final_obs = self._observe()
         obs = self._autoreset(done, final_obs)
         info = StepInfo(
-            expert_waypoints=self.expert_waypoints(),
+            expert=self._expert_plan_of_now(),
             final_observation=final_obs,
             episode=episode,
             lateral_deviation_m=dc,
@@ -471,8 +513,12 @@ class ToyWaypointEnv(BatchedWaypointEnv):
         if on_cpu:  # generate only the finished worlds' scenarios (a scenario depends only on its seed)
             index = done.nonzero()[:, 0]
             fresh = generate_scenarios(seeds[index], self.config)
-            for f in dataclasses.fields(Scenarios):
-                getattr(st.scenarios, f.name)[index] = getattr(fresh, f.name)
+            st.scenarios = Scenarios(
+                *(
+                    getattr(st.scenarios, f.name).index_put((index,), getattr(fresh, f.name))
+                    for f in dataclasses.fields(Scenarios)
+                )
+            )
         else:  # no host synchronisation: generate for every world and keep the finished ones'
             fresh = generate_scenarios(seeds, self.config)
             st.scenarios = Scenarios(
