@@ -15,10 +15,10 @@ from dataclasses import dataclass
 import torch
 
 from training.envs.toy.config import ToyWorldConfig
-from training.envs.toy.dynamics import world_to_ego
 from training.envs.toy.scenario import interpolate_route
 
 _DRIVABLE, _ROUTE, _VEHICLES, _OBSTACLES = 0, 1, 2, 3
+_CORNER_ROWS, _CORNER_COLS = [0, 0, 1, 1], [0, 1, 0, 1]  # the 4 pixels around a line sample
 _SAMPLE_STEP_M = 0.25  # road surface sampling: half a pixel
 _LINE_STEP_M = 0.125  # route line sampling: a quarter pixel
 
@@ -51,20 +51,6 @@ def _to_pixels(points_ego: torch.Tensor, cfg: ToyWorldConfig) -> tuple[torch.Ten
     return row, col
 
 
-def _flat_index(
-    row: torch.Tensor, col: torch.Tensor, channel: int | torch.Tensor, cfg: ToyWorldConfig
-) -> torch.Tensor:
-    """Index into a flat ``[N * C * H * W + 1]`` buffer; off-image points go to the last slot.
-
-    ``row`` and ``col`` are ``[N, ...]``; ``channel`` is one channel or one per point (broadcast)."""
-    size = cfg.bev_size_px
-    n = row.shape[0]
-    inside = (row >= 0) & (row < size) & (col >= 0) & (col < size)
-    batch = torch.arange(n, device=row.device).view(n, *([1] * (row.dim() - 1))) * (4 * size * size)
-    index = batch + channel * size * size + row.clamp(0, size - 1) * size + col.clamp(0, size - 1)
-    return torch.where(inside, index, n * 4 * size * size)
-
-
 @dataclass(frozen=True)
 class _Layout:
     """What every render of one config draws at the same relative places, made once."""
@@ -73,36 +59,78 @@ class _Layout:
     road_lateral: torch.Tensor  # [D] lateral offsets of the road surface's samples
     road_stride: int  # every ``road_stride``-th route sample carries road samples
     box_grid: torch.Tensor  # [G, 2] samples filling a car-sized box, box frame
-    corner_rows: torch.Tensor  # [2, 2] the 4 pixels around a line sample: row offsets
-    corner_cols: torch.Tensor  # [2, 2] ... and column offsets
+    corners: torch.Tensor  # [4, 2] the 4 pixels around a line sample: (row, col) offsets
+    box_channel: torch.Tensor  # [(V + O) * G] channel of each box sample: vehicles, then obstacles
 
 
 @functools.lru_cache(maxsize=8)
-def _layout(cfg: ToyWorldConfig, device: torch.device) -> _Layout:
+def _layout(cfg: ToyWorldConfig, device: torch.device, num_vehicles: int, num_obstacles: int) -> _Layout:
     behind = (cfg.bev_size_px - cfg.bev_ego_row) * cfg.bev_resolution_m + 3.0
     ahead = cfg.bev_ego_row * cfg.bev_resolution_m + 6.0
     along = torch.arange(-cfg.length_m / 2, cfg.length_m / 2 + 1e-6, _SAMPLE_STEP_M, device=device)
     across = torch.arange(-cfg.width_m / 2, cfg.width_m / 2 + 1e-6, _SAMPLE_STEP_M, device=device)
     grid_a, grid_c = torch.meshgrid(along, across, indexing="ij")
+    road_lateral = torch.arange(
+        cfg.drivable_right_m + _SAMPLE_STEP_M / 2, cfg.drivable_left_m, _SAMPLE_STEP_M, device=device
+    )
+    box_samples = grid_a.numel()
+    planes = (
+        [_DRIVABLE] * 0
+        + [_VEHICLES] * (num_vehicles * box_samples)
+        + [_OBSTACLES] * (num_obstacles * box_samples)
+    )
     return _Layout(
         route_offsets=torch.arange(-behind, ahead, _LINE_STEP_M, device=device, dtype=torch.float32),
-        road_lateral=torch.arange(
-            cfg.drivable_right_m + _SAMPLE_STEP_M / 2, cfg.drivable_left_m, _SAMPLE_STEP_M, device=device
-        ),
+        road_lateral=road_lateral,
         road_stride=int(round(_SAMPLE_STEP_M / _LINE_STEP_M)),
         box_grid=torch.stack([grid_a.reshape(-1), grid_c.reshape(-1)], dim=-1),
-        corner_rows=torch.tensor([[0, 0], [1, 1]], device=device),
-        corner_cols=torch.tensor([[0, 1], [0, 1]], device=device),
+        corners=torch.tensor([_CORNER_ROWS, _CORNER_COLS], dtype=torch.float32, device=device).T.contiguous(),
+        box_channel=torch.tensor(planes, device=device),
     )
 
 
-def _box_samples(boxes: torch.Tensor, active: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
-    """World points ``[N, B * G, 2]`` filling each active box (inactive boxes sent far away)."""
-    cos, sin = torch.cos(boxes[..., 2])[..., None], torch.sin(boxes[..., 2])[..., None]
-    px = boxes[..., 0:1] + cos * grid[:, 0] - sin * grid[:, 1]
-    py = boxes[..., 1:2] + sin * grid[:, 0] + cos * grid[:, 1]
-    px = torch.where(active[..., None], px, 1e6)
-    points = torch.stack([px, py], dim=-1)  # [N, B, G, 2]
+def _world_to_pixels(inputs: RenderInputs, cfg: ToyWorldConfig) -> torch.Tensor:
+    """``[N, 2, 3]`` affine maps from world ``(x, y, 1)`` to continuous ``(row, col)`` of the image
+    padded by one pixel on every side."""
+    x, y, yaw = inputs.ego_pose.unbind(-1)
+    cos, sin = torch.cos(yaw) / cfg.bev_resolution_m, torch.sin(yaw) / cfg.bev_resolution_m
+    # row = ego_row - x_ego / res, col = W / 2 - y_ego / res, with x_ego = cos dx + sin dy and
+    # y_ego = -sin dx + cos dy
+    row_offset = 1 + cfg.bev_ego_row + cos * x + sin * y  # + 1: the padded image's border
+    col_offset = 1 + cfg.bev_size_px / 2 - sin * x + cos * y
+    return torch.stack([-cos, -sin, row_offset, sin, -cos, col_offset], dim=-1).view(-1, 2, 3)
+
+
+def _apply(affine: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """``points`` ``[N, Q, 2]`` through the affine maps ``[N, 2, 3]``: ``[N, Q, 2]``."""
+    return torch.baddbmm(affine[:, None, :, 2], points, affine[:, :, :2].transpose(1, 2))
+
+
+def _padded_index(pixels: torch.Tensor, plane: int | torch.Tensor, cfg: ToyWorldConfig) -> torch.Tensor:
+    """Flat indices into ``[N, 4, H + 2, W + 2]`` of the pixels holding the points ``[N, Q, 2]``
+    (continuous ``(row, col)`` of the padded image, so pixel ``(i, j)`` of the image is ``(i + 1, j + 1)``).
+
+    Points off the image land in the one-pixel border (cropped away afterwards), so no
+    per-point bounds test is needed. The arithmetic stays in float32, exact for these integers."""
+    side = cfg.bev_size_px + 2
+    n = pixels.shape[0]
+    cell = pixels.clamp(0, side - 1).floor_()
+    strides = torch.tensor([float(side), 1.0], device=pixels.device)
+    within = (cell @ strides + plane * side * side).long()  # [N, Q]: index inside one world's planes
+    return within + torch.arange(n, device=pixels.device)[:, None] * (4 * side * side)
+
+
+def _box_points(
+    boxes_px: torch.Tensor, axes_px: torch.Tensor, active: torch.Tensor, grid: torch.Tensor
+) -> torch.Tensor:
+    """Pixel-space samples ``[N, B * G, 2]`` filling each box (inactive boxes sent far off the image)."""
+    # centre + along * axis_along + across * axis_across, every box at once
+    points = (
+        boxes_px[:, :, None, :]
+        + grid[:, 0, None] * axes_px[:, :, None, 0, :]
+        + grid[:, 1, None] * axes_px[:, :, None, 1, :]
+    )
+    points = torch.where(active[..., None, None], points, -1e6)
     return points.reshape(points.shape[0], -1, 2)
 
 
@@ -112,55 +140,48 @@ def render_bev(inputs: RenderInputs, cfg: ToyWorldConfig) -> torch.Tensor:
     Surfaces (road, boxes) are sampled every half pixel and each sample marks its pixel, all
     channels in one write; the route line's samples spread anti-aliased weights to their 4
     nearest pixels and each pixel keeps the largest (an ``amax`` scatter on integers), so the
-    result is the same in any order and on any device.
+    result is the same in any order and on any device. Geometry is mapped to pixel
+    coordinates first (small arrays) and the many surface samples are made there.
     """
     n = inputs.ego_s.shape[0]
-    size = cfg.bev_size_px
-    layout = _layout(cfg, inputs.ego_s.device)
-    flat = torch.zeros(n * 4 * size * size + 1, dtype=torch.int32, device=inputs.ego_s.device)
+    size, side = cfg.bev_size_px, cfg.bev_size_px + 2
+    layout = _layout(cfg, inputs.ego_s.device, inputs.vehicle_boxes.shape[1], inputs.obstacle_boxes.shape[1])
+    affine = _world_to_pixels(inputs, cfg)
+    linear = affine[:, :, :2]  # world directions to pixel directions
 
     s = inputs.ego_s[:, None] + layout.route_offsets
     route_xy, heading = interpolate_route(inputs.route_xy, inputs.route_heading, s, cfg)
-    normal = torch.stack([-torch.sin(heading), torch.cos(heading)], dim=-1)
+    route_px = _apply(affine, route_xy)  # [N, S, 2]
     stride = layout.road_stride
-    road = route_xy[:, ::stride, None, :] + layout.road_lateral[:, None] * normal[:, ::stride, None, :]
-    boxes = torch.cat([inputs.vehicle_boxes, inputs.obstacle_boxes], dim=1)
-    active = torch.cat([inputs.vehicle_active, inputs.obstacle_active], dim=1)
-    num_vehicle_samples = inputs.vehicle_boxes.shape[1] * layout.box_grid.shape[0]
-    surfaces = torch.cat([road.reshape(n, -1, 2), _box_samples(boxes, active, layout.box_grid)], dim=1)
-    channel = _surface_channels(
-        road.shape[1] * road.shape[2], num_vehicle_samples, surfaces.shape[1], flat.device
+    normal = torch.stack([-torch.sin(heading[:, ::stride]), torch.cos(heading[:, ::stride])], dim=-1)
+    normal_px = torch.bmm(normal, linear.transpose(1, 2))  # [N, S', 2]
+    road = torch.addcmul(
+        route_px[:, ::stride, None, :], layout.road_lateral[:, None], normal_px[:, :, None, :]
     )
 
-    # one transform to pixels for the surfaces and the route line
-    x, y, yaw = inputs.ego_pose.unbind(-1)
-    row, col = _to_pixels(world_to_ego(torch.cat([surfaces, route_xy], dim=1), x, y, yaw), cfg)
-    num_surface = surfaces.shape[1]
-    index = _flat_index(
-        row[:, :num_surface].floor().long(), col[:, :num_surface].floor().long(), channel, cfg
-    )
+    boxes = torch.cat([inputs.vehicle_boxes, inputs.obstacle_boxes], dim=1).to(affine.dtype)  # [N, B, 3]
+    centres_px = _apply(affine, boxes[..., :2])
+    cos, sin = torch.cos(boxes[..., 2]), torch.sin(boxes[..., 2])
+    axes = torch.stack([cos, sin, -sin, cos], dim=-1).view(n, -1, 2, 2)  # along, across (world)
+    axes_px = torch.einsum("nbaj,nij->nbai", axes, linear)
+    active = torch.cat([inputs.vehicle_active, inputs.obstacle_active], dim=1)
+    box_px = _box_points(centres_px, axes_px, active, layout.box_grid)
+
+    flat = torch.zeros(n * 4 * side * side, dtype=torch.uint8, device=inputs.ego_s.device)
     # every write is the same value, so duplicates cannot race: a plain fill, several times faster
     # than an ``amax`` scatter, gives the same image on any device
-    flat.index_fill_(0, index.reshape(-1), 255)
+    flat.index_fill_(0, _padded_index(road.reshape(n, -1, 2), _DRIVABLE, cfg).view(-1), 255)
+    flat.index_fill_(0, _padded_index(box_px, layout.box_channel, cfg).view(-1), 255)
 
     # Route centre line, anti-aliased: each sample spreads bilinear weights to its 4 nearest pixel
     # centres, and a pixel keeps the largest weight, so the line's sub-pixel position is visible.
-    row, col = row[:, num_surface:] - 0.5, col[:, num_surface:] - 0.5  # relative to pixel centres
-    r0, c0 = row.floor(), col.floor()
-    fr, fc = row - r0, col - c0
-    weight = torch.stack([1 - fr, fr], dim=-1)[..., :, None] * torch.stack([1 - fc, fc], dim=-1)[..., None, :]
-    rows = r0.long()[..., None, None] + layout.corner_rows
-    cols = c0.long()[..., None, None] + layout.corner_cols
-    index = _flat_index(rows, cols, _ROUTE, cfg)
-    flat.scatter_reduce_(0, index.reshape(-1), (weight * 255).round().to(torch.int32).reshape(-1), "amax")
+    centred = route_px - 0.5  # relative to pixel centres
+    base = centred.floor()
+    frac = centred - base  # [N, S, 2]
+    near = torch.stack([1 - frac, frac], dim=-2)  # [N, S, 2 (0 or 1), 2 (row, col)]
+    weight = near[..., _CORNER_ROWS, 0] * near[..., _CORNER_COLS, 1]  # [N, S, 4]
+    index = _padded_index((base[:, :, None, :] + layout.corners).reshape(n, -1, 2), _ROUTE, cfg)
+    flat.scatter_reduce_(0, index.reshape(-1), (weight * 255).round().to(torch.uint8).reshape(-1), "amax")
 
-    return flat[:-1].view(n, 4, size, size).to(torch.uint8)
-
-
-@functools.lru_cache(maxsize=8)
-def _surface_channels(num_road: int, num_vehicle: int, total: int, device: torch.device) -> torch.Tensor:
-    """The channel ``[Q]`` of each surface sample: road, then vehicles, then obstacles."""
-    channel = torch.full((total,), _OBSTACLES, device=device)
-    channel[:num_road] = _DRIVABLE
-    channel[num_road : num_road + num_vehicle] = _VEHICLES
-    return channel
+    image = flat.view(n, 4, side, side)[:, :, 1 : size + 1, 1 : size + 1]
+    return image.contiguous()
