@@ -307,3 +307,30 @@ def test_the_expert_plan_in_a_step_info_is_the_one_of_that_step_even_when_read_l
         infos.append(lazy.step(plan).info)
     for step, (want, info) in enumerate(zip(plans, infos, strict=True)):
         torch.testing.assert_close(info.expert_waypoints, want, rtol=0, atol=0, msg=f"step {step}")
+
+
+def test_the_sync_free_autoreset_gives_the_same_worlds_as_the_cpu_one() -> None:
+    """The CUDA path (every world takes from the scenario bank, refilled on a fixed schedule, no
+    host read) run on the CPU: same scenarios, seeds, observations and rewards as the CPU path,
+    across several bank refills: one-step episodes use seeds at the largest rate the bank's
+    schedule allows (every world, every step)."""
+    cpu, sync_free = _env(5, max_episode_steps=1), _env(5, max_episode_steps=1)
+    sync_free.sync_free = True
+    sync_free._new_bank()
+    cpu.reset(seed=7)
+    sync_free.reset(seed=7)
+    generator = torch.Generator().manual_seed(7)
+    for step in range(30):  # 150 seeds: the bank of 40 refilled 3 times
+        plan = cpu.expert_waypoints() + 2.0 * torch.randn(
+            5, ToyWorldConfig().num_waypoints, 2, generator=generator
+        )
+        want, got = cpu.step(plan), sync_free.step(plan)
+        assert torch.equal(got.obs.bev, want.obs.bev), f"step {step}"
+        assert torch.equal(got.reward, want.reward) and torch.equal(got.terminated, want.terminated)
+        assert torch.equal(got.info.episode.scenario_seed, want.info.episode.scenario_seed)
+    assert int(sync_free.state.next_seed) > 5 + sync_free._bank.size  # the bank was refilled
+    assert torch.equal(sync_free.state.scenario_seed, cpu.state.scenario_seed)
+    for field in dataclasses.fields(Scenarios):
+        assert torch.equal(
+            getattr(sync_free.state.scenarios, field.name), getattr(cpu.state.scenarios, field.name)
+        )

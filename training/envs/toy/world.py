@@ -29,6 +29,7 @@ from training.envs.toy.dynamics import (
 from training.envs.toy.expert import expert_plan
 from training.envs.toy.render import RenderInputs, render_bev
 from training.envs.toy.scenario import (
+    ScenarioBank,
     Scenarios,
     frenet_to_world,
     generate_scenarios,
@@ -38,6 +39,8 @@ from training.envs.toy.scenario import (
 )
 
 _MAX_WAYPOINT_M = 200.0  # plans are clamped to this distance; non-finite plans mean "stop here"
+_CPU_BANK_MIN = 64  # scenarios per bank refill on the CPU (at least; 4 per world)
+_CUDA_BANK_STEPS = 8  # on CUDA the bank holds num_envs seeds per step for this many steps
 
 
 @dataclasses.dataclass
@@ -125,6 +128,20 @@ class ToyWaypointEnv(BatchedWaypointEnv):
         self._setpoint_weights = setpoint_weights(cfg.num_waypoints, substep_times, cfg, self.device)
         self._substep_numbers = torch.arange(1, cfg.substeps + 1, device=self.device)
         self.state: ToyWorldState | None = None
+        # Off the CPU a step never reads a tensor back to the host (the autoreset then works on
+        # every world); on the CPU reading is free and lets it work on the finished worlds only.
+        self.sync_free = self.device.type != "cpu"
+        self._new_bank()
+
+    def _new_bank(self, first_seed: torch.Tensor | None = None) -> None:
+        """A scenario bank for the current config, filled from ``first_seed`` if given (else on
+        the next autoreset), so that steps do not pay for it."""
+        size = self.num_envs * _CUDA_BANK_STEPS if self.sync_free else max(_CPU_BANK_MIN, 4 * self.num_envs)
+        self._bank = ScenarioBank(self.config, size)
+        self._bank_steps_left = 0
+        if first_seed is not None:
+            self._bank.refill(first_seed)
+            self._bank_steps_left = _CUDA_BANK_STEPS
 
     @property
     def difficulty(self) -> float:
@@ -138,6 +155,7 @@ class ToyWaypointEnv(BatchedWaypointEnv):
         config = dataclasses.replace(self.config, difficulty=float(difficulty))
         config.validate()
         self.config = config
+        self._new_bank()
         return True
 
     # ------------------------------------------------------------------ reset
@@ -151,6 +169,7 @@ class ToyWaypointEnv(BatchedWaypointEnv):
             next_seed = self.state.next_seed
         seeds = next_seed + torch.arange(self.num_envs, device=self.device)
         scenarios = generate_scenarios(seeds, self.config)
+        self._new_bank(first_seed=next_seed + self.num_envs)
         vehicle = self._start_vehicle(scenarios)
         start_hint = torch.full((self.num_envs,), self._start_index, device=self.device)
         frenet, route_hint = self._project(scenarios, vehicle, start_hint)
@@ -504,23 +523,28 @@ class ToyWaypointEnv(BatchedWaypointEnv):
     def _autoreset(self, done: torch.Tensor, final_obs: Observation) -> Observation:
         """Start new episodes in the finished worlds and return the observation to act on."""
         st = self.state
-        on_cpu = self.device.type == "cpu"
+        on_cpu = not self.sync_free
         if on_cpu and not bool(done.any()):
             return final_obs
         order = torch.cumsum(done.long(), dim=0) - 1
         seeds = torch.where(done, st.next_seed + order, st.scenario_seed)
-        st.next_seed = st.next_seed + done.long().sum()
-        if on_cpu:  # generate only the finished worlds' scenarios (a scenario depends only on its seed)
+        if on_cpu:  # only the finished worlds: a scenario depends only on its seed
             index = done.nonzero()[:, 0]
-            fresh = generate_scenarios(seeds[index], self.config)
+            if not self._bank.holds(int(st.next_seed), len(index)):
+                self._bank.refill(st.next_seed)
+            fresh = self._bank.take(seeds[index])
             st.scenarios = Scenarios(
                 *(
                     getattr(st.scenarios, f.name).index_put((index,), getattr(fresh, f.name))
                     for f in dataclasses.fields(Scenarios)
                 )
             )
-        else:  # no host synchronisation: generate for every world and keep the finished ones'
-            fresh = generate_scenarios(seeds, self.config)
+        else:  # no host synchronisation: every world takes from the bank, the finished ones keep it
+            if self._bank_steps_left == 0:  # at most num_envs seeds are used per step
+                self._bank.refill(st.next_seed)
+                self._bank_steps_left = _CUDA_BANK_STEPS
+            self._bank_steps_left -= 1
+            fresh = self._bank.take(torch.where(done, seeds, self._bank.start))
             st.scenarios = Scenarios(
                 *(
                     torch.where(
@@ -531,6 +555,7 @@ class ToyWaypointEnv(BatchedWaypointEnv):
                     for f in dataclasses.fields(Scenarios)
                 )
             )
+        st.next_seed = st.next_seed + done.long().sum()
         self._start_episodes(done, seeds)
         if on_cpu:
             fresh_obs = self._observe(index)
@@ -573,4 +598,5 @@ class ToyWaypointEnv(BatchedWaypointEnv):
         if restored.t.shape[0] != self.num_envs:
             raise ValueError(f"world state holds {restored.t.shape[0]} worlds, this env has {self.num_envs}")
         self.state = restored
+        self._new_bank()
         return restored.obs
