@@ -42,6 +42,7 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from benchmarks.op_count import world_ops_per_step
 from training.common.device import resolve_device, set_cpu_threads
 from training.common.errors import UserError, exit_on_user_error
 from training.rl.config import PPOConfig
@@ -49,7 +50,14 @@ from training.rl.run import Run, build_run
 from training.rl.trainer import collect_rollout, train_iteration
 from training.sft.model import FROZEN_PRECISIONS, WaypointModel, load_sft_model
 
-ROW_KEYS = ("world_steps_per_s", "rollout_steps_per_s", "train_steps_per_s", "peak_memory_bytes")
+ROW_KEYS = (
+    "world_steps_per_s",
+    "encoder_steps_per_s",
+    "rollout_steps_per_s",
+    "train_steps_per_s",
+    "world_ops_per_step",
+    "peak_memory_bytes",
+)
 MIN_TIMED_CALLS = 3  # a rate is the median of at least this many timed calls
 ERROR_SAMPLES = 256  # observations on which half precision is compared with float32 (CPU autocast is slow)
 
@@ -99,6 +107,16 @@ def median_rate(
     return statistics.median(rates)
 
 
+def median_rate_of_timed(call: Callable[[], float], steps_per_call: int, seconds: float) -> float:
+    """Like :func:`median_rate` for a ``call`` that returns the seconds of its own timed part."""
+    call()
+    rates: list[float] = []
+    deadline = time.perf_counter() + seconds
+    while len(rates) < MIN_TIMED_CALLS or time.perf_counter() < deadline:
+        rates.append(steps_per_call / call())
+    return statistics.median(rates)
+
+
 def reset_peak_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -141,16 +159,37 @@ def build_bench_run(settings: BenchSettings, sft_path: Path, num_envs: int, out_
 
 
 def world_rate(run: Run, settings: BenchSettings) -> float:
-    """World-only steps/s: ``env.step`` with the expert plan the last step returned."""
+    """World-only steps/s: ``env.step`` driven by the expert's plan, which is computed outside the
+    timed part (a trainer never asks for it)."""
     env = run.env
-    plan = [env.expert_waypoints()]
+    device = settings.device
 
-    def steps() -> None:
+    def stepping_seconds() -> float:
+        elapsed = 0.0
         for _ in range(settings.rollout_steps):
-            plan[0] = env.step(plan[0]).info.expert_waypoints
+            plan = env.expert_waypoints()
+            _synchronize(device)
+            started = time.perf_counter()
+            env.step(plan)
+            _synchronize(device)
+            elapsed += time.perf_counter() - started
+        return elapsed
 
-    rate = median_rate(steps, env.num_envs * settings.rollout_steps, settings.seconds, settings.device)
+    rate = median_rate_of_timed(stepping_seconds, env.num_envs * settings.rollout_steps, settings.seconds)
     run.obs = env.reset(seed=run.config.train_seed_start)
+    return rate
+
+
+def encoder_rate(run: Run, settings: BenchSettings) -> float:
+    """Steps/s of the frozen SFT encoder and waypoint head alone (inference on the worlds' batch):
+    every training step runs it once, so it bounds end-to-end training."""
+    obs = run.env.reset(seed=run.config.train_seed_start)
+
+    def encode() -> None:
+        run.policy.features(obs.bev, obs.state)
+
+    rate = median_rate(encode, run.env.num_envs, settings.seconds, settings.device)
+    run.obs = obs
     return rate
 
 
@@ -181,6 +220,9 @@ def measure_size(settings: BenchSettings, sft_path: Path, num_envs: int, work_di
     run = build_bench_run(settings, sft_path, num_envs, work_dir / f"rl_{num_envs}")
     row: dict[str, Any] = {"num_envs": num_envs, "batch_size": run.config.batch_size}
     row["world_steps_per_s"] = world_rate(run, settings)
+    row["encoder_steps_per_s"] = encoder_rate(run, settings)
+    ops = world_ops_per_step(num_envs, str(settings.device))
+    row["world_ops_per_step"], row["world_ops_per_step_mean"] = ops["max"], ops["mean"]
     row["rollout_steps_per_s"] = rollout_rate(run, settings)
     row["train_steps_per_s"] = train_rate(run, settings)
     row["peak_memory_bytes"] = peak_memory_bytes(settings.device)
@@ -417,16 +459,17 @@ def format_table(result: dict[str, Any]) -> str:
     """The human-readable report: one line per size, then the once-per-run figures."""
     lines = [
         f"device {result['device_name']}, torch {result['torch']}; env steps/s (median, upper bound of time)",
-        f"{'num_envs':>8} {'world':>10} {'rollout':>10} {'train':>10} {'SB3 train':>10} {'ratio':>7} "
-        f"{'peak MiB':>9}",
+        f"{'num_envs':>8} {'world':>10} {'encoder':>10} {'rollout':>10} {'train':>10} {'SB3 train':>10} "
+        f"{'ratio':>7} {'ops/step':>9} {'peak MiB':>9}",
     ]
     for row in result["rows"]:
         sb3 = row.get("sb3_train_steps_per_s")
         ratio = row.get("train_vs_sb3")
         lines.append(
-            f"{row['num_envs']:>8} {row['world_steps_per_s']:>10.0f} {row['rollout_steps_per_s']:>10.0f} "
-            f"{row['train_steps_per_s']:>10.0f} {'-' if sb3 is None else f'{sb3:.0f}':>10} "
-            f"{'-' if ratio is None else f'{ratio:.1f}x':>7} {row['peak_memory_bytes'] / 2**20:>9.0f}"
+            f"{row['num_envs']:>8} {row['world_steps_per_s']:>10.0f} {row['encoder_steps_per_s']:>10.0f} "
+            f"{row['rollout_steps_per_s']:>10.0f} {row['train_steps_per_s']:>10.0f} "
+            f"{'-' if sb3 is None else f'{sb3:.0f}':>10} {'-' if ratio is None else f'{ratio:.1f}x':>7} "
+            f"{row['world_ops_per_step']:>9} {row['peak_memory_bytes'] / 2**20:>9.0f}"
         )
     lines += [
         f"SFT training: {result['sft_train_samples_per_s']:.0f} samples/s",
