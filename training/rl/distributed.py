@@ -20,15 +20,21 @@ import torch.distributed as dist
 
 # Training scenario seeds of rank r start this far above rank 0's (beyond every run's seed block).
 RANK_SEED_STRIDE = 1_000_000_000
+CPU = torch.device("cpu")  # gloo's device, and a one-process run's
 
 
 @dataclass(frozen=True)
 class DistContext:
-    """This process's place in the job; ``world_size == 1`` makes every method a no-op."""
+    """This process's place in the job; ``world_size == 1`` makes every method a no-op.
+
+    ``device`` is where the backend reduces: NCCL takes only tensors on this process's GPU, gloo
+    only CPU tensors.
+    """
 
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    device: torch.device = CPU
 
     @property
     def is_main(self) -> bool:
@@ -103,11 +109,12 @@ def init_distributed(device: str) -> DistContext:
         return DistContext()
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
-        use_nccl = device != "cpu" and torch.cuda.is_available()
-        if use_nccl:
-            torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend="nccl" if use_nccl else "gloo")
-    return DistContext(rank=rank, world_size=world_size, local_rank=local_rank)
+        backend = "nccl" if device != "cpu" and torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(local_rank)  # NCCL, and gather_object's pickles, use the current GPU
+        dist.init_process_group(backend=backend)
+    collective_device = torch.device("cuda", local_rank) if dist.get_backend() == "nccl" else CPU
+    return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=collective_device)
 
 
 def shutdown(context: DistContext) -> None:
