@@ -10,9 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from tests.cli_helpers import assert_one_line_error, run_cli
 from training.rl.checkpoint import load_rl_checkpoint
+from training.rl.distributed import DistContext, init_distributed
 
 NUM_ENVS, ROLLOUT_STEPS, ITERATIONS = 4, 8, 3
 SETTINGS = [
@@ -97,3 +99,71 @@ def test_each_process_gets_its_own_block_of_carla_servers() -> None:
     options = EnvOptions(carla_port=2000)
     assert for_process(options, 0, 10).carla_port == 2000
     assert for_process(options, 2, 10).carla_port == 2000 + 2 * 10 * CARLA_PORT_STRIDE
+
+
+# ------------------------------------------------------- collectives on the backend's device (NCCL)
+# No GPU here, so the context declares ``meta`` as its backend's device: a device other than the CPU
+# that any machine can allocate on. A stand-in all_reduce records where each tensor it is handed
+# lives, then stops the call (a meta tensor holds no value to read back).
+
+
+class _Reached(Exception):
+    """The stand-in collective saw its tensor."""
+
+
+@pytest.fixture
+def reduced_on(monkeypatch: pytest.MonkeyPatch) -> list[torch.device]:
+    devices: list[torch.device] = []
+
+    def all_reduce(tensor: torch.Tensor, *args: object, **kwargs: object) -> None:
+        devices.append(tensor.device)
+        raise _Reached
+
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    return devices
+
+
+def _params() -> list[torch.nn.Parameter]:
+    params = [torch.nn.Parameter(torch.ones(2, 3)), torch.nn.Parameter(torch.zeros(4))]
+    params[0].grad = torch.ones(2, 3)
+    return params
+
+
+@pytest.mark.parametrize(
+    "collective",
+    [
+        lambda ctx: ctx.mean(torch.ones(3)),
+        lambda ctx: ctx.sum_(torch.ones(3)),
+        lambda ctx: ctx.all_agree(True),
+        lambda ctx: ctx.average_gradients(_params()),
+        lambda ctx: ctx.parameters_in_sync(_params()),
+    ],
+    ids=["mean", "sum_", "all_agree", "average_gradients", "parameters_in_sync"],
+)
+def test_every_reduction_hands_the_backend_a_tensor_on_its_device(reduced_on, collective) -> None:
+    ctx = DistContext(rank=0, world_size=2, device=torch.device("meta"))
+    with pytest.raises(_Reached):
+        collective(ctx)  # the caller's tensors are on the CPU
+    assert reduced_on == [ctx.device]
+
+
+def test_the_barrier_names_this_process_gpu_under_nccl(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[dict] = []
+    monkeypatch.setattr(dist, "barrier", lambda **kwargs: calls.append(kwargs))
+    DistContext(rank=1, world_size=2, local_rank=1, device=torch.device("cuda", 1)).barrier()
+    DistContext(rank=1, world_size=2, local_rank=1).barrier()  # gloo: no GPU to name
+    assert [call.get("device_ids") for call in calls] == [[1], None]
+
+
+@pytest.mark.parametrize(
+    "backend, expected", [("nccl", torch.device("cuda", 1)), ("gloo", torch.device("cpu"))]
+)
+def test_the_context_reduces_where_its_backend_does(
+    monkeypatch, backend: str, expected: torch.device
+) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)  # as torchrun's group, already joined
+    monkeypatch.setattr(dist, "get_backend", lambda *args: backend)
+    assert init_distributed("cuda").device == expected

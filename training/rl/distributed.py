@@ -20,15 +20,21 @@ import torch.distributed as dist
 
 # Training scenario seeds of rank r start this far above rank 0's (beyond every run's seed block).
 RANK_SEED_STRIDE = 1_000_000_000
+CPU = torch.device("cpu")  # gloo's device, and a one-process run's
 
 
 @dataclass(frozen=True)
 class DistContext:
-    """This process's place in the job; ``world_size == 1`` makes every method a no-op."""
+    """This process's place in the job; ``world_size == 1`` makes every method a no-op.
+
+    ``device`` is where the backend reduces: NCCL takes only tensors on this process's GPU, gloo
+    only CPU tensors.
+    """
 
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    device: torch.device = CPU
 
     @property
     def is_main(self) -> bool:
@@ -38,25 +44,31 @@ class DistContext:
     def enabled(self) -> bool:
         return self.world_size > 1
 
+    def _on_backend(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A detached copy of ``tensor`` on :attr:`device`, the only place the backend reduces."""
+        return tensor.detach().to(self.device, copy=True)
+
     def mean(self, tensor: torch.Tensor) -> torch.Tensor:
-        """The mean of ``tensor`` over processes (a new tensor; the input is unchanged)."""
+        """The mean of ``tensor`` over processes: a new tensor on the input's device, the input unchanged."""
         if not self.enabled:
             return tensor
-        reduced = tensor.detach().clone()
+        reduced = self._on_backend(tensor)
         dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
-        return reduced / self.world_size
+        return (reduced / self.world_size).to(tensor.device)
 
     def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum ``tensor`` over processes in place."""
         if self.enabled:
-            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+            reduced = self._on_backend(tensor)
+            dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
+            tensor.copy_(reduced)
         return tensor
 
     def all_agree(self, flag: bool) -> bool:
         """True only when ``flag`` is true on every process."""
         if not self.enabled:
             return flag
-        value = torch.tensor([1.0 if flag else 0.0])
+        value = torch.tensor([1.0 if flag else 0.0], device=self.device)
         dist.all_reduce(value, op=dist.ReduceOp.MIN)
         return bool(value.item() > 0.5)
 
@@ -65,26 +77,29 @@ class DistContext:
         if not self.enabled:
             return
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.reshape(-1) for g in grads])
+        flat = self._on_backend(torch.cat([g.reshape(-1) for g in grads]))
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)
         flat /= self.world_size
         offset = 0
         for p, g in zip(params, grads, strict=True):
-            p.grad = flat[offset : offset + g.numel()].view_as(g).clone()
+            p.grad = flat[offset : offset + g.numel()].view_as(g).to(g.device, copy=True)
             offset += g.numel()
 
     def parameters_in_sync(self, params: list[torch.nn.Parameter]) -> bool:
         """Whether every process holds the same parameters (a checksum reduced with min and max)."""
         if not self.enabled:
             return True
-        checksum = torch.stack([p.detach().double().sum() for p in params]).sum().reshape(1)
+        checksum = self._on_backend(torch.stack([p.detach().double().sum() for p in params]).sum().reshape(1))
         low, high = checksum.clone(), checksum.clone()
         dist.all_reduce(low, op=dist.ReduceOp.MIN)
         dist.all_reduce(high, op=dist.ReduceOp.MAX)
         return bool((low == high).item())
 
     def gather(self, obj: object) -> list[object] | None:
-        """Every process's ``obj`` on rank 0 (``None`` elsewhere)."""
+        """Every process's ``obj`` on rank 0 (``None`` elsewhere).
+
+        Under NCCL the pickles travel through the current GPU, which :func:`init_distributed` sets.
+        """
         if not self.enabled:
             return [obj]
         gathered: list[object] | None = [None] * self.world_size if self.is_main else None
@@ -92,8 +107,9 @@ class DistContext:
         return gathered
 
     def barrier(self) -> None:
+        """Wait for every process; under NCCL on this process's GPU, not one guessed from the rank."""
         if self.enabled:
-            dist.barrier()
+            dist.barrier(device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
 
 def init_distributed(device: str) -> DistContext:
@@ -103,11 +119,12 @@ def init_distributed(device: str) -> DistContext:
         return DistContext()
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
-        use_nccl = device != "cpu" and torch.cuda.is_available()
-        if use_nccl:
-            torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend="nccl" if use_nccl else "gloo")
-    return DistContext(rank=rank, world_size=world_size, local_rank=local_rank)
+        backend = "nccl" if device != "cpu" and torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(local_rank)  # NCCL, and gather_object's pickles, use the current GPU
+        dist.init_process_group(backend=backend)
+    collective_device = torch.device("cuda", local_rank) if dist.get_backend() == "nccl" else CPU
+    return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=collective_device)
 
 
 def shutdown(context: DistContext) -> None:
