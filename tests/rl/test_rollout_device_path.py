@@ -33,6 +33,7 @@ from training.envs.protocol import EnvSpec, EpisodeStats, Observation, StepInfo,
 from training.envs.toy import ToyWaypointEnv, ToyWorldConfig
 from training.rl.bootstrap import TruncationStore, truncation_capacity
 from training.rl.buffer import RolloutBuffer, compute_gae
+from training.rl.cuda_graph import GraphCaptureError, StepGraph, state_feedback, world_tensors
 from training.rl.episodes import EpisodeTally
 from training.rl.policy import PPOPolicy
 from training.rl.trainer import collect_rollout
@@ -255,8 +256,8 @@ def _toy_policy(spec: EnvSpec) -> PPOPolicy:
     return PPOPolicy(model, policy_settings(init_log_std=-1.0))
 
 
-def _toy_buffer(policy: PPOPolicy) -> RolloutBuffer:
-    return RolloutBuffer(TOY_STEPS, TOY_WORLDS, policy.sft_model.feature_dim, policy.num_waypoints)
+def _toy_buffer(policy: PPOPolicy, device: str = "cpu") -> RolloutBuffer:
+    return RolloutBuffer(TOY_STEPS, TOY_WORLDS, policy.sft_model.feature_dim, policy.num_waypoints, device)
 
 
 @torch.no_grad()
@@ -422,3 +423,74 @@ def test_a_mix_is_sized_by_its_shortest_time_limit() -> None:
     assert mix.spec.max_episode_steps == 50
     assert truncation_capacity(mix, 10) == 5 * 3  # ceil(10 / 4) truncations per world at most
     assert truncation_capacity(long, 10) == 2
+
+
+# ---------------------------------------------------------------------------------------- the graph
+def test_the_toy_worlds_state_is_found_and_can_be_fed_back() -> None:
+    """The capture copies the world's new state to where the next replay reads it: the tensors it
+    finds are every tensor the world saves for an exact resume, and a step's rebound tensors keep
+    their shapes and share no memory."""
+    env = _toy_env()
+    env.reset(seed=2)
+    env.step(env.expert_waypoints())  # a reset lets tensors share memory; a step gives each its own
+    before = world_tensors(env)
+    saved = env.state_dict()
+    assert len(before) == len(saved)
+    for key, value in saved.items():
+        assert torch.equal(before[f"world.state.{key}"], value), key
+    env.step(env.expert_waypoints())
+    pairs = state_feedback(before, world_tensors(env))
+    assert pairs and all(old.shape == new.shape and old is not new for old, new in pairs)
+
+
+@dataclasses.dataclass
+class _World:
+    speed: Tensor
+    heading: Tensor
+
+
+def test_state_feedback_refuses_what_a_replay_cannot_carry() -> None:
+    """A new shape, one tensor under two names, or a new state that still uses a tensor the
+    copies would overwrite: each would make replays compute something else than eager steps."""
+    speed, heading = torch.zeros(3), torch.zeros(3)
+    before = world_tensors(_World(speed, heading))
+    with pytest.raises(GraphCaptureError, match=r"changes world\.speed"):
+        state_feedback(before, world_tensors(_World(torch.zeros(4), heading)))
+    with pytest.raises(GraphCaptureError, match="share memory"):  # both names for one tensor
+        state_feedback(
+            world_tensors(_World(speed, speed)), world_tensors(_World(torch.ones(3), torch.ones(3)))
+        )
+    with pytest.raises(GraphCaptureError, match="share memory"):  # heading takes the old speed
+        state_feedback(before, world_tensors(_World(torch.ones(3), speed)))
+    assert len(state_feedback(before, world_tensors(_World(torch.ones(3), heading)))) == 1
+    empty = world_tensors(_World(torch.zeros(0), torch.zeros(0)))  # no memory to share, nothing to copy
+    assert state_feedback(empty, world_tensors(_World(torch.zeros(0), torch.zeros(0)))) == []
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: capture is untested without a GPU")
+def test_rollouts_replayed_from_a_cuda_graph_match_eager_ones() -> None:
+    """On a GPU: two rollouts replayed from CUDA graphs fill the buffer as eager rollouts do (the
+    world's state must carry from replay to replay, and from one rollout's graph to the next)."""
+    config = ToyWorldConfig(num_envs=TOY_WORLDS, max_episode_steps=TOY_TIME_LIMIT, difficulty=0.3)
+    eager_env, graph_env = ToyWaypointEnv(config, "cuda"), ToyWaypointEnv(config, "cuda")
+    policy = _toy_policy(eager_env.spec).to("cuda")
+    eager, captured = _toy_buffer(policy, "cuda"), _toy_buffer(policy, "cuda")
+    eager_gen, graph_gen = torch.Generator("cuda").manual_seed(7), torch.Generator("cuda").manual_seed(7)
+    eager_obs, graph_obs = eager_env.reset(seed=11), graph_env.reset(seed=11)
+    for _ in range(2):
+        eager_obs, eager_tally = collect_rollout(
+            policy, eager_env, eager, eager_obs, eager_gen, reward_scale=1.0
+        )
+        graph_obs, graph_tally = collect_rollout(
+            policy, graph_env, captured, graph_obs, graph_gen, reward_scale=1.0, cuda_graph=True
+        )
+        assert bool(eager.truncated.any()) and bool(eager.terminated.any())
+        for name in BUFFER_FIELDS:
+            torch.testing.assert_close(getattr(captured, name), getattr(eager, name), msg=name)
+        torch.testing.assert_close(graph_tally.sums, eager_tally.sums)
+        assert torch.equal(graph_obs.bev, eager_obs.bev)
+
+
+def test_a_step_graph_needs_cuda_worlds() -> None:
+    with pytest.raises(ValueError, match="CUDA device"):
+        StepGraph(lambda: None, SyncFreeWorlds(), None)

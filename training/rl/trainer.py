@@ -4,9 +4,11 @@
 advantages, update, metrics), :func:`collect_rollout` the rollout and :func:`ppo_update` the update
 epochs; the helpers of each step come after them. One iteration can be followed from rollout to
 update with this file, ``policy.py`` (heads, distribution, the KL to SFT) and ``losses.py`` (the
-loss terms). Next door: ``buffer.py`` (storage and GAE), ``run.py`` (the run's state, files,
-checkpoints and resuming), ``evaluation.py`` (the development evaluation), ``episodes.py`` (the
-rollout's episode tally) and ``run_log.py`` (metrics files, TensorBoard, console).
+loss terms). Next door: ``buffer.py`` (storage and GAE), ``bootstrap.py`` (the truncated
+episodes' values, encoded once per rollout), ``cuda_graph.py`` (the rollout step replayed as a
+CUDA graph, ``--cuda-graph``), ``run.py`` (the run's state, files, checkpoints and resuming),
+``evaluation.py`` (the development evaluation), ``episodes.py`` (the rollout's episode tally) and
+``run_log.py`` (metrics files, TensorBoard, console).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from training.envs.protocol import BatchedWaypointEnv, Observation, StepResult
 from training.rl.bootstrap import TruncationStore
 from training.rl.buffer import RolloutBuffer
 from training.rl.config import PPOConfig
+from training.rl.cuda_graph import StepGraph
 from training.rl.distributed import DistContext, init_distributed, shutdown
 from training.rl.episodes import EpisodeTally
 from training.rl.evaluation import evaluate
@@ -173,14 +176,16 @@ def collect_rollout(
     obs: Observation,
     generator: torch.Generator,
     reward_scale: float,
+    *,
+    cuda_graph: bool = False,
 ) -> tuple[Observation, EpisodeTally]:
     """Fill ``buffer`` with ``buffer.num_steps`` steps of every world; return the next observation.
 
     One step (``rollout_step``) reads and writes the same tensors at every step and reads nothing
-    back to the host, on every device (what a CUDA graph needs to capture it). Non-finite rewards
-    and observations are counted in ``tally.nonfinite``; the caller skips the update when any
-    appeared. The truncated episodes' final observations are encoded once, after the last step
-    (``bootstrap.TruncationStore``).
+    back to the host, on every device, so that ``cuda_graph`` can replay it as a CUDA graph
+    (``cuda_graph.StepGraph``; CUDA worlds only). Non-finite rewards and observations are counted
+    in ``tally.nonfinite``; the caller skips the update when any appeared. The truncated episodes'
+    final observations are encoded once, after the last step (``bootstrap.TruncationStore``).
     """
     tally = EpisodeTally.zeros(env.device, env.num_envs, env.groups)
     truncations = TruncationStore.for_rollout(env, buffer.num_steps)
@@ -211,8 +216,9 @@ def collect_rollout(
         step.add_(1)
         return result
 
+    run_step = StepGraph(rollout_step, env, generator) if cuda_graph else rollout_step
     for _ in range(buffer.num_steps):
-        result = rollout_step()
+        result = run_step()
     # GAE bootstraps a truncated episode from V(its final observation): encoded now, in one pass.
     # Each step's truncated worlds are encoded together on the CPU, the batches the per-step pass
     # encoded, which keeps CPU runs bit for bit as they were (see bootstrap.TruncationStore).
