@@ -19,6 +19,7 @@ import dataclasses
 import inspect
 import re
 import textwrap
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -26,13 +27,19 @@ import torch
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
+from benchmarks import throughput
+from tests.cli_helpers import assert_one_line_error, run_cli
 from tests.rl.conftest import BEV_SHAPE, NUM_WAYPOINTS, STATE_DIM, FakeSFT, policy_settings
+from training.common.errors import UserError
 from training.envs import protocol
 from training.envs.mixed import MixedEnv
 from training.envs.protocol import EnvSpec, EpisodeStats, Observation, StepInfo, StepResult
 from training.envs.toy import ToyWaypointEnv, ToyWorldConfig
+from training.rl import config as config_module
+from training.rl import train_ppo_delta_waypoint
 from training.rl.bootstrap import TruncationStore, truncation_capacity
 from training.rl.buffer import RolloutBuffer, compute_gae
+from training.rl.config import PPOConfig
 from training.rl.cuda_graph import GraphCaptureError, StepGraph, state_feedback, world_tensors
 from training.rl.episodes import EpisodeTally
 from training.rl.policy import PPOPolicy
@@ -494,3 +501,24 @@ def test_rollouts_replayed_from_a_cuda_graph_match_eager_ones() -> None:
 def test_a_step_graph_needs_cuda_worlds() -> None:
     with pytest.raises(ValueError, match="CUDA device"):
         StepGraph(lambda: None, SyncFreeWorlds(), None)
+
+
+def test_cuda_graph_on_the_cpu_is_a_one_line_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out_dir = tmp_path / "run"
+    argv = ["--sft-checkpoint", str(tmp_path / "model.pt"), "--out-dir", str(out_dir), "--device", "cpu"]
+    code, _, err = run_cli(train_ppo_delta_waypoint.main, [*argv, "--cuda-graph"], capsys)
+    assert_one_line_error(code, err, "--cuda-graph", "CUDA device")
+    assert not out_dir.exists()
+    code, _, err = run_cli(throughput.main, ["--device", "cpu", "--cuda-graph"], capsys)
+    assert_one_line_error(code, err, "--cuda-graph", "CUDA device")
+
+
+def test_cuda_graph_needs_the_toy_world(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a CUDA device: the simulators step on the host, so only the toy world can be captured."""
+    monkeypatch.setattr(config_module, "resolve_device", lambda name: torch.device("cuda"))
+    base = PPOConfig(sft_checkpoint="model.pt", num_envs=8, rollout_steps=16, cuda_graph=True, device="cuda")
+    base.validate()
+    with pytest.raises(UserError, match="--cuda-graph needs --env toy"):
+        dataclasses.replace(base, env="carla").validate()

@@ -118,6 +118,7 @@ def train_iteration(run: Run) -> dict[str, Any]:
         run.obs,
         run.sample_gen,
         config.reward_scale,
+        cuda_graph=config.cuda_graph,
     )
     tally.all_reduce(run.ctx)
     run.env_steps += run.ctx.world_size * config.num_envs * config.rollout_steps
