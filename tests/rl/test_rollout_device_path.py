@@ -9,7 +9,11 @@ A GPU cannot be tested here, so these tests check on the CPU what the CUDA path 
 * the truncated episodes' bootstrap values, encoded once after the rollout, equal those of
   encoding each truncated world's final observation directly, and GAE gives the same advantages;
 * the rollout written on static tensors (the structure a CUDA graph captures, run eagerly here)
-  fills the buffer exactly as the former per-step loop did.
+  fills the buffer exactly as the former per-step loop did;
+* ``--cuda-graph``: the world state the capture copies from replay to replay is found whole and
+  refused when a replay could not carry it; the flag is a one-line error off CUDA or the toy world.
+
+The capture itself is untested without a GPU: the one test that runs it is skipped here.
 """
 
 from __future__ import annotations
