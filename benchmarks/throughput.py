@@ -1,12 +1,13 @@
 """Throughput of the toy world, the rollout and residual PPO training, beside Stable-Baselines3.
 
-    python -m benchmarks.throughput [--device cpu] [--num-envs 8,32,128] [--seconds 2] [--json]
+    python -m benchmarks.throughput [--device cpu] [--num-envs 8,32,128] [--seconds 2] [--json] [--cuda-graph]
 
 For each ``--num-envs``, built from the real trainer (``training.rl.run.build_run``):
 
 - world-only steps/s: ``env.step`` (dynamics, controller, reward, autoreset, BEV render) driven by
   the expert plan the previous step returned (the world computes it anyway);
-- rollout steps/s: ``trainer.collect_rollout`` (world, frozen encoder, heads, buffer writes);
+- rollout steps/s: ``trainer.collect_rollout`` (world, frozen encoder, heads, buffer writes); with
+  ``--cuda-graph`` (CUDA only) its steps, and those of the training figure, replay a CUDA graph;
 - end-to-end training steps/s: ``trainer.train_iteration`` (rollout, GAE, PPO epochs on the cached
   features, the iteration's metrics);
 - peak memory: CUDA's peak allocated bytes, or the process's peak resident set on the CPU;
@@ -76,6 +77,7 @@ class BenchSettings:
     sb3_max_envs: int
     compile_encoder: bool
     profile: bool = False
+    cuda_graph: bool = False  # replay each rollout step as a CUDA graph (``--cuda-graph``)
 
     def batch_size(self, num_envs: int) -> int:
         """PPO minibatch size: a rollout split into ``minibatches`` (at least one transition)."""
@@ -147,6 +149,7 @@ def build_bench_run(settings: BenchSettings, sft_path: Path, num_envs: int, out_
         num_iterations=1_000_000,  # keeps the annealed learning rate away from 0
         eval_episodes=1,
         device=str(settings.device),
+        cuda_graph=settings.cuda_graph,
         progress=False,
         overwrite=True,
     )
@@ -198,7 +201,13 @@ def rollout_rate(run: Run, settings: BenchSettings) -> float:
 
     def rollout() -> None:
         run.obs, _ = collect_rollout(
-            run.policy, run.env, run.buffer, run.obs, run.sample_gen, run.config.reward_scale
+            run.policy,
+            run.env,
+            run.buffer,
+            run.obs,
+            run.sample_gen,
+            run.config.reward_scale,
+            cuda_graph=run.config.cuda_graph,
         )
 
     return median_rate(rollout, run.buffer.size, settings.seconds, settings.device)
@@ -392,6 +401,7 @@ def run_benchmark(settings: BenchSettings, work_dir: Path) -> dict[str, Any]:
         "update_epochs": settings.update_epochs,
         "minibatches": settings.minibatches,
         "compile_encoder": settings.compile_encoder,
+        "cuda_graph": settings.cuda_graph,
         "sft_train_samples_per_s": sft_samples_per_s(model, probe, settings),
         **encoder_cost(model, probe),
         **half_precision_error_m(model, probe),
@@ -427,6 +437,11 @@ def parse_settings(argv: list[str] | None) -> tuple[BenchSettings, bool]:
     )
     parser.add_argument("--compile", action="store_true", help="torch.compile the encoder's convolutions")
     parser.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="replay each rollout step as a CUDA graph (CUDA only; untested on a GPU: docs/benchmarks.md)",
+    )
+    parser.add_argument(
         "--profile",
         action="store_true",
         help="print a cProfile of one training iteration (largest size) to stderr",
@@ -440,8 +455,11 @@ def parse_settings(argv: list[str] | None) -> tuple[BenchSettings, bool]:
             raise UserError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.sb3_max_envs < 0:
         raise UserError(f"--sb3-max-envs must be >= 0, got {args.sb3_max_envs}")
+    device = resolve_device(args.device)
+    if args.cuda_graph and device.type != "cuda":
+        raise UserError(f"--cuda-graph needs a CUDA device (--device {args.device} gives {device.type})")
     settings = BenchSettings(
-        device=resolve_device(args.device),
+        device=device,
         num_envs=sorted(set(parse_sizes(args.num_envs))),
         seconds=args.seconds,
         rollout_steps=args.rollout_steps,
@@ -451,14 +469,17 @@ def parse_settings(argv: list[str] | None) -> tuple[BenchSettings, bool]:
         sb3_max_envs=args.sb3_max_envs,
         compile_encoder=args.compile,
         profile=args.profile,
+        cuda_graph=args.cuda_graph,
     )
     return settings, args.json
 
 
 def format_table(result: dict[str, Any]) -> str:
     """The human-readable report: one line per size, then the once-per-run figures."""
+    graph = ", rollout step as a CUDA graph" if result["cuda_graph"] else ""
     lines = [
-        f"device {result['device_name']}, torch {result['torch']}; env steps/s (median, upper bound of time)",
+        f"device {result['device_name']}, torch {result['torch']}{graph}; "
+        "env steps/s (median, upper bound of time)",
         f"{'num_envs':>8} {'world':>10} {'encoder':>10} {'rollout':>10} {'train':>10} {'SB3 train':>10} "
         f"{'ratio':>7} {'ops/step':>9} {'peak MiB':>9}",
     ]

@@ -11,8 +11,10 @@ Filling ``next_value`` (the value the step bootstraps from), for step ``t``:
 * the episode terminated: anything finite (it is multiplied by 0).
 
 Since ``info.final_observation`` equals the returned observation wherever no episode ended,
-``V(features(info.final_observation))`` is a correct ``next_value`` for every world; a trainer
-that wants to skip that second encoder pass uses ``torch.where(truncated, V(final), V(next_obs))``.
+``V(features(info.final_observation))`` is a correct ``next_value`` for every world. The trainer
+skips that second encoder pass: it stores ``V(obs[t + 1])`` at every step and, after the rollout,
+overwrites the truncated entries with the values of their final observations, encoded once
+(``bootstrap.TruncationStore``).
 """
 
 from __future__ import annotations
@@ -62,6 +64,11 @@ def compute_gae(
         next_advantage = deltas[t] + gamma * gae_lambda * not_ended[t] * next_advantage
         advantages[t] = next_advantage
     return advantages, advantages + values
+
+
+def _write_row(storage: Tensor, row: Tensor, value: Tensor) -> None:
+    """``storage[row] = value`` for a 1-element index tensor ``row``, without reading it on the host."""
+    storage.index_copy_(0, row, value.to(storage.dtype).unsqueeze(0))
 
 
 class Minibatch(NamedTuple):
@@ -120,7 +127,7 @@ class RolloutBuffer:
 
     def add(
         self,
-        step: int,
+        step: int | Tensor,
         *,
         z: Tensor,
         sft_waypoints: Tensor,
@@ -134,17 +141,20 @@ class RolloutBuffer:
     ) -> None:
         """Store step ``step`` of all ``N`` worlds (shapes as the attributes without ``T``).
 
+        ``step``: the row, an ``int`` or a 0-d int64 tensor on the buffer's device (a step counted
+        on the device, as a rollout captured in a CUDA graph writes it: no host read).
         ``next_value`` ``[N]``: see the module docstring (``V(final_observation)`` where truncated).
         """
-        self.z[step] = z
-        self.sft_waypoints[step] = sft_waypoints
-        self.delta[step] = delta
-        self.log_prob[step] = log_prob
-        self.value[step] = value
-        self.reward[step] = reward
-        self.terminated[step] = terminated
-        self.truncated[step] = truncated
-        self.next_value[step] = next_value
+        row = step.view(1) if isinstance(step, Tensor) else torch.tensor([step], device=self.device)
+        _write_row(self.z, row, z)
+        _write_row(self.sft_waypoints, row, sft_waypoints)
+        _write_row(self.delta, row, delta)
+        _write_row(self.log_prob, row, log_prob)
+        _write_row(self.value, row, value)
+        _write_row(self.reward, row, reward)
+        _write_row(self.terminated, row, terminated)
+        _write_row(self.truncated, row, truncated)
+        _write_row(self.next_value, row, next_value)
         self._advantages_ready = False
 
     def compute_advantages(self, gamma: float, gae_lambda: float) -> None:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from training.common.cli import config_field, require
+from training.common.device import resolve_device
 from training.common.errors import UserError
 from training.common.seeds import DEV_SEED_START, RL_TRAIN_SEED_START, TEST_SEED_START
 from training.envs.capacity import announce, describe, is_process_backed, machine_capacity
@@ -144,6 +145,11 @@ class PPOConfig(SimulatorFlags):
     )
     save_every: int = config_field(25, "write checkpoint_iter_X.pt every N iterations (0: off)")
     device: str = config_field("auto", "auto, cpu, cuda or cuda:N")
+    cuda_graph: bool = config_field(
+        False,
+        "replay each rollout step as a CUDA graph (CUDA and --env toy only; the capture is not yet tested "
+        "on a GPU, see docs/benchmarks.md)",
+    )
     num_threads: int = config_field(
         1, "torch CPU threads (the world's many small ops run fastest on 1; 0: torch's default)"
     )
@@ -242,6 +248,7 @@ class PPOConfig(SimulatorFlags):
         self._validate_curriculum()
         self.env_mix()  # raises on a malformed --env / --env-weights
         self.validate_simulator_flags()
+        self._validate_cuda_graph()
 
     def _validate_kl_and_exploration(self) -> None:
         require(
@@ -277,6 +284,19 @@ class PPOConfig(SimulatorFlags):
             f"--curriculum-threshold must be in (0, 1], got {self.curriculum_threshold}",
         )
         require(self.curriculum_min_episodes >= 1, "--curriculum-min-episodes must be >= 1")
+
+    def _validate_cuda_graph(self) -> None:
+        if not self.cuda_graph:
+            return
+        device = resolve_device(self.device)
+        require(
+            device.type == "cuda",
+            f"--cuda-graph needs a CUDA device (--device {self.device} gives {device.type})",
+        )
+        require(
+            all(name == "toy" for name, _ in self.env_mix()),
+            f"--cuda-graph needs --env toy (the simulators step on the host), got --env {self.env}",
+        )
 
     def policy_settings(self) -> PolicySettings:
         """The policy this run trains, from its flags (as a checkpoint's stored config rebuilds it)."""

@@ -85,7 +85,7 @@ RESEED_OFFSET = 500_000
 # Sampling and minibatch generators of rank r are seeded this far from rank 0's.
 RANK_GENERATOR_STRIDE = 1_000_003
 # Settings that may differ between a run and its resumption (they do not change the numbers).
-_RESUME_FREE = {"resume", "overwrite", "progress", "num_threads", "device"}
+_RESUME_FREE = {"resume", "overwrite", "progress", "num_threads", "device", "cuda_graph"}
 
 
 @dataclasses.dataclass

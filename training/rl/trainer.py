@@ -4,9 +4,11 @@
 advantages, update, metrics), :func:`collect_rollout` the rollout and :func:`ppo_update` the update
 epochs; the helpers of each step come after them. One iteration can be followed from rollout to
 update with this file, ``policy.py`` (heads, distribution, the KL to SFT) and ``losses.py`` (the
-loss terms). Next door: ``buffer.py`` (storage and GAE), ``run.py`` (the run's state, files,
-checkpoints and resuming), ``evaluation.py`` (the development evaluation), ``episodes.py`` (the
-rollout's episode tally) and ``run_log.py`` (metrics files, TensorBoard, console).
+loss terms). Next door: ``buffer.py`` (storage and GAE), ``bootstrap.py`` (the truncated
+episodes' values, encoded once per rollout), ``cuda_graph.py`` (the rollout step replayed as a
+CUDA graph, ``--cuda-graph``), ``run.py`` (the run's state, files, checkpoints and resuming),
+``evaluation.py`` (the development evaluation), ``episodes.py`` (the rollout's episode tally) and
+``run_log.py`` (metrics files, TensorBoard, console).
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ from torch import Tensor
 
 from training.common.errors import EXIT_USER_ERROR, UserError
 from training.envs.protocol import BatchedWaypointEnv, Observation, StepResult
+from training.rl.bootstrap import TruncationStore
 from training.rl.buffer import RolloutBuffer
 from training.rl.config import PPOConfig
+from training.rl.cuda_graph import StepGraph
 from training.rl.distributed import DistContext, init_distributed, shutdown
 from training.rl.episodes import EpisodeTally
 from training.rl.evaluation import evaluate
@@ -108,7 +112,13 @@ def train_iteration(run: Run) -> dict[str, Any]:
 
     # 1. rollout with the current policy (every process its own worlds), tallies summed over processes
     run.obs, tally = collect_rollout(
-        run.policy, run.env, run.buffer, run.obs, run.sample_gen, config.reward_scale
+        run.policy,
+        run.env,
+        run.buffer,
+        run.obs,
+        run.sample_gen,
+        config.reward_scale,
+        cuda_graph=config.cuda_graph,
     )
     tally.all_reduce(run.ctx)
     run.env_steps += run.ctx.world_size * config.num_envs * config.rollout_steps
@@ -167,19 +177,26 @@ def collect_rollout(
     obs: Observation,
     generator: torch.Generator,
     reward_scale: float,
+    *,
+    cuda_graph: bool = False,
 ) -> tuple[Observation, EpisodeTally]:
     """Fill ``buffer`` with ``buffer.num_steps`` steps of every world; return the next observation.
 
-    Non-finite rewards and observations are counted in ``tally.nonfinite`` (read once per
-    iteration, no per-step host synchronisation); the caller skips the update when any appeared.
+    One step (``rollout_step``) reads and writes the same tensors at every step and reads nothing
+    back to the host, on every device, so that ``cuda_graph`` can replay it as a CUDA graph
+    (``cuda_graph.StepGraph``; CUDA worlds only). Non-finite rewards and observations are counted
+    in ``tally.nonfinite``; the caller skips the update when any appeared. The truncated episodes'
+    final observations are encoded once, after the last step (``bootstrap.TruncationStore``).
     """
     tally = EpisodeTally.zeros(env.device, env.num_envs, env.groups)
-    z, sft_waypoints = policy.features(obs.bev, obs.state)
-    for step in range(buffer.num_steps):
+    truncations = TruncationStore.for_rollout(env, buffer.num_steps)
+    z, sft_waypoints = (features.clone() for features in policy.features(obs.bev, obs.state))
+    step = torch.zeros((), dtype=torch.int64, device=env.device)  # the buffer row, counted on the device
+
+    def rollout_step() -> StepResult:
         delta, log_prob, value = policy.act(z, sft_waypoints, generator=generator)
         result = env.step(policy.final_waypoints(sft_waypoints, delta))
         next_z, next_sft = policy.features(result.obs.bev, result.obs.state)
-        next_value = bootstrap_values(policy, result, policy.value(next_z, next_sft))
         buffer.add(
             step,
             z=z,
@@ -190,32 +207,24 @@ def collect_rollout(
             reward=result.reward * reward_scale,
             terminated=result.terminated,
             truncated=result.truncated,
-            next_value=next_value,
+            next_value=policy.value(next_z, next_sft),  # V(final observation) where truncated: below
         )
+        truncations.add(step, result.truncated, result.info.final_observation)
         tally.add(result)
         tally.nonfinite += (~torch.isfinite(result.reward)).sum() + (~torch.isfinite(result.obs.state)).sum()
-        obs, z, sft_waypoints = result.obs, next_z, next_sft
-    return obs, tally
+        z.copy_(next_z)
+        sft_waypoints.copy_(next_sft)
+        step.add_(1)
+        return result
 
-
-def bootstrap_values(policy: PPOPolicy, result: StepResult, next_value: torch.Tensor) -> torch.Tensor:
-    """``V`` of the state after each step: ``V(final_observation)`` where the episode was truncated.
-
-    Terminated steps get no bootstrap in GAE, so their entry does not matter. On the CPU only
-    the truncated worlds are encoded again; on CUDA all are (no host synchronisation).
-    """
-    truncated = result.truncated
-    final = result.info.final_observation
-    if next_value.device.type == "cpu":
-        if not bool(truncated.any()):
-            return next_value
-        index = truncated.nonzero()[:, 0]
-        z, sft = policy.features(final.bev[index], final.state[index])
-        values = next_value.clone()
-        values[index] = policy.value(z, sft)
-        return values
-    z, sft = policy.features(final.bev, final.state)
-    return torch.where(truncated, policy.value(z, sft), next_value)
+    run_step = StepGraph(rollout_step, env, generator) if cuda_graph else rollout_step
+    for _ in range(buffer.num_steps):
+        result = run_step()
+    # GAE bootstraps a truncated episode from V(its final observation): encoded now, in one pass.
+    # Each step's truncated worlds are encoded together on the CPU, the batches the per-step pass
+    # encoded, which keeps CPU runs bit for bit as they were (see bootstrap.TruncationStore).
+    truncations.bootstrap(policy, buffer.next_value, by_step=env.device.type == "cpu")
+    return result.obs, tally
 
 
 # ---------------------------------------------------------------------------------------- the update

@@ -1,0 +1,120 @@
+"""The value of a truncated episode's last observation, encoded once per rollout.
+
+GAE bootstraps through a truncation (time limit) from ``V(info.final_observation)``, the value
+of the finished episode's last observation, which the frozen encoder has not seen: the
+observation the step returns is already the next episode's first. Encoding every world's final
+observation at every step would run the encoder twice per step; encoding only the truncated
+worlds' would need their number on the host at every step. Instead, each step appends the
+truncated worlds' final observations to a :class:`TruncationStore` (positions from a running
+count on the device, no host read), and after the rollout :meth:`TruncationStore.bootstrap`
+encodes the stored rows once and writes their values into the buffer's ``next_value``.
+
+How many rows: an environment truncates only at its time limit, ``spec.max_episode_steps``
+policy steps after the episode's start, so one world truncates at most once per that many steps
+and a rollout of ``T`` steps holds at most ``N * ceil(T / max_episode_steps)`` truncations (the
+toy world, MetaDrive and CARLA all set ``truncated`` that way; a mix uses its shortest limit). A
+rollout that ever holds more stops with an error after the rollout instead of losing values.
+"""
+
+from __future__ import annotations
+
+import math
+from itertools import groupby
+
+import torch
+from torch import Tensor
+
+from training.envs.mixed import MixedEnv
+from training.envs.protocol import BatchedWaypointEnv, Observation
+from training.rl.policy import PPOPolicy
+
+
+def shortest_time_limit(env: BatchedWaypointEnv) -> int:
+    """The fewest policy steps after which a world of ``env`` can truncate (a mix's ``spec``
+    carries its longest limit, which bounds evaluation episodes, not truncations)."""
+    if isinstance(env, MixedEnv):
+        return min(shortest_time_limit(part) for part in env.envs)
+    return env.spec.max_episode_steps
+
+
+def truncation_capacity(env: BatchedWaypointEnv, num_steps: int) -> int:
+    """The most truncations ``num_steps`` steps of ``env``'s worlds can hold (see the module docstring)."""
+    return env.num_envs * math.ceil(num_steps / shortest_time_limit(env))
+
+
+class TruncationStore:
+    """The final observations of the episodes truncated during one rollout, and where they go.
+
+    Row ``r < count`` holds a truncated world's last observation (``bev`` uint8 ``[C, H, W]``,
+    ``state`` ``[S]``) and ``position[r] = step * N + world``, its entry in the buffer's
+    ``[T, N]`` tensors. Rows fill in step order, worlds in index order within a step. The extra
+    last row takes the writes of the worlds that did not truncate (a fixed-shape write per step).
+    """
+
+    def __init__(
+        self,
+        capacity: int,
+        num_envs: int,
+        bev_shape: tuple[int, int, int],
+        state_dim: int,
+        device: torch.device,
+    ) -> None:
+        self.capacity = capacity
+        self.num_envs = num_envs
+        self.bev = torch.zeros((capacity + 1, *bev_shape), dtype=torch.uint8, device=device)
+        self.state = torch.zeros((capacity + 1, state_dim), device=device)
+        self.position = torch.zeros(capacity + 1, dtype=torch.int64, device=device)
+        self.count = torch.zeros((), dtype=torch.int64, device=device)  # truncations seen, even past capacity
+        self._world = torch.arange(num_envs, device=device)
+
+    @classmethod
+    def for_rollout(cls, env: BatchedWaypointEnv, num_steps: int) -> TruncationStore:
+        """Room for every truncation ``num_steps`` steps of ``env`` can bring."""
+        spec = env.spec
+        capacity = truncation_capacity(env, num_steps)
+        return cls(capacity, env.num_envs, spec.bev_shape, spec.state_dim, env.device)
+
+    def add(self, step: Tensor, truncated: Tensor, final: Observation) -> None:
+        """Append the final observations of the worlds truncated at ``step`` (0-d int64 tensor).
+
+        ``truncated`` bool ``[N]``; ``final`` the step's ``info.final_observation``. Fixed shapes,
+        no host read.
+        """
+        slot = self.count + torch.cumsum(truncated, dim=0) - 1
+        slot = torch.where(truncated & (slot < self.capacity), slot, self.capacity)
+        self.bev.index_copy_(0, slot, final.bev)
+        self.state.index_copy_(0, slot, final.state.to(self.state.dtype))
+        self.position.index_copy_(0, slot, step * self.num_envs + self._world)
+        self.count += truncated.sum()
+
+    @torch.no_grad()
+    def bootstrap(self, policy: PPOPolicy, next_value: Tensor, *, by_step: bool) -> int:
+        """Write ``V(final observation)`` of every stored row into ``next_value`` ``[T, N]``.
+
+        Reads ``count`` on the host (the rollout's one host synchronisation). ``by_step``: encode
+        each step's truncated worlds as one batch, the batches a per-step pass would encode, so
+        the results are bit for bit those of encoding them during the rollout (a CPU
+        convolution's rounding depends on the batch it runs in); otherwise all rows in one batch.
+        Returns the number of truncations.
+
+        Raises:
+            RuntimeError: the rollout held more truncations than ``capacity`` (an environment that
+                truncates other than at its time limit).
+        """
+        count = int(self.count)
+        if count > self.capacity:
+            raise RuntimeError(
+                f"{count} episodes were truncated in one rollout, more than the {self.capacity} that "
+                "N * ceil(T / max_episode_steps) allows: an environment truncates before its time limit"
+            )
+        if count == 0:
+            return 0
+        sizes = [count]
+        if by_step:
+            steps = (self.position[:count] // self.num_envs).tolist()
+            sizes = [len(list(group)) for _, group in groupby(steps)]
+        values = []
+        for bev, state in zip(self.bev[:count].split(sizes), self.state[:count].split(sizes), strict=True):
+            values.append(policy.value(*policy.features(bev, state)))
+        next_value.view(-1).index_copy_(0, self.position[:count], torch.cat(values))
+        return count
