@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from training.envs.protocol import BatchedWaypointEnv, StepResult
 from training.envs.toy import STATE_NAMES, ToyWaypointEnv, ToyWorldConfig
+from training.envs.toy import world as world_module
 from training.envs.toy.scenario import Scenarios, generate_scenarios
 
 K = ToyWorldConfig().num_waypoints
@@ -309,16 +310,22 @@ def test_the_expert_plan_in_a_step_info_is_the_one_of_that_step_even_when_read_l
         torch.testing.assert_close(info.expert_waypoints, want, rtol=0, atol=0, msg=f"step {step}")
 
 
-def test_the_sync_free_autoreset_gives_the_same_worlds_as_the_cpu_one() -> None:
+@pytest.mark.parametrize("captured", [False, True])
+def test_the_sync_free_autoreset_gives_the_same_worlds_as_the_cpu_one(
+    captured: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The CUDA path (every world takes from the scenario bank, refilled on a fixed schedule, no
     host read) run on the CPU: same scenarios, seeds, observations and rewards as the CPU path,
     across several bank refills: one-step episodes use seeds at the largest rate the bank's
-    schedule allows (every world, every step)."""
+    schedule allows (every world, every step). ``captured``: as inside a CUDA graph capture,
+    where the step refills a one-step bank every time (a replay repeats the captured step)."""
+    monkeypatch.setattr(world_module, "capturing_cuda_graph", lambda device: captured)
     cpu, sync_free = _env(5, max_episode_steps=1), _env(5, max_episode_steps=1)
     sync_free.sync_free = True
     sync_free._new_bank()
     cpu.reset(seed=7)
     sync_free.reset(seed=7)
+    bank = sync_free._bank.start, sync_free._bank.scenarios.route_xy
     generator = torch.Generator().manual_seed(7)
     for step in range(30):  # 150 seeds: the bank of 40 refilled 3 times
         plan = cpu.expert_waypoints() + 2.0 * torch.randn(
@@ -329,6 +336,8 @@ def test_the_sync_free_autoreset_gives_the_same_worlds_as_the_cpu_one() -> None:
         assert torch.equal(got.reward, want.reward) and torch.equal(got.terminated, want.terminated)
         assert torch.equal(got.info.episode.scenario_seed, want.info.episode.scenario_seed)
     assert int(sync_free.state.next_seed) > 5 + sync_free._bank.size  # the bank was refilled
+    if captured:  # a graph replays into the tensors it captured: the bank is written in place
+        assert sync_free._bank.start is bank[0] and sync_free._bank.scenarios.route_xy is bank[1]
     assert torch.equal(sync_free.state.scenario_seed, cpu.state.scenario_seed)
     for field in dataclasses.fields(Scenarios):
         assert torch.equal(

@@ -272,6 +272,16 @@ class ScenarioBank:
         seeds = start + torch.arange(self.size, device=start.device)
         self.scenarios = generate_scenarios(seeds, self.cfg)
 
+    def refill_front(self, start: torch.Tensor, count: int) -> None:
+        """Write the scenarios of seeds ``start .. start + count - 1`` into the bank's first
+        ``count`` places, in place (a step captured into a CUDA graph keeps its tensors); the
+        bank then holds only those seeds."""
+        seeds = start + torch.arange(count, device=start.device)
+        fresh = generate_scenarios(seeds, self.cfg)
+        self.start.copy_(start)
+        for field in dataclasses.fields(Scenarios):
+            getattr(self.scenarios, field.name)[:count].copy_(getattr(fresh, field.name))
+
     def take(self, seeds: torch.Tensor) -> Scenarios:
         """The scenarios of ``seeds`` ``[M]``, each of which the bank must hold."""
         index = seeds - self.start

@@ -108,6 +108,11 @@ def _unflatten(kind: type, key: str, flat: dict[str, torch.Tensor]) -> object:
     return kind(**{f.name: _unflatten(hints[f.name], f"{key}.{f.name}", flat) for f in fields})
 
 
+def capturing_cuda_graph(device: torch.device) -> bool:
+    """Whether the step running now is being captured into a CUDA graph (``--cuda-graph``)."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 class ToyWaypointEnv(BatchedWaypointEnv):
     """``num_envs`` toy driving worlds meeting ``BatchedWaypointEnv`` (``training/envs/protocol.py``).
 
@@ -540,10 +545,16 @@ class ToyWaypointEnv(BatchedWaypointEnv):
                 )
             )
         else:  # no host synchronisation: every world takes from the bank, the finished ones keep it
-            if self._bank_steps_left == 0:  # at most num_envs seeds are used per step
+            if capturing_cuda_graph(self.device):
+                # every replay of a captured step repeats it: its bank covers one step's seeds,
+                # and the next eager step refills a whole bank
+                self._bank.refill_front(st.next_seed, self.num_envs)
+                self._bank_steps_left = 0
+            elif self._bank_steps_left == 0:  # at most num_envs seeds are used per step
                 self._bank.refill(st.next_seed)
-                self._bank_steps_left = _CUDA_BANK_STEPS
-            self._bank_steps_left -= 1
+                self._bank_steps_left = _CUDA_BANK_STEPS - 1  # this step uses it too
+            else:
+                self._bank_steps_left -= 1
             fresh = self._bank.take(torch.where(done, seeds, self._bank.start))
             st.scenarios = Scenarios(
                 *(
