@@ -45,7 +45,7 @@ def bicycle_step(
     target = steer_cmd.clamp(-cfg.max_steer_rad, cfg.max_steer_rad)
     steer = state.steer + (target - state.steer).clamp(-max_change, max_change)
     accel = accel_cmd.clamp(-cfg.max_decel, cfg.max_accel)
-    new_speed = (state.speed + accel * dt).clamp_min(0.0)
+    new_speed = torch.add(state.speed, accel, alpha=dt).clamp_min(0.0)
     accel = (new_speed - state.speed) / dt
     distance = (state.speed + new_speed) * (0.5 * dt)  # along the arc
     dyaw = distance * torch.tan(steer) / cfg.wheelbase_m
@@ -53,10 +53,10 @@ def bicycle_step(
     # ``distance * sin(dyaw / 2) / (dyaw / 2)`` and points along the mid-arc heading; ``sinc``
     # is 1 at 0, so a straight line needs no branch.
     chord = distance * torch.sinc(dyaw / (2 * torch.pi))
-    mid_yaw = state.yaw + 0.5 * dyaw
+    mid_yaw = torch.add(state.yaw, dyaw, alpha=0.5)
     return VehicleState(
-        state.x + chord * torch.cos(mid_yaw),
-        state.y + chord * torch.sin(mid_yaw),
+        torch.addcmul(state.x, chord, torch.cos(mid_yaw)),
+        torch.addcmul(state.y, chord, torch.sin(mid_yaw)),
         state.yaw + dyaw,
         new_speed,
         steer,
@@ -91,12 +91,14 @@ class PlanPolyline(NamedTuple):
     seg: torch.Tensor  # [N, K, 2] segment vectors
     seg_len2: torch.Tensor  # [N, K] squared segment lengths (at least 1e-9)
     end: torch.Tensor  # [N, 2] the plan's last point
+    order: torch.Tensor  # [K] segment numbers 0 .. K - 1 (float)
 
     @classmethod
     def of(cls, plan_world: torch.Tensor) -> PlanPolyline:
         start = plan_world[:, :-1]
         seg = plan_world[:, 1:] - start
-        return cls(start, seg, (seg * seg).sum(-1).clamp_min(1e-9), plan_world[:, -1])
+        order = torch.arange(seg.shape[1], device=seg.device, dtype=seg.dtype)
+        return cls(start, seg, torch.linalg.vecdot(seg, seg).clamp_min(1e-9), plan_world[:, -1], order)
 
 
 def pure_pursuit_steer(
@@ -114,23 +116,22 @@ def pure_pursuit_steer(
     lookahead = (state.speed * cfg.lookahead_time_s).clamp_min(cfg.min_lookahead_m)
     ego = torch.stack([state.x, state.y], dim=-1)
     rel = plan.start - ego[:, None, :]
-    b = (plan.seg * rel).sum(-1)
-    c = (rel * rel).sum(-1) - (lookahead * lookahead)[:, None]
+    # segment point start + t * seg at distance lookahead: seg_len2 t^2 + 2 b t + c = 0
+    b = torch.linalg.vecdot(plan.seg, rel)
+    c = torch.linalg.vecdot(rel, rel) - (lookahead * lookahead)[:, None]
     disc = b * b - plan.seg_len2 * c
     t = (disc.clamp_min(0.0).sqrt() - b) / plan.seg_len2
     valid = (disc >= 0) & (t >= 0) & (t <= 1)
     # the farthest valid segment wins: score k + t, or -1 where there is no intersection
-    k = valid.shape[1]
-    order = torch.arange(k, device=valid.device, dtype=t.dtype)
-    best, pick = torch.where(valid, order + t, -1.0).max(dim=1, keepdim=True)
-    hits = plan.start + t[..., None] * plan.seg  # [N, K, 2]
-    hit = hits.gather(1, pick[..., None].expand(-1, -1, 2))[:, 0]
-    target = torch.where(best >= 0, hit, plan.end)
-    dx, dy = (target - ego).unbind(-1)
-    lateral = torch.cos(state.yaw) * dy - torch.sin(state.yaw) * dx  # the target's y in the ego frame
+    best, pick = torch.where(valid, plan.order + t, -1.0).max(dim=1, keepdim=True)
+    hits = torch.addcmul(plan.start, t[..., None], plan.seg)  # [N, K, 2]
+    hit = torch.take_along_dim(hits, pick[..., None], dim=1)[:, 0]
+    dx, dy = (torch.where(best >= 0, hit, plan.end) - ego).unbind(-1)
+    # the target's lateral coordinate in the ego frame, and its squared distance
+    lateral = torch.cos(state.yaw) * dy - torch.sin(state.yaw) * dx
     dist2 = dx * dx + dy * dy
-    curvature = torch.where(dist2 > 0.25, 2.0 * lateral / dist2.clamp_min(1e-6), 0.0)
-    return torch.atan(cfg.wheelbase_m * curvature)
+    curvature = torch.where(dist2 > 0.25, lateral / dist2, 0.0)  # half the arc's curvature
+    return torch.atan((2.0 * cfg.wheelbase_m) * curvature)
 
 
 def setpoint_weights(

@@ -132,6 +132,11 @@ class ToyWaypointEnv(BatchedWaypointEnv):
         substep_times = [sub * cfg.sim_dt for sub in range(cfg.substeps)]
         self._setpoint_weights = setpoint_weights(cfg.num_waypoints, substep_times, cfg, self.device)
         self._substep_numbers = torch.arange(1, cfg.substeps + 1, device=self.device)
+        # lateral offset and heading turn of every object: oncoming cars, then parked cars
+        objects = [(cfg.vehicle_lateral_m, torch.pi)] * cfg.max_vehicles + [
+            (cfg.obstacle_lateral_m, 0.0)
+        ] * cfg.max_obstacles
+        self._object_lateral, self._object_turn = torch.tensor(objects, device=self.device).unbind(-1)
         self.state: ToyWorldState | None = None
         # Off the CPU a step never reads a tensor back to the host (the autoreset then works on
         # every world); on the CPU reading is free and lets it work on the finished worlds only.
@@ -246,20 +251,15 @@ class ToyWaypointEnv(BatchedWaypointEnv):
     def _object_boxes(self, scen: Scenarios, time_s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """World boxes ``[N, B, 3]`` (centre x, y, heading) of oncoming cars and parked cars."""
         cfg = self.config
+        num_vehicles = scen.vehicle_s0.shape[1]
         veh_s = scen.vehicle_s0 - scen.vehicle_speed * time_s[:, None]
-        veh_xy, veh_h = frenet_to_world(
-            scen.route_xy, scen.route_heading, veh_s, torch.full_like(veh_s, cfg.vehicle_lateral_m), cfg
+        s = torch.cat([veh_s, scen.obstacle_s], dim=1)
+        xy, heading = frenet_to_world(
+            scen.route_xy, scen.route_heading, s, self._object_lateral.expand_as(s), cfg
         )
-        obs_xy, obs_h = frenet_to_world(
-            scen.route_xy,
-            scen.route_heading,
-            scen.obstacle_s,
-            torch.full_like(scen.obstacle_s, cfg.obstacle_lateral_m),
-            cfg,
-        )
-        vehicles = torch.cat([veh_xy, (veh_h + torch.pi)[..., None]], dim=-1)
-        obstacles = torch.cat([obs_xy, obs_h[..., None]], dim=-1)
-        return vehicles, obstacles
+        heading = heading + self._object_turn  # oncoming cars face the other way
+        boxes = torch.cat([xy, heading[..., None]], dim=-1)
+        return boxes[:, :num_vehicles], boxes[:, num_vehicles:]
 
     def _centre_frenet(
         self, s: torch.Tensor, d: torch.Tensor, heading_error: torch.Tensor
