@@ -1,6 +1,6 @@
 """Replaying the rollout step as a CUDA graph (``--cuda-graph``).
 
-An eager rollout step launches thousands of small kernels (the toy world alone about 2,500, see
+An eager rollout step launches thousands of small kernels (the toy world alone 1,000-1,450, see
 ``docs/benchmarks.md``), each paying the launch cost whatever the number of worlds. A CUDA graph
 records the step's kernels once and replays them with one launch. :class:`StepGraph` runs a step
 function eagerly for the first ``WARMUP_STEPS`` calls (on a side stream, as ``torch.cuda.graph``
