@@ -113,4 +113,5 @@ def _common_spec(envs: list[tuple[str, BatchedWaypointEnv]]) -> EnvSpec:
         if env.device != first.device:
             raise UserError(f"--env mix: {name} is on {env.device} but {first_name} on {first.device}")
     longest = max(env.spec.max_episode_steps for _, env in envs)
-    return dataclasses.replace(first.spec, max_episode_steps=longest)
+    shortest = min(env.spec.steps_between_truncations for _, env in envs)
+    return dataclasses.replace(first.spec, max_episode_steps=longest, shortest_time_limit=shortest)

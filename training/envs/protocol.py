@@ -66,6 +66,14 @@ class EnvSpec:
     max_episode_steps: int  # policy steps before truncation
     bev_channels: tuple[str, ...]  # meaning of each BEV channel
     state_names: tuple[str, ...]  # meaning of each state entry
+    # A mix's worlds have different limits: ``max_episode_steps`` is the longest (it bounds an
+    # episode), this the shortest (it bounds how often a world can truncate); None: the same.
+    shortest_time_limit: int | None = None
+
+    @property
+    def steps_between_truncations(self) -> int:
+        """The fewest policy steps after which a world can truncate again."""
+        return self.shortest_time_limit or self.max_episode_steps
 
     def to_dict(self) -> dict[str, object]:
         return {

@@ -24,22 +24,13 @@ from itertools import groupby
 import torch
 from torch import Tensor
 
-from training.envs.mixed import MixedEnv
 from training.envs.protocol import BatchedWaypointEnv, Observation
 from training.rl.policy import PPOPolicy
 
 
-def shortest_time_limit(env: BatchedWaypointEnv) -> int:
-    """The fewest policy steps after which a world of ``env`` can truncate (a mix's ``spec``
-    carries its longest limit, which bounds evaluation episodes, not truncations)."""
-    if isinstance(env, MixedEnv):
-        return min(shortest_time_limit(part) for part in env.envs)
-    return env.spec.max_episode_steps
-
-
 def truncation_capacity(env: BatchedWaypointEnv, num_steps: int) -> int:
     """The most truncations ``num_steps`` steps of ``env``'s worlds can hold (see the module docstring)."""
-    return env.num_envs * math.ceil(num_steps / shortest_time_limit(env))
+    return env.num_envs * math.ceil(num_steps / env.spec.steps_between_truncations)
 
 
 class TruncationStore:
