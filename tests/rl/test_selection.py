@@ -125,10 +125,15 @@ def test_without_selection_final_pt_is_the_last_iteration(
     _scripted_evaluations(
         monkeypatch, {0: SFT, 1: _record(), 2: _record(failure_rate=0.0), 3: _record(ade=1)}
     )
-    saved = _run(tiny_run, tmp_path, select_policy=False)
+    result = train_ppo(_config(tiny_run, tmp_path, select_policy=False))
+    saved = {
+        name: torch.load(tmp_path / name, weights_only=True) for name in ("final.pt", "checkpoint_iter_3.pt")
+    }
     assert saved["final.pt"]["selected_iteration"] == 3
     for name, tensor in saved["final.pt"]["heads"].items():
         assert torch.equal(tensor, saved["checkpoint_iter_3.pt"]["heads"][name])
+    # what the command line prints as "final.pt (iteration N)": the last iteration, its evaluation
+    assert result["selected_iteration"] == 3 and result["selected"]["ade"] == 1
 
 
 def test_a_run_killed_between_its_last_checkpoint_and_final_pt_writes_final_pt_on_resume(

@@ -420,12 +420,13 @@ def _results(run: Run) -> dict[str, Any]:
     """What ``train_ppo`` returns: rank 0 the baseline, the last and the selected evaluation."""
     if not run.ctx.is_main:
         return {"out_dir": str(run.out_dir), "policy": run.policy, "rank": run.ctx.rank}
+    chosen = run.selection if run.config.select_policy else None  # what final.pt holds
     return {
         "out_dir": str(run.out_dir),
         "baseline": run.eval_records[0],
         "final": run.eval_records[-1],
-        "selected_iteration": run.selection.iteration if run.selection else run.iteration,
-        "selected": run.selection.record if run.selection else run.eval_records[-1],
+        "selected_iteration": chosen.iteration if chosen else run.iteration,
+        "selected": chosen.record if chosen else run.eval_records[-1],
         "policy": run.policy,
     }
 
