@@ -156,13 +156,18 @@ class Run:
         if self.ctx.is_main:
             save_rl_checkpoint(self.out_dir / name, self.policy.heads_state_dict(), self.info, **state)
 
+    @property
+    def final_choice(self) -> PolicySelection | None:
+        """The selection ``final.pt`` holds; None: the last iteration (``--no-select-policy``)."""
+        return self.selection if self.config.select_policy else None
+
     def save_final(self, state: dict[str, Any] | None = None) -> None:
         """``final.pt``: the selected policy (the last iteration's without selection), with the
         iteration it came from; the resumable state stays in ``checkpoint_iter_N.pt``."""
         state = self.state() if state is None else state
         if not self.ctx.is_main:
             return
-        chosen = self.selection if self.config.select_policy else None
+        chosen = self.final_choice
         heads = chosen.heads if chosen else self.policy.heads_state_dict()
         save_rl_checkpoint(
             self.out_dir / "final.pt",

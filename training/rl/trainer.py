@@ -420,7 +420,7 @@ def _results(run: Run) -> dict[str, Any]:
     """What ``train_ppo`` returns: rank 0 the baseline, the last and the selected evaluation."""
     if not run.ctx.is_main:
         return {"out_dir": str(run.out_dir), "policy": run.policy, "rank": run.ctx.rank}
-    chosen = run.selection if run.config.select_policy else None  # what final.pt holds
+    chosen = run.final_choice
     return {
         "out_dir": str(run.out_dir),
         "baseline": run.eval_records[0],
