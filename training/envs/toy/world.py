@@ -527,59 +527,84 @@ class ToyWaypointEnv(BatchedWaypointEnv):
 
     def _autoreset(self, done: torch.Tensor, final_obs: Observation) -> Observation:
         """Start new episodes in the finished worlds and return the observation to act on."""
-        st = self.state
-        on_cpu = not self.sync_free
-        if on_cpu and not bool(done.any()):
+        if self.sync_free:
+            return self._autoreset_every_world(done, final_obs)
+        if not bool(done.any()):
             return final_obs
-        order = torch.cumsum(done.long(), dim=0) - 1
-        seeds = torch.where(done, st.next_seed + order, st.scenario_seed)
-        if on_cpu:  # only the finished worlds: a scenario depends only on its seed
-            index = done.nonzero()[:, 0]
-            if not self._bank.holds(int(st.next_seed), len(index)):
-                self._bank.refill(st.next_seed)
-            fresh = self._bank.take(seeds[index])
-            st.scenarios = Scenarios(
-                *(
-                    getattr(st.scenarios, f.name).index_put((index,), getattr(fresh, f.name))
-                    for f in dataclasses.fields(Scenarios)
-                )
+        return self._autoreset_finished_worlds(done, final_obs)
+
+    def _autoreset_finished_worlds(self, done: torch.Tensor, final_obs: Observation) -> Observation:
+        """The CPU path: reading ``done`` is free, so only the finished worlds get a new scenario
+        and a new observation."""
+        st = self.state
+        seeds = self._next_seeds(done)
+        index = done.nonzero()[:, 0]
+        if not self._bank.holds(int(st.next_seed), len(index)):
+            self._bank.refill(st.next_seed)
+        fresh = self._bank.take(seeds[index])
+        st.scenarios = Scenarios(
+            *(
+                getattr(st.scenarios, f.name).index_put((index,), getattr(fresh, f.name))
+                for f in dataclasses.fields(Scenarios)
             )
-        else:  # no host synchronisation: every world takes from the bank, the finished ones keep it
-            if capturing_cuda_graph(self.device):
-                # every replay of a captured step repeats it: its bank covers one step's seeds,
-                # and the next eager step refills a whole bank
-                self._bank.refill_front(st.next_seed, self.num_envs)
-                self._bank_steps_left = 0
-            elif self._bank_steps_left == 0:  # at most num_envs seeds are used per step
-                self._bank.refill(st.next_seed)
-                self._bank_steps_left = _CUDA_BANK_STEPS - 1  # this step uses it too
-            else:
-                self._bank_steps_left -= 1
-            fresh = self._bank.take(torch.where(done, seeds, self._bank.start))
-            st.scenarios = Scenarios(
-                *(
-                    torch.where(
-                        done.view(-1, *([1] * (getattr(fresh, f.name).dim() - 1))),
-                        getattr(fresh, f.name),
-                        getattr(st.scenarios, f.name),
-                    )
-                    for f in dataclasses.fields(Scenarios)
+        )
+        self._restart(done, seeds)
+        fresh_obs = self._observe(index)
+        bev, state = final_obs.bev.clone(), final_obs.state.clone()
+        bev[index] = fresh_obs.bev
+        state[index] = fresh_obs.state
+        return Observation(bev, state)
+
+    def _autoreset_every_world(self, done: torch.Tensor, final_obs: Observation) -> Observation:
+        """Off the CPU, with no host read: every world takes a scenario from the bank and is
+        observed again; the finished worlds keep what they took."""
+        st = self.state
+        seeds = self._next_seeds(done)
+        fresh = self._bank.take(torch.where(done, seeds, self._bank_for_this_step()))
+        st.scenarios = Scenarios(
+            *(
+                torch.where(
+                    done.view(-1, *([1] * (getattr(fresh, f.name).dim() - 1))),
+                    getattr(fresh, f.name),
+                    getattr(st.scenarios, f.name),
                 )
+                for f in dataclasses.fields(Scenarios)
             )
-        st.next_seed = st.next_seed + done.long().sum()
-        self._start_episodes(done, seeds)
-        if on_cpu:
-            fresh_obs = self._observe(index)
-            bev, state = final_obs.bev.clone(), final_obs.state.clone()
-            bev[index] = fresh_obs.bev
-            state[index] = fresh_obs.state
-            return Observation(bev, state)
+        )
+        self._restart(done, seeds)
         fresh_obs = self._observe()
         mask = done[:, None]
         return Observation(
             torch.where(mask[..., None, None], fresh_obs.bev, final_obs.bev),
             torch.where(mask, fresh_obs.state, final_obs.state),
         )
+
+    def _bank_for_this_step(self) -> torch.Tensor:
+        """Refill the bank on the sync-free schedule (a step uses at most ``num_envs`` seeds) and
+        return its first seed."""
+        st = self.state
+        if capturing_cuda_graph(self.device):
+            # every replay of a captured step repeats it: its bank covers one step's seeds, and
+            # the next eager step refills a whole bank
+            self._bank.refill_front(st.next_seed, self.num_envs)
+            self._bank_steps_left = 0
+        elif self._bank_steps_left == 0:
+            self._bank.refill(st.next_seed)
+            self._bank_steps_left = _CUDA_BANK_STEPS - 1  # this step uses it too
+        else:
+            self._bank_steps_left -= 1
+        return self._bank.start
+
+    def _next_seeds(self, done: torch.Tensor) -> torch.Tensor:
+        """Each world's scenario seed after this step: the next unused seeds for the finished
+        worlds, in world order; the others keep theirs."""
+        order = torch.cumsum(done.long(), dim=0) - 1
+        return torch.where(done, self.state.next_seed + order, self.state.scenario_seed)
+
+    def _restart(self, done: torch.Tensor, seeds: torch.Tensor) -> None:
+        """Count the seeds the finished worlds took and start their episodes (scenarios in place)."""
+        self.state.next_seed = self.state.next_seed + done.long().sum()
+        self._start_episodes(done, seeds)
 
     def close(self) -> None:
         """Nothing to release: the worlds live in this process's tensors."""
