@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.rl.test_rollout_device_path import HostReadRecorder
 from training.envs.protocol import BatchedWaypointEnv, StepResult
 from training.envs.toy import STATE_NAMES, ToyWaypointEnv, ToyWorldConfig
 from training.envs.toy import world as world_module
@@ -343,3 +345,21 @@ def test_the_sync_free_autoreset_gives_the_same_worlds_as_the_cpu_one(
         assert torch.equal(
             getattr(sync_free.state.scenarios, field.name), getattr(cpu.state.scenarios, field.name)
         )
+
+
+def test_the_sync_free_step_reads_nothing_back_to_the_host() -> None:
+    """The world's path off the CPU (run here on the CPU) never reads a tensor back to the host:
+    every operation that would synchronise a CUDA stream is recorded over steps with autoresets,
+    bank refills, crashes and time limits."""
+    env = _env(5, max_episode_steps=2)
+    env.sync_free = True
+    env.reset(seed=9)
+    generator = torch.Generator().manual_seed(9)
+    plans = [env.expert_waypoints() + 1.5 * torch.randn(5, 8, 2, generator=generator) for _ in range(20)]
+    counter = SimpleNamespace(steps_taken=0)
+    with HostReadRecorder(counter) as recorder:
+        for plan in plans:  # 20 steps: 100 world steps, beyond the first bank of 40 seeds
+            env.step(plan)
+            counter.steps_taken += 1
+    assert recorder.reads == [], f"host reads (steps taken, operation): {recorder.reads[:5]}"
+    assert int(env.state.next_seed) > 5 + env._bank.size
