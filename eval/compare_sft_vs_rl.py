@@ -228,8 +228,12 @@ def compare(config: CompareConfig) -> dict[str, Any]:
     if difficulty is None:
         difficulty = rl_checkpoint["config"].get("difficulty")
     # the RL run's reward, so that episode returns are the ones it trained on
+    trained = rl_checkpoint["config"]
     options = dataclasses.replace(
-        config.env_options(difficulty), reward=rl_checkpoint["config"].get("reward", "shaped")
+        config.env_options(difficulty),
+        reward=trained.get("reward", "shaped"),
+        collision_penalty=trained.get("collision_penalty"),
+        off_road_penalty=trained.get("off_road_penalty"),
     )
     env = make_env(
         config.env,

@@ -12,7 +12,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.rl.test_rollout_device_path import HostReadRecorder
+from training.envs.options import EnvOptions
 from training.envs.protocol import BatchedWaypointEnv, StepResult
+from training.envs.registry import make_env
 from training.envs.toy import STATE_NAMES, ToyWaypointEnv, ToyWorldConfig
 from training.envs.toy import world as world_module
 from training.envs.toy.scenario import Scenarios, generate_scenarios
@@ -363,3 +365,27 @@ def test_the_sync_free_step_reads_nothing_back_to_the_host() -> None:
             counter.steps_taken += 1
     assert recorder.reads == [], f"host reads (steps taken, operation): {recorder.reads[:5]}"
     assert int(env.state.next_seed) > 5 + env._bank.size
+
+
+def test_the_penalty_flags_change_what_leaving_the_road_costs_and_nothing_else() -> None:
+    """``--off-road-penalty 25`` / ``--collision-penalty`` reach the world: the same off-road exit
+    costs 15 more than with the default 10, every other step's reward is the same."""
+    plain = make_env("toy", 3, options=EnvOptions(difficulty=0.0))
+    harsh = make_env(
+        "toy", 3, options=EnvOptions(difficulty=0.0, off_road_penalty=25.0, collision_penalty=40.0)
+    )
+    assert (harsh.config.reward.off_road, harsh.config.reward.collision) == (25.0, 40.0)
+    plain.reset(seed=200)
+    harsh.reset(seed=200)
+    hard_left = torch.zeros(3, K, 2)
+    hard_left[..., 0] = torch.linspace(2.0, 8.0, K)
+    hard_left[..., 1] = torch.linspace(3.0, 30.0, K)
+    for _ in range(6):
+        plan = plain.expert_waypoints()
+        plan[1] = hard_left[1]
+        want, got = plain.step(plan), harsh.step(plan)
+        expected = want.reward - 15.0 * want.info.episode.off_road.float()
+        torch.testing.assert_close(got.reward, expected)
+        if bool(want.info.episode.off_road[1]):
+            return
+    raise AssertionError("world 1 never left the road")

@@ -30,6 +30,8 @@ RULES: dict[str, tuple[st.SearchStrategy, Callable[[float], bool]]] = {
     "num_envs": (ANY_INT, lambda v: v >= 1 and BASE.batch_size <= v * BASE.rollout_steps),
     "rollout_steps": (ANY_INT, lambda v: v >= 1 and BASE.batch_size <= BASE.num_envs * v),
     "batch_size": (st.integers(-5, 300), lambda v: 1 <= v <= BASE.num_envs * BASE.rollout_steps),
+    "collision_penalty": (ANY_FLOAT, lambda v: math.isfinite(v) and v >= 0),
+    "off_road_penalty": (ANY_FLOAT, lambda v: math.isfinite(v) and v >= 0),
 }
 
 

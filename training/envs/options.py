@@ -24,6 +24,8 @@ class EnvOptions:
     town: str = "Town01"
     sim_workers: int = 0  # worker processes; 0: one per world (MetaDrive needs one per world)
     reward: str = "shaped"  # reward preset (training/envs/toy/config.py: REWARD_PRESETS)
+    collision_penalty: float | None = None  # None: the environment's own weight
+    off_road_penalty: float | None = None
 
 
 def for_process(options: EnvOptions, rank: int, worlds_per_process: int) -> EnvOptions:

@@ -29,10 +29,10 @@ KNOWN_ENVS = tuple(_FACTORIES)
 
 def make_toy_env(num_envs: int, device: torch.device | str, options: EnvOptions) -> BatchedWaypointEnv:
     from training.envs.toy import ToyWaypointEnv, ToyWorldConfig
-    from training.envs.toy.config import RewardWeights, reward_preset
+    from training.envs.toy.config import RewardWeights, run_reward
 
     difficulty = {} if options.difficulty is None else {"difficulty": options.difficulty}
-    reward = reward_preset(RewardWeights(), options.reward)
+    reward = run_reward(RewardWeights(), options.reward, options.collision_penalty, options.off_road_penalty)
     return ToyWaypointEnv(ToyWorldConfig(num_envs=num_envs, reward=reward, **difficulty), device=device)
 
 

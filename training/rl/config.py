@@ -123,6 +123,12 @@ class PPOConfig(SimulatorFlags):
         "reward: shaped (progress, speed, lane keeping, plan terms, infractions) or progress "
         "(route progress and infractions only)",
     )
+    collision_penalty: float | None = config_field(
+        None, "reward lost for a collision (default: the environment's, 10 in every one here)"
+    )
+    off_road_penalty: float | None = config_field(
+        None, "reward lost for leaving the road (default: the environment's, 10 in every one here)"
+    )
     reward_scale: float = config_field(0.1, "rewards are multiplied by this before GAE")
     critic_warmup_iterations: int = config_field(2, "first iterations train only the value head")
     anneal_lr: bool = config_field(True, "linearly anneal the learning rate to 0")
@@ -225,6 +231,13 @@ class PPOConfig(SimulatorFlags):
             self.reward in REWARD_PRESETS,
             f"--reward must be one of {', '.join(REWARD_PRESETS)}, got {self.reward!r}",
         )
+        for flag, value in (
+            ("--collision-penalty", self.collision_penalty),
+            ("--off-road-penalty", self.off_road_penalty),
+        ):
+            require(
+                value is None or (math.isfinite(value) and value >= 0), f"{flag} must be >= 0, got {value}"
+            )
         require(self.reward_scale > 0, f"--reward-scale must be > 0, got {self.reward_scale}")
         require(self.critic_warmup_iterations >= 0, "--critic-warmup-iterations must be >= 0")
         require(0.0 <= self.difficulty <= 1.0, f"--difficulty must be in [0, 1], got {self.difficulty}")
@@ -303,8 +316,13 @@ class PPOConfig(SimulatorFlags):
         return PolicySettings.from_config(dataclasses.asdict(self))
 
     def env_options(self, difficulty: float | None) -> EnvOptions:
-        """The simulator flags plus this run's reward preset."""
-        return dataclasses.replace(super().env_options(difficulty), reward=self.reward)
+        """The simulator flags plus this run's reward (preset and penalties)."""
+        return dataclasses.replace(
+            super().env_options(difficulty),
+            reward=self.reward,
+            collision_penalty=self.collision_penalty,
+            off_road_penalty=self.off_road_penalty,
+        )
 
     def env_mix(self) -> list[tuple[str, int]]:
         """``[(env name, worlds)]``: ``--env`` split by commas, ``--num-envs`` shared by ``--env-weights``."""

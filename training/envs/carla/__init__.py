@@ -24,7 +24,7 @@ from training.envs.carla.connection import (
 from training.envs.carla.env import CarlaWaypointEnv
 from training.envs.carla.session import CarlaSession
 from training.envs.options import EnvOptions
-from training.envs.toy.config import reward_preset
+from training.envs.toy.config import run_reward
 
 __all__ = ["CARLA_PORT_STRIDE", "CarlaConfig", "CarlaWaypointEnv", "make_carla_env"]
 
@@ -45,7 +45,8 @@ def make_carla_env(num_envs: int, device: torch.device | str, options: EnvOption
     cfg = CarlaConfig(town=options.town)
     if options.difficulty is not None:
         cfg = CarlaConfig(town=options.town, difficulty=options.difficulty)
-    cfg = dataclasses.replace(cfg, reward=reward_preset(cfg.reward, options.reward))
+    reward = run_reward(cfg.reward, options.reward, options.collision_penalty, options.off_road_penalty)
+    cfg = dataclasses.replace(cfg, reward=reward)
     slots = lease_slots(num_envs)
     try:
         addresses = server_addresses(options.carla_host, options.carla_port, slots)

@@ -18,7 +18,7 @@ from training.common.errors import UserError
 from training.envs.metadrive.config import MetaDriveWorldConfig
 from training.envs.metadrive.env import MetaDriveWaypointEnv
 from training.envs.options import EnvOptions
-from training.envs.toy.config import reward_preset
+from training.envs.toy.config import run_reward
 
 __all__ = ["MetaDriveWaypointEnv", "MetaDriveWorldConfig", "make_metadrive_env"]
 
@@ -39,5 +39,6 @@ def make_metadrive_env(
     config = MetaDriveWorldConfig()
     if options.difficulty is not None:
         config = MetaDriveWorldConfig(difficulty=options.difficulty)
-    config = dataclasses.replace(config, reward=reward_preset(config.reward, options.reward))
+    reward = run_reward(config.reward, options.reward, options.collision_penalty, options.off_road_penalty)
+    config = dataclasses.replace(config, reward=reward)
     return MetaDriveWaypointEnv(num_envs, device, config)

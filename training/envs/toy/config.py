@@ -62,6 +62,16 @@ SHAPING_TERMS = ("speed", "lateral", "heading", "plan_lateral", "plan_speed")
 REWARD_PRESETS = ("shaped", "progress")
 
 
+def run_reward(
+    weights: RewardWeights, preset: str, collision: float | None = None, off_road: float | None = None
+) -> RewardWeights:
+    """``weights`` under ``preset``, with the collision and off-road penalties replaced where given
+    (``--collision-penalty`` / ``--off-road-penalty``: how much a failure costs against route progress)."""
+    weights = reward_preset(weights, preset)
+    penalties = {"collision": collision, "off_road": off_road}
+    return replace(weights, **{name: value for name, value in penalties.items() if value is not None})
+
+
 def reward_preset(weights: RewardWeights, preset: str) -> RewardWeights:
     """``weights`` for ``preset``: unchanged for ``shaped``; shaping terms at 0 for ``progress``.
 
