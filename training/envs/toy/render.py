@@ -43,14 +43,6 @@ def pixel_centre(row: int, col: int, cfg: ToyWorldConfig) -> tuple[float, float]
     return (cfg.bev_ego_row - (row + 0.5)) * res, (cfg.bev_size_px / 2 - (col + 0.5)) * res
 
 
-def _to_pixels(points_ego: torch.Tensor, cfg: ToyWorldConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Continuous (row, col) of ego-frame points; pixel ``(i, j)`` spans ``[i, i+1) x [j, j+1)``."""
-    res = cfg.bev_resolution_m
-    row = cfg.bev_ego_row - points_ego[..., 0] / res
-    col = cfg.bev_size_px / 2 - points_ego[..., 1] / res
-    return row, col
-
-
 @dataclass(frozen=True)
 class _Layout:
     """What every render of one config draws at the same relative places, made once."""
@@ -74,11 +66,7 @@ def _layout(cfg: ToyWorldConfig, device: torch.device, num_vehicles: int, num_ob
         cfg.drivable_right_m + _SAMPLE_STEP_M / 2, cfg.drivable_left_m, _SAMPLE_STEP_M, device=device
     )
     box_samples = grid_a.numel()
-    planes = (
-        [_DRIVABLE] * 0
-        + [_VEHICLES] * (num_vehicles * box_samples)
-        + [_OBSTACLES] * (num_obstacles * box_samples)
-    )
+    planes = [_VEHICLES] * (num_vehicles * box_samples) + [_OBSTACLES] * (num_obstacles * box_samples)
     return _Layout(
         route_offsets=torch.arange(-behind, ahead, _LINE_STEP_M, device=device, dtype=torch.float32),
         road_lateral=road_lateral,
@@ -136,8 +124,8 @@ def _box_points(
 def render_bev(inputs: RenderInputs, cfg: ToyWorldConfig) -> torch.Tensor:
     """The BEV raster ``[N, 4, H, W]`` uint8 for a batch of worlds.
 
-    Surfaces (road, boxes) are sampled every half pixel and each sample marks its pixel, all
-    channels in one write; the route line's samples spread anti-aliased weights to their 4
+    Surfaces (road, boxes) are sampled every half pixel and each sample marks its pixel (one
+    scatter for the road, one for every box); the route line's samples spread anti-aliased weights to their 4
     nearest pixels and each pixel keeps the largest (an ``amax`` scatter on integers), so the
     result is the same in any order and on any device. Geometry is mapped to pixel
     coordinates first (small arrays) and the many surface samples are made there.
