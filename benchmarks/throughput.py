@@ -97,20 +97,18 @@ def median_rate(
 
     Calls repeat until ``seconds`` have passed and at least ``MIN_TIMED_CALLS`` were timed.
     """
-    call()
-    _synchronize(device)
-    rates: list[float] = []
-    deadline = time.perf_counter() + seconds
-    while len(rates) < MIN_TIMED_CALLS or time.perf_counter() < deadline:
+
+    def timed() -> float:
         started = time.perf_counter()
         call()
         _synchronize(device)
-        rates.append(steps_per_call / (time.perf_counter() - started))
-    return statistics.median(rates)
+        return time.perf_counter() - started
+
+    return median_rate_of_timed(timed, steps_per_call, seconds)
 
 
 def median_rate_of_timed(call: Callable[[], float], steps_per_call: int, seconds: float) -> float:
-    """Like :func:`median_rate` for a ``call`` that returns the seconds of its own timed part."""
+    """:func:`median_rate` for a ``call`` that returns the seconds of its own timed part."""
     call()
     rates: list[float] = []
     deadline = time.perf_counter() + seconds
