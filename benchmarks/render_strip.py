@@ -1,0 +1,93 @@
+"""A before/after strip of toy-world BEV frames: the reference renderer (the renderer as first
+written, ``tests/envs/reference_render.py``) above the package's renderer, and where they differ.
+
+    python -m benchmarks.render_strip [--out docs/img/bev_before_after.png]
+
+Run from the repository root (the reference lives with the tests). The frames are worlds driven by
+the expert's plan plus noise for a few steps, at difficulties 0, 0.5 and 1 (development seeds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+
+from tests.envs.reference_render import reference_render_bev
+from training.common.seeds import DEV_SEED_START
+from training.envs.toy import world as world_module
+from training.envs.toy.config import ToyWorldConfig
+from training.envs.toy.render import RenderInputs, render_bev
+from training.envs.toy.viz import bev_to_rgb
+from training.envs.toy.world import ToyWaypointEnv
+
+FRAMES = ((0.0, 0), (0.5, 3), (1.0, 5), (1.0, 9))  # (difficulty, world)
+STEPS = 6
+
+
+def _driven_inputs(difficulty: float, seed: int) -> RenderInputs:
+    """The render inputs of 16 worlds after ``STEPS`` noisy expert steps."""
+    captured: list[RenderInputs] = []
+    env = ToyWaypointEnv(ToyWorldConfig(num_envs=16, difficulty=difficulty))
+    original = world_module.render_bev
+
+    def spy(inputs: RenderInputs, cfg: ToyWorldConfig) -> torch.Tensor:
+        captured.append(inputs)
+        return original(inputs, cfg)
+
+    world_module.render_bev = spy
+    try:
+        env.reset(seed=seed)
+        generator = torch.Generator().manual_seed(seed)
+        for _ in range(STEPS):
+            noise = 0.5 * torch.randn(16, env.config.num_waypoints, 2, generator=generator)
+            env.step(env.expert_waypoints() + noise)
+    finally:
+        world_module.render_bev = original
+    return captured[-1]
+
+
+def draw_strip(out: Path) -> None:
+    fig, axes = plt.subplots(3, len(FRAMES), figsize=(2.2 * len(FRAMES), 7.0))
+    for column, (difficulty, world) in enumerate(FRAMES):
+        inputs = _driven_inputs(difficulty, DEV_SEED_START + 1000 * column)
+        cfg = dataclasses.replace(ToyWorldConfig(), difficulty=difficulty)
+        before = reference_render_bev(inputs, cfg)[world]
+        after = render_bev(inputs, cfg)[world]
+        difference = (after.int() - before.int()).abs()
+        differing = int((difference > 0).any(dim=0).sum())
+        axes[0, column].imshow(bev_to_rgb(before))
+        axes[1, column].imshow(bev_to_rgb(after))
+        axes[2, column].imshow(
+            difference.amax(dim=0).numpy().astype(np.float32), cmap="magma", vmin=0, vmax=255
+        )
+        axes[0, column].set_title(f"difficulty {difficulty}", fontsize=9)
+        axes[2, column].set_xlabel(f"{differing} of {difference[0].numel()} pixels differ", fontsize=8)
+    for row, label in enumerate(("before (reference)", "after (scanline fill)", "|difference|, 0-255")):
+        axes[row, 0].set_ylabel(label, fontsize=8)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("docs/img/bev_before_after.png"))
+    args = parser.parse_args(argv)
+    draw_strip(args.out)
+    print(args.out)
+
+
+if __name__ == "__main__":
+    main()
