@@ -62,7 +62,7 @@ class MetaDriveWorldConfig:
     yield_horizon_s: float = 6.0  # other cars' paths are predicted this far ahead
     yield_step_s: float = 0.1
     yield_buffer_s: float = 1.5  # the expert and a crossing car are never at one place this close in time
-    yield_gap_m: float = 4.0  # front bumper to where a crossing car passes, when stopped for it
+    yield_gap_m: float = 8.0  # front bumper to where a crossing car passes, when stopped for it
     traffic_accel_mps2: float = 1.0  # other cars are predicted to accelerate to the cruise speed at this
     moving_mps: float = 1.0  # slower cars are not predicted to move
     # map and traffic at difficulty 0 and 1 (linear in between)
