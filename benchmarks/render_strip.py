@@ -18,15 +18,12 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
-import torch
 
-from tests.envs.reference_render import reference_render_bev
+from tests.envs.reference_render import inputs_of_driven_worlds, reference_render_bev
 from training.common.seeds import DEV_SEED_START
-from training.envs.toy import world as world_module
 from training.envs.toy.config import ToyWorldConfig
 from training.envs.toy.render import RenderInputs, render_bev
 from training.envs.toy.viz import bev_to_rgb
-from training.envs.toy.world import ToyWaypointEnv
 
 FRAMES = ((0.0, 0), (0.5, 3), (1.0, 5), (1.0, 9))  # (difficulty, world)
 STEPS = 6
@@ -34,24 +31,8 @@ STEPS = 6
 
 def _driven_inputs(difficulty: float, seed: int) -> RenderInputs:
     """The render inputs of 16 worlds after ``STEPS`` noisy expert steps."""
-    captured: list[RenderInputs] = []
-    env = ToyWaypointEnv(ToyWorldConfig(num_envs=16, difficulty=difficulty))
-    original = world_module.render_bev
-
-    def spy(inputs: RenderInputs, cfg: ToyWorldConfig) -> torch.Tensor:
-        captured.append(inputs)
-        return original(inputs, cfg)
-
-    world_module.render_bev = spy
-    try:
-        env.reset(seed=seed)
-        generator = torch.Generator().manual_seed(seed)
-        for _ in range(STEPS):
-            noise = 0.5 * torch.randn(16, env.config.num_waypoints, 2, generator=generator)
-            env.step(env.expert_waypoints() + noise)
-    finally:
-        world_module.render_bev = original
-    return captured[-1]
+    config = ToyWorldConfig(num_envs=16, difficulty=difficulty)
+    return inputs_of_driven_worlds(config, seed, steps=STEPS, noise_m=0.5)[-1]
 
 
 def draw_strip(out: Path) -> None:

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import torch
 
+from training.envs.toy import world as world_module
 from training.envs.toy.config import ToyWorldConfig
 from training.envs.toy.dynamics import world_to_ego
 from training.envs.toy.render import RenderInputs
 from training.envs.toy.scenario import interpolate_route
+from training.envs.toy.world import ToyWaypointEnv
 
 _DRIVABLE, _ROUTE, _VEHICLES, _OBSTACLES = 0, 1, 2, 3
 _SAMPLE_STEP_M = 0.25  # road surface sampling: half a pixel
@@ -118,3 +120,28 @@ def reference_render_bev(inputs: RenderInputs, cfg: ToyWorldConfig) -> torch.Ten
         flat.scatter_reduce_(0, index.reshape(-1), value.reshape(-1), "amax")
 
     return flat[:-1].view(n, 4, size, size).to(torch.uint8)
+
+
+def inputs_of_driven_worlds(
+    config: ToyWorldConfig, seed: int, steps: int, noise_m: float
+) -> list[RenderInputs]:
+    """The renderer's inputs, every call, while ``config.num_envs`` worlds from scenario ``seed`` drive
+    ``steps`` steps of the expert's plan plus Gaussian noise of ``noise_m`` (autoresets included)."""
+    captured: list[RenderInputs] = []
+    env = ToyWaypointEnv(config)
+    original = world_module.render_bev
+
+    def spy(inputs: RenderInputs, cfg: ToyWorldConfig) -> torch.Tensor:
+        captured.append(inputs)
+        return original(inputs, cfg)
+
+    world_module.render_bev = spy
+    try:
+        env.reset(seed=seed)
+        generator = torch.Generator().manual_seed(seed)
+        for _ in range(steps):
+            noise = torch.randn(config.num_envs, config.num_waypoints, 2, generator=generator)
+            env.step(env.expert_waypoints() + noise_m * noise)
+    finally:
+        world_module.render_bev = original
+    return captured

@@ -13,9 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from tests.envs.reference_render import reference_render_bev
+from tests.envs.reference_render import inputs_of_driven_worlds, reference_render_bev
 from training.envs.toy import STATE_NAMES, ToyWaypointEnv, ToyWorldConfig
-from training.envs.toy import world as world_module
 from training.envs.toy.render import RenderInputs, pixel_centre, render_bev
 
 CFG = ToyWorldConfig()
@@ -181,25 +180,8 @@ def _on_an_edge(image: torch.Tensor) -> torch.Tensor:
 
 def _inputs_of_driven_worlds(difficulty: float, seed: int) -> list[RenderInputs]:
     """The render inputs of 24 worlds over 12 noisy steps (autoresets included)."""
-    captured: list[RenderInputs] = []
-    env = ToyWaypointEnv(ToyWorldConfig(num_envs=24, difficulty=difficulty, max_episode_steps=8))
-    original = world_module.render_bev
-
-    def spy(inputs: RenderInputs, cfg: ToyWorldConfig) -> torch.Tensor:
-        captured.append(inputs)
-        return original(inputs, cfg)
-
-    world_module.render_bev = spy
-    try:
-        env.reset(seed=seed)
-        generator = torch.Generator().manual_seed(seed)
-        for _ in range(12):
-            env.step(
-                env.expert_waypoints() + 0.8 * torch.randn(24, CFG.num_waypoints, 2, generator=generator)
-            )
-    finally:
-        world_module.render_bev = original
-    return captured
+    config = ToyWorldConfig(num_envs=24, difficulty=difficulty, max_episode_steps=8)
+    return inputs_of_driven_worlds(config, seed, steps=12, noise_m=0.8)
 
 
 @pytest.mark.parametrize(("difficulty", "seed"), [(0.0, 3), (0.5, 4), (1.0, 5)])
