@@ -59,14 +59,12 @@ class _Layout:
     behind_m: float  # the route is drawn from this far behind the ego's arc length
     window: torch.Tensor  # [W] the route points drawn, from the first one behind: 0 .. W - 1
     last_first_point: int  # the largest index of the first route point drawn
-    sample_offsets: (
-        torch.Tensor
-    )  # [S] the route's samples, in route points from the one at ``ego_s - behind``
+    # [S] the route's samples, in route points from the one at ``ego_s - behind``
+    sample_offsets: torch.Tensor
     road_vertices: torch.Tensor  # [2V] the sample of each road-outline edge's start, then of its end
     road_lateral: torch.Tensor  # [2V] their lateral offsets (m, left of the route)
-    box_edges: (
-        torch.Tensor
-    )  # [2, 2G] a car-sized box's outline edges, box frame: (along, across) of starts, ends
+    # [2, 2G] a car-sized box's outline edges in the box frame: (along, across) of their starts, then ends
+    box_edges: torch.Tensor
     edge_planes: torch.Tensor  # [V + B * G] the plane of every outline edge: the road's, then each box's
     corner_offsets: torch.Tensor  # [4, 1] the 4 pixels around a line sample: offsets of their cell indices
 
