@@ -32,7 +32,7 @@ def make_toy_env(num_envs: int, device: torch.device | str, options: EnvOptions)
     from training.envs.toy.config import RewardWeights, run_reward
 
     difficulty = {} if options.difficulty is None else {"difficulty": options.difficulty}
-    reward = run_reward(RewardWeights(), options.reward, options.collision_penalty, options.off_road_penalty)
+    reward = run_reward(RewardWeights(), options)
     return ToyWaypointEnv(ToyWorldConfig(num_envs=num_envs, reward=reward, **difficulty), device=device)
 
 

@@ -45,8 +45,7 @@ def make_carla_env(num_envs: int, device: torch.device | str, options: EnvOption
     cfg = CarlaConfig(town=options.town)
     if options.difficulty is not None:
         cfg = CarlaConfig(town=options.town, difficulty=options.difficulty)
-    reward = run_reward(cfg.reward, options.reward, options.collision_penalty, options.off_road_penalty)
-    cfg = dataclasses.replace(cfg, reward=reward)
+    cfg = dataclasses.replace(cfg, reward=run_reward(cfg.reward, options))
     slots = lease_slots(num_envs)
     try:
         addresses = server_addresses(options.carla_host, options.carla_port, slots)

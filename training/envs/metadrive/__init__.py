@@ -39,6 +39,5 @@ def make_metadrive_env(
     config = MetaDriveWorldConfig()
     if options.difficulty is not None:
         config = MetaDriveWorldConfig(difficulty=options.difficulty)
-    reward = run_reward(config.reward, options.reward, options.collision_penalty, options.off_road_penalty)
-    config = dataclasses.replace(config, reward=reward)
+    config = dataclasses.replace(config, reward=run_reward(config.reward, options))
     return MetaDriveWaypointEnv(num_envs, device, config)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+from training.envs.options import EnvOptions
 from training.envs.protocol import EnvSpec
 
 BEV_CHANNELS = ("drivable", "route", "vehicles", "obstacles")
@@ -62,13 +63,12 @@ SHAPING_TERMS = ("speed", "lateral", "heading", "plan_lateral", "plan_speed")
 REWARD_PRESETS = ("shaped", "progress")
 
 
-def run_reward(
-    weights: RewardWeights, preset: str, collision: float | None = None, off_road: float | None = None
-) -> RewardWeights:
-    """``weights`` under ``preset``, with the collision and off-road penalties replaced where given
-    (``--collision-penalty`` / ``--off-road-penalty``: how much a failure costs against route progress)."""
-    weights = reward_preset(weights, preset)
-    penalties = {"collision": collision, "off_road": off_road}
+def run_reward(weights: RewardWeights, options: EnvOptions) -> RewardWeights:
+    """``weights`` under the run's reward preset, with the collision and off-road penalties replaced
+    where given (``--collision-penalty`` / ``--off-road-penalty``: how much a failure costs against
+    route progress)."""
+    weights = reward_preset(weights, options.reward)
+    penalties = {"collision": options.collision_penalty, "off_road": options.off_road_penalty}
     return replace(weights, **{name: value for name, value in penalties.items() if value is not None})
 
 
