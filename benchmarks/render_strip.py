@@ -10,7 +10,6 @@ the expert's plan plus noise for a few steps, at difficulties 0, 0.5 and 1 (deve
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from pathlib import Path
 
 import matplotlib
@@ -22,24 +21,19 @@ import numpy as np
 from tests.envs.reference_render import inputs_of_driven_worlds, reference_render_bev
 from training.common.seeds import DEV_SEED_START
 from training.envs.toy.config import ToyWorldConfig
-from training.envs.toy.render import RenderInputs, render_bev
+from training.envs.toy.render import render_bev
 from training.envs.toy.viz import bev_to_rgb
 
 FRAMES = ((0.0, 0), (0.5, 3), (1.0, 5), (1.0, 9))  # (difficulty, world)
 STEPS = 6
 
 
-def _driven_inputs(difficulty: float, seed: int) -> RenderInputs:
-    """The render inputs of 16 worlds after ``STEPS`` noisy expert steps."""
-    config = ToyWorldConfig(num_envs=16, difficulty=difficulty)
-    return inputs_of_driven_worlds(config, seed, steps=STEPS, noise_m=0.5)[-1]
-
-
 def draw_strip(out: Path) -> None:
     fig, axes = plt.subplots(3, len(FRAMES), figsize=(2.2 * len(FRAMES), 7.0))
     for column, (difficulty, world) in enumerate(FRAMES):
-        inputs = _driven_inputs(difficulty, DEV_SEED_START + 1000 * column)
-        cfg = dataclasses.replace(ToyWorldConfig(), difficulty=difficulty)
+        cfg = ToyWorldConfig(num_envs=16, difficulty=difficulty)
+        # the render inputs of 16 worlds after ``STEPS`` noisy expert steps
+        inputs = inputs_of_driven_worlds(cfg, DEV_SEED_START + 1000 * column, steps=STEPS, noise_m=0.5)[-1]
         before = reference_render_bev(inputs, cfg)[world]
         after = render_bev(inputs, cfg)[world]
         difference = (after.int() - before.int()).abs()

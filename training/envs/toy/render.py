@@ -169,7 +169,9 @@ def _route_samples(
 
     The route points drawn are gathered and mapped to pixels first (a few dozen per world); the
     samples are linear between them, normals included (their length errs by under 3e-4 on the
-    sharpest curve: 2 mm at the road's edge). Beyond the route's ends the last segment extends."""
+    sharpest curve: 2 mm at the road's edge). ``interpolate_route`` would gather and map each of the
+    ~330 samples: 2.5x this function's time at 128 worlds. Beyond the route's ends the last segment
+    extends."""
     spacing = cfg.route_spacing_m
     position = (inputs.ego_s + cfg.lead_in_m - layout.behind_m) / spacing  # in route points
     first = position.floor().clamp_(0, layout.last_first_point)
