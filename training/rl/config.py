@@ -99,7 +99,7 @@ class PPOConfig(SimulatorFlags):
         1.0, "weight of the KL from the SFT reference policy (a Gaussian on the SFT plan); 0: off"
     )
     kl_target: float | None = config_field(
-        0.2,
+        0.4,
         "adapt --kl-coef after each iteration to steer the measured KL to SFT to this (nats/plan; "
         "none: a fixed --kl-coef)",
     )

@@ -340,7 +340,7 @@ class CarlaWaypointEnv(BatchedWaypointEnv):
         start_pose = episode.view.ego.pose
         plan_world = ego_to_world(np.concatenate([np.zeros((1, 2)), plan_ego]), start_pose)
         plan_lateral, plan_speed_error = plan_quality(episode.route, plan_world, episode.s, cfg.waypoint_dt)
-        s_before = episode.s
+        s_before, jerk_before, ticks_before = episode.s, episode.jerk_sum, episode.ticks
         collisions, invasions, off_road = 0, 0, False
         ego = episode.view.ego
         for tick in range(cfg.ticks_per_step):
@@ -372,6 +372,7 @@ class CarlaWaypointEnv(BatchedWaypointEnv):
             heading_error_rad=heading_error,
             plan_lateral_m=plan_lateral,
             plan_speed_error_mps=plan_speed_error,
+            jerk_mps3=(episode.jerk_sum - jerk_before) / max(episode.ticks - ticks_before, 1),
             lane_invasions=invasions,
             collision=collisions > 0,
             off_road=off_road,

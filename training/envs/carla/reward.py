@@ -22,6 +22,7 @@ class StepOutcome:
     heading_error_rad: float
     plan_lateral_m: float  # mean distance of the plan's waypoints from the route centre line
     plan_speed_error_mps: float  # mean |planned speed - target speed| over the plan
+    jerk_mps3: float  # mean |jerk| over the step's simulator ticks
     lane_invasions: int  # lane markings crossed (CARLA lane-invasion sensor)
     collision: bool
     off_road: bool
@@ -37,6 +38,7 @@ def step_reward(outcome: StepOutcome, weights: CarlaRewardWeights, road_speed_mp
         - w.heading * abs(o.heading_error_rad)
         - w.plan_lateral * o.plan_lateral_m
         - w.plan_speed * o.plan_speed_error_mps / road_speed_mps
+        - w.jerk * o.jerk_mps3
         - w.lane_invasion * o.lane_invasions
         - w.collision * float(o.collision)
         - w.off_road * float(o.off_road)

@@ -370,16 +370,18 @@ class ToyWaypointEnv(BatchedWaypointEnv):
         speeds = plan_speeds(plan_world, cfg)
         s_before = self.state.frenet.s
         plan_terms = self._plan_quality(plan_world, speeds)
-        collided, off_road = self._drive(plan_world, speeds)
-        return self._finish_step(s_before, collided, off_road, plan_terms)
+        collided, off_road, jerk = self._drive(plan_world, speeds)
+        return self._finish_step(s_before, collided, off_road, plan_terms, jerk)
 
-    def _drive(self, plan_world: torch.Tensor, speeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _drive(
+        self, plan_world: torch.Tensor, speeds: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Track the plan for ``substeps`` controller steps; a world stops at its first failure.
 
         The controller and the bicycle run substep by substep; where the car was at each substep
         (route coordinates, failures) is then computed for all substeps at once, and each world
         keeps the state of its first failing substep (its last when none failed). Returns the
-        collision and off-road flags ``[N]``.
+        collision and off-road flags and the mean |jerk| (m/s^3) over the substeps driven, ``[N]``.
         """
         cfg, st = self.config, self.state
         polyline = PlanPolyline.of(plan_world)
@@ -403,14 +405,14 @@ class ToyWaypointEnv(BatchedWaypointEnv):
         # the substep each world ends at: its first failure, else the last
         last = torch.where(failed.any(dim=1), failed.int().argmax(dim=1), cfg.substeps - 1)
         live = self._substep_numbers <= last[:, None] + 1  # substeps driven
-        self._add_comfort(track, live)
+        jerk = self._add_comfort(track, live)
         pick = last[:, None]
         end = track.gather(1, (pick + 1)[..., None].expand(-1, -1, len(fields)))[:, 0]
         st.vehicle = VehicleState(*end.unbind(-1))
         st.time_s = time_s.gather(1, pick)[:, 0]
         st.frenet = Frenet(*(part.gather(1, pick)[:, 0] for part in frenet))
         st.route_hint = hints.gather(1, pick)[:, 0]
-        return hit.gather(1, pick)[:, 0], off.gather(1, pick)[:, 0]
+        return hit.gather(1, pick)[:, 0], off.gather(1, pick)[:, 0], jerk
 
     def _project_track(self, xy: torch.Tensor) -> tuple[Frenet, torch.Tensor]:
         """Route coordinates of the rear axle at ``T`` substeps (``xy`` ``[N, T, 2]``), each searched
@@ -423,15 +425,19 @@ class ToyWaypointEnv(BatchedWaypointEnv):
         )
         return Frenet(s, d, heading), hints
 
-    def _add_comfort(self, track: torch.Tensor, live: torch.Tensor) -> None:
-        """Add the driven substeps' |jerk| and |steering rate| to the episode sums."""
+    def _add_comfort(self, track: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+        """Add the driven substeps' |jerk| and |steering rate| to the episode sums; returns this
+        step's mean |jerk| ``[N]``."""
         fields = VehicleState.fields()
         rates = (track[:, 1:] - track[:, :-1]).abs() / self.config.sim_dt  # [N, T, F]
         rates = rates * live[..., None]
         acc = self.state.acc
-        acc.jerk += rates[..., fields.index("accel")].sum(dim=1)
+        jerk = rates[..., fields.index("accel")].sum(dim=1)
+        driven = live.sum(dim=1)
+        acc.jerk += jerk
         acc.steer_rate += rates[..., fields.index("steer")].sum(dim=1)
-        acc.substeps += live.sum(dim=1)
+        acc.substeps += driven
+        return jerk / driven
 
     def _plan_quality(
         self, plan_world: torch.Tensor, speeds: torch.Tensor
@@ -455,6 +461,7 @@ class ToyWaypointEnv(BatchedWaypointEnv):
         collided: torch.Tensor,
         off_road: torch.Tensor,
         plan_terms: tuple[torch.Tensor, torch.Tensor],
+        jerk: torch.Tensor,
     ) -> torch.Tensor:
         cfg, w, st = self.config, self.config.reward, self.state
         plan_lateral, plan_speed = plan_terms
@@ -473,6 +480,7 @@ class ToyWaypointEnv(BatchedWaypointEnv):
             - w.heading * heading_error.abs()
             - w.plan_lateral * plan_lateral
             - w.plan_speed * plan_speed
+            - w.jerk * jerk
             - w.collision * collided.float()
             - w.off_road * off_road.float()
         )
@@ -483,9 +491,10 @@ class ToyWaypointEnv(BatchedWaypointEnv):
         collided: torch.Tensor,
         off_road: torch.Tensor,
         plan_terms: tuple[torch.Tensor, torch.Tensor],
+        jerk: torch.Tensor,
     ) -> StepResult:
         cfg, st = self.config, self.state
-        reward = self._reward(s_before, collided, off_road, plan_terms)
+        reward = self._reward(s_before, collided, off_road, plan_terms, jerk)
         s, d, road_heading = st.frenet
         heading_error = st.vehicle.yaw - road_heading
         _, dc = self._centre_frenet(s, d, heading_error)
