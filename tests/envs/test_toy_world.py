@@ -391,26 +391,27 @@ def test_the_penalty_flags_change_what_leaving_the_road_costs_and_nothing_else()
     raise AssertionError("world 1 never left the road")
 
 
-def test_the_jerk_term_costs_the_steps_mean_jerk() -> None:
-    """The reward's comfort term charges each step the mean |jerk| of the substeps it drove: the
-    same plans in a world without it differ by exactly that, read back from the episode's running
-    mean (which averages over every substep so far)."""
-    weights = dataclasses.replace(ToyWorldConfig().reward, jerk=0.0)
+def test_comfort_terms_cost_the_steps_mean_jerk_and_steering_rate() -> None:
+    """The reward's comfort terms charge each step the mean |jerk| and |steering rate| of the
+    substeps it drove: the same plans in a world without them differ by exactly that, read back
+    from the episode's running means (which average over every substep so far)."""
+    weights = dataclasses.replace(ToyWorldConfig().reward, jerk=0.0, steer_rate=0.0)
+    comfy_weights = dataclasses.replace(weights, jerk=0.3, steer_rate=2.0)
     plain = ToyWaypointEnv(ToyWorldConfig(num_envs=4, difficulty=0.0, reward=weights))
-    comfy = ToyWaypointEnv(
-        ToyWorldConfig(num_envs=4, difficulty=0.0, reward=dataclasses.replace(weights, jerk=0.3))
-    )
+    comfy = ToyWaypointEnv(ToyWorldConfig(num_envs=4, difficulty=0.0, reward=comfy_weights))
     plain.reset(seed=300)
     comfy.reset(seed=300)
     generator = torch.Generator().manual_seed(3)
     substeps = ToyWorldConfig().substeps
-    jerk_so_far = torch.zeros(4)
+    jerk_so_far, steer_so_far = torch.zeros(4), torch.zeros(4)
     for t in range(1, 6):
         plan = plain.expert_waypoints() + 0.5 * torch.randn(4, K, 2, generator=generator)
         want, got = plain.step(plan), comfy.step(plan)
         episode = want.info.episode
-        assert not bool(episode.done.any()), "a world ended: the running mean below assumes it did not"
+        assert not bool(episode.done.any()), "a world ended: the running means below assume it did not"
         step_jerk = episode.mean_abs_jerk * substeps * t - jerk_so_far
-        jerk_so_far += step_jerk
-        assert (step_jerk > 0).all()
-        torch.testing.assert_close(got.reward, want.reward - 0.3 * step_jerk / substeps, atol=1e-4, rtol=1e-5)
+        step_steer = episode.mean_abs_steer_rate * substeps * t - steer_so_far
+        jerk_so_far, steer_so_far = jerk_so_far + step_jerk, steer_so_far + step_steer
+        assert (step_jerk > 0).all() and (step_steer > 0).all()
+        expected = want.reward - (0.3 * step_jerk + 2.0 * step_steer) / substeps
+        torch.testing.assert_close(got.reward, expected, atol=1e-4, rtol=1e-5)

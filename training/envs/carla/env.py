@@ -340,7 +340,8 @@ class CarlaWaypointEnv(BatchedWaypointEnv):
         start_pose = episode.view.ego.pose
         plan_world = ego_to_world(np.concatenate([np.zeros((1, 2)), plan_ego]), start_pose)
         plan_lateral, plan_speed_error = plan_quality(episode.route, plan_world, episode.s, cfg.waypoint_dt)
-        s_before, jerk_before, ticks_before = episode.s, episode.jerk_sum, episode.ticks
+        s_before, ticks_before = episode.s, episode.ticks
+        jerk_before, steer_rate_before = episode.jerk_sum, episode.steer_rate_sum
         collisions, invasions, off_road = 0, 0, False
         ego = episode.view.ego
         for tick in range(cfg.ticks_per_step):
@@ -373,6 +374,8 @@ class CarlaWaypointEnv(BatchedWaypointEnv):
             plan_lateral_m=plan_lateral,
             plan_speed_error_mps=plan_speed_error,
             jerk_mps3=(episode.jerk_sum - jerk_before) / max(episode.ticks - ticks_before, 1),
+            steer_rate_radps=(episode.steer_rate_sum - steer_rate_before)
+            / max(episode.ticks - ticks_before, 1),
             lane_invasions=invasions,
             collision=collisions > 0,
             off_road=off_road,

@@ -23,6 +23,7 @@ class StepOutcome:
     plan_lateral_m: float  # mean distance of the plan's waypoints from the route centre line
     plan_speed_error_mps: float  # mean |planned speed - target speed| over the plan
     jerk_mps3: float  # mean |jerk| over the step's simulator ticks
+    steer_rate_radps: float  # mean |steering rate| over the step's simulator ticks
     lane_invasions: int  # lane markings crossed (CARLA lane-invasion sensor)
     collision: bool
     off_road: bool
@@ -39,6 +40,7 @@ def step_reward(outcome: StepOutcome, weights: CarlaRewardWeights, road_speed_mp
         - w.plan_lateral * o.plan_lateral_m
         - w.plan_speed * o.plan_speed_error_mps / road_speed_mps
         - w.jerk * o.jerk_mps3
+        - w.steer_rate * o.steer_rate_radps
         - w.lane_invasion * o.lane_invasions
         - w.collision * float(o.collision)
         - w.off_road * float(o.off_road)

@@ -236,7 +236,7 @@ class MetaDriveWorld:
         speeds = plan_speeds(plan_world, g)
         plan_terms = self._plan_quality(plan_world, speeds)
         travelled_before = self.navigation.travelled_length
-        jerk_before, substeps_before = self.totals["jerk"], self.totals["substeps"]
+        totals_before = dict(self.totals)
         flags = dict.fromkeys(("collision", "off_road", "goal"), False)
         for sub in range(cfg.substeps):
             _, _, done, _, info = self.env.step(self._control(plan_world, speeds, sub * cfg.sim_dt))
@@ -250,8 +250,9 @@ class MetaDriveWorld:
                 break
         self._refresh()
         progress_m = self.navigation.travelled_length - travelled_before
-        jerk = (self.totals["jerk"] - jerk_before) / max(self.totals["substeps"] - substeps_before, 1)
-        reward = self._reward(progress_m, flags, plan_terms, jerk)
+        driven = max(self.totals["substeps"] - totals_before["substeps"], 1)
+        comfort = tuple((self.totals[key] - totals_before[key]) / driven for key in ("jerk", "steer_rate"))
+        reward = self._reward(progress_m, flags, plan_terms, comfort)
         return self._finish(reward, flags)
 
     def _control(self, plan_world: np.ndarray, speeds: np.ndarray, time_in_plan: float) -> list[float]:
@@ -285,8 +286,13 @@ class MetaDriveWorld:
         return float(np.abs(d).mean()), float(np.abs(speeds - target).mean() / g.road_speed_mps)
 
     def _reward(
-        self, progress_m: float, flags: dict[str, bool], plan_terms: tuple[float, float], jerk: float
+        self,
+        progress_m: float,
+        flags: dict[str, bool],
+        plan_terms: tuple[float, float],
+        comfort: tuple[float, float],
     ) -> float:
+        """The toy world's reward terms; ``comfort`` is the step's mean |jerk| and |steering rate|."""
         g, w = self.geometry, self.config.reward
         target = float(interpolate_profile(self.road_speed, np.array([self.frenet[0]]), g)[0])
         heading_error = math.atan2(
@@ -299,7 +305,8 @@ class MetaDriveWorld:
             - w.heading * abs(heading_error)
             - w.plan_lateral * plan_terms[0]
             - w.plan_speed * plan_terms[1]
-            - w.jerk * jerk
+            - w.jerk * comfort[0]
+            - w.steer_rate * comfort[1]
             - w.collision * flags["collision"]
             - w.off_road * flags["off_road"]
         )

@@ -58,6 +58,13 @@ class EpisodeSums:
         return cls(*(torch.zeros(num_envs, device=device) for _ in dataclasses.fields(cls)))
 
 
+class Comfort(NamedTuple):
+    """One step's mean |jerk| (m/s^3) and |steering rate| (rad/s) over its driven substeps, ``[N]``."""
+
+    jerk: torch.Tensor
+    steer_rate: torch.Tensor
+
+
 class Frenet(NamedTuple):
     """The rear axle in route coordinates, each ``[N]``."""
 
@@ -370,18 +377,18 @@ class ToyWaypointEnv(BatchedWaypointEnv):
         speeds = plan_speeds(plan_world, cfg)
         s_before = self.state.frenet.s
         plan_terms = self._plan_quality(plan_world, speeds)
-        collided, off_road, jerk = self._drive(plan_world, speeds)
-        return self._finish_step(s_before, collided, off_road, plan_terms, jerk)
+        collided, off_road, comfort = self._drive(plan_world, speeds)
+        return self._finish_step(s_before, collided, off_road, plan_terms, comfort)
 
     def _drive(
         self, plan_world: torch.Tensor, speeds: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, Comfort]:
         """Track the plan for ``substeps`` controller steps; a world stops at its first failure.
 
         The controller and the bicycle run substep by substep; where the car was at each substep
         (route coordinates, failures) is then computed for all substeps at once, and each world
         keeps the state of its first failing substep (its last when none failed). Returns the
-        collision and off-road flags and the mean |jerk| (m/s^3) over the substeps driven, ``[N]``.
+        collision and off-road flags ``[N]`` and the step's comfort (means over the substeps driven).
         """
         cfg, st = self.config, self.state
         polyline = PlanPolyline.of(plan_world)
@@ -405,14 +412,14 @@ class ToyWaypointEnv(BatchedWaypointEnv):
         # the substep each world ends at: its first failure, else the last
         last = torch.where(failed.any(dim=1), failed.int().argmax(dim=1), cfg.substeps - 1)
         live = self._substep_numbers <= last[:, None] + 1  # substeps driven
-        jerk = self._add_comfort(track, live)
+        comfort = self._add_comfort(track, live)
         pick = last[:, None]
         end = track.gather(1, (pick + 1)[..., None].expand(-1, -1, len(fields)))[:, 0]
         st.vehicle = VehicleState(*end.unbind(-1))
         st.time_s = time_s.gather(1, pick)[:, 0]
         st.frenet = Frenet(*(part.gather(1, pick)[:, 0] for part in frenet))
         st.route_hint = hints.gather(1, pick)[:, 0]
-        return hit.gather(1, pick)[:, 0], off.gather(1, pick)[:, 0], jerk
+        return hit.gather(1, pick)[:, 0], off.gather(1, pick)[:, 0], comfort
 
     def _project_track(self, xy: torch.Tensor) -> tuple[Frenet, torch.Tensor]:
         """Route coordinates of the rear axle at ``T`` substeps (``xy`` ``[N, T, 2]``), each searched
@@ -425,19 +432,20 @@ class ToyWaypointEnv(BatchedWaypointEnv):
         )
         return Frenet(s, d, heading), hints
 
-    def _add_comfort(self, track: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+    def _add_comfort(self, track: torch.Tensor, live: torch.Tensor) -> Comfort:
         """Add the driven substeps' |jerk| and |steering rate| to the episode sums; returns this
-        step's mean |jerk| ``[N]``."""
+        step's means."""
         fields = VehicleState.fields()
         rates = (track[:, 1:] - track[:, :-1]).abs() / self.config.sim_dt  # [N, T, F]
         rates = rates * live[..., None]
         acc = self.state.acc
         jerk = rates[..., fields.index("accel")].sum(dim=1)
+        steer_rate = rates[..., fields.index("steer")].sum(dim=1)
         driven = live.sum(dim=1)
         acc.jerk += jerk
-        acc.steer_rate += rates[..., fields.index("steer")].sum(dim=1)
+        acc.steer_rate += steer_rate
         acc.substeps += driven
-        return jerk / driven
+        return Comfort(jerk / driven, steer_rate / driven)
 
     def _plan_quality(
         self, plan_world: torch.Tensor, speeds: torch.Tensor
@@ -461,7 +469,7 @@ class ToyWaypointEnv(BatchedWaypointEnv):
         collided: torch.Tensor,
         off_road: torch.Tensor,
         plan_terms: tuple[torch.Tensor, torch.Tensor],
-        jerk: torch.Tensor,
+        comfort: Comfort,
     ) -> torch.Tensor:
         cfg, w, st = self.config, self.config.reward, self.state
         plan_lateral, plan_speed = plan_terms
@@ -480,7 +488,8 @@ class ToyWaypointEnv(BatchedWaypointEnv):
             - w.heading * heading_error.abs()
             - w.plan_lateral * plan_lateral
             - w.plan_speed * plan_speed
-            - w.jerk * jerk
+            - w.jerk * comfort.jerk
+            - w.steer_rate * comfort.steer_rate
             - w.collision * collided.float()
             - w.off_road * off_road.float()
         )
@@ -491,10 +500,10 @@ class ToyWaypointEnv(BatchedWaypointEnv):
         collided: torch.Tensor,
         off_road: torch.Tensor,
         plan_terms: tuple[torch.Tensor, torch.Tensor],
-        jerk: torch.Tensor,
+        comfort: Comfort,
     ) -> StepResult:
         cfg, st = self.config, self.state
-        reward = self._reward(s_before, collided, off_road, plan_terms, jerk)
+        reward = self._reward(s_before, collided, off_road, plan_terms, comfort)
         s, d, road_heading = st.frenet
         heading_error = st.vehicle.yaw - road_heading
         _, dc = self._centre_frenet(s, d, heading_error)
