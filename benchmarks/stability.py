@@ -5,7 +5,7 @@ each is then compared with the SFT model on the same 100 development scenarios (
 chooses defaults, so it never reads the test range).
 
     python -m benchmarks.stability --sft-checkpoint out/sft_waypoint_bc_torch_v0/model.pt \\
-        --out-root out/stability --variants no_kl kl_adaptive_0.2 [--json out/stability.json]
+        --out-root out/stability --variants no_kl kl_adaptive_0.4 [--json out/stability.json]
 
 Variants run one after another (each about 4-7 min on one CPU core); ``--list`` shows them.
 """
@@ -25,7 +25,8 @@ from training.rl.train_ppo_delta_waypoint import main as ppo_main
 PPO_COMMAND = ["--env", "toy", "--num-iterations", "100", "--batch-size", "64", "--lr", "3e-4"]
 VARIANTS: dict[str, list[str]] = {
     "no_kl": ["--kl-coef", "0"],
-    "kl_adaptive_0.2": ["--kl-coef", "1.0", "--kl-target", "0.2"],  # the default
+    "kl_adaptive_0.4": ["--kl-coef", "1.0", "--kl-target", "0.4"],  # the default
+    "kl_adaptive_0.2": ["--kl-coef", "1.0", "--kl-target", "0.2"],  # the default until 2026-12-03
     "kl_adaptive_0.05": ["--kl-coef", "1.0", "--kl-target", "0.05"],
     "kl_fixed_1": ["--kl-coef", "1.0", "--kl-target", "none"],
     "kl_fixed_10": ["--kl-coef", "10.0", "--kl-target", "none"],
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--sft-checkpoint", type=Path, required=False)
     parser.add_argument("--out-root", type=Path, default=Path("out/stability"))
     parser.add_argument(
-        "--variants", nargs="+", default=["no_kl", "kl_adaptive_0.2"], choices=sorted(VARIANTS)
+        "--variants", nargs="+", default=["no_kl", "kl_adaptive_0.4"], choices=sorted(VARIANTS)
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
