@@ -357,6 +357,7 @@ class CarlaWaypointEnv(BatchedWaypointEnv):
             off_road = world.off_road(ego.centre)
             if collisions or off_road:
                 break
+        ticks = max(episode.ticks - ticks_before, 1)
         episode.view = self._view(world, episode)
         position = episode.view.position
         episode.s = position.s
@@ -373,9 +374,8 @@ class CarlaWaypointEnv(BatchedWaypointEnv):
             heading_error_rad=heading_error,
             plan_lateral_m=plan_lateral,
             plan_speed_error_mps=plan_speed_error,
-            jerk_mps3=(episode.jerk_sum - jerk_before) / max(episode.ticks - ticks_before, 1),
-            steer_rate_radps=(episode.steer_rate_sum - steer_rate_before)
-            / max(episode.ticks - ticks_before, 1),
+            jerk_mps3=(episode.jerk_sum - jerk_before) / ticks,
+            steer_rate_radps=(episode.steer_rate_sum - steer_rate_before) / ticks,
             lane_invasions=invasions,
             collision=collisions > 0,
             off_road=off_road,
