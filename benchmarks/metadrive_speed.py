@@ -257,7 +257,7 @@ def measure_raw(settings: SpeedSettings, episodes: list[tuple[int, list[list[flo
     set_cpu_threads(1)
     config = _world_config(settings)
     if "env" not in _PROCESS_WORLD:
-        _PROCESS_WORLD["env"] = HeadlessMetaDriveEnv(config.metadrive_config())
+        _PROCESS_WORLD["env"] = HeadlessMetaDriveEnv(config.metadrive_config(), config.remove_crossing_lines)
         _PROCESS_WORLD["env"].reset(seed=0)  # the adapter's throw-away first episode (MetaDriveWorld)
     env = _PROCESS_WORLD["env"]
     replay = _replay(env, episodes, config.substeps)

@@ -69,6 +69,9 @@ class MetaDriveWorldConfig:
     map_blocks: tuple[int, int] = (2, 4)
     traffic_density: tuple[float, float] = (0.02, 0.2)
     accident_prob: tuple[float, float] = (0.0, 0.5)
+    # take out of each map the continuous lines MetaDrive's ramp blocks sometimes build across every
+    # lane of a road (they end any driver there as off road; see headless.py); False keeps them
+    remove_crossing_lines: bool = True
     # BEV: the drivable surface is rasterised once per episode at this resolution, then sampled
     drivable_grid_m: float = 0.25
     subpixels: int = 2  # samples per pixel side for surfaces and boxes

@@ -66,7 +66,7 @@ class MetaDriveWorld:
         config.validate()
         self.config = config
         self.geometry = config.geometry
-        self.env = HeadlessMetaDriveEnv(config.metadrive_config())
+        self.env = HeadlessMetaDriveEnv(config.metadrive_config(), config.remove_crossing_lines)
         self.rasteriser = BevRasteriser(self.geometry, config.subpixels)
         self.ego_index = round(self.geometry.lead_in_m / self.geometry.route_spacing_m)
         self.rear_offset_m = self.geometry.length_m / 2 - self.geometry.rear_overhang_m
