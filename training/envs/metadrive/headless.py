@@ -123,17 +123,17 @@ def _point_to_segments(points: np.ndarray, starts: np.ndarray, ends: np.ndarray)
     return np.linalg.norm(points - (starts + t[..., None] * along), axis=-1)
 
 
+def _cross(o: np.ndarray, p: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """z of ``(p - o) x (q - o)``: its sign says on which side of the line ``o -> p`` the point ``q`` is."""
+    return (p[..., 0] - o[..., 0]) * (q[..., 1] - o[..., 1]) - (p[..., 1] - o[..., 1]) * (
+        q[..., 0] - o[..., 0]
+    )
+
+
 def _segment_distances(a0: np.ndarray, a1: np.ndarray, b0: np.ndarray, b1: np.ndarray) -> np.ndarray:
     """Distance between segments ``a0-a1`` and ``b0-b1`` (broadcast): 0 where they cross."""
-    cross = lambda o, p, q: (
-        (p[..., 0] - o[..., 0]) * (q[..., 1] - o[..., 1])
-        - (p[..., 1] - o[..., 1])
-        * (  # noqa: E731
-            q[..., 0] - o[..., 0]
-        )
-    )
-    crossing = (np.sign(cross(a0, a1, b0)) * np.sign(cross(a0, a1, b1)) < 0) & (
-        np.sign(cross(b0, b1, a0)) * np.sign(cross(b0, b1, a1)) < 0
+    crossing = (np.sign(_cross(a0, a1, b0)) * np.sign(_cross(a0, a1, b1)) < 0) & (
+        np.sign(_cross(b0, b1, a0)) * np.sign(_cross(b0, b1, a1)) < 0
     )
     nearest = np.minimum.reduce(
         [
