@@ -1,9 +1,11 @@
 """The MetaDrive expert drives whole episodes cleanly: on fixed development seeds whose maps hold an
-intersection (X) and a T-junction with traffic, and one with an in-ramp, its own plans reach the
-destination without a collision or leaving the road (marked slow: four episodes of 65-170 policy
-steps, ~2 min of CPU)."""
+intersection (X) and a T-junction with traffic, an in-ramp and an accident scene, its own plans reach
+the destination without a collision or leaving the road (marked slow: five episodes of 65-170 policy
+steps, ~2.5 min of CPU). Its lane choice holds the lane changes it starts (no simulator needed)."""
 
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import pytest
 
@@ -19,8 +21,10 @@ from training.envs.metadrive.world import MetaDriveWorld
 # a car turning into the ego's road cuts the corner across the intersection's mouth, where the
 # expert used to wait for it and was hit (it now stops yield_gap_m = 8 m back, not 4); in the fourth
 # (I X C r) MetaDrive's in-ramp builds a solid line across every lane, which ended the episode as off
-# road until the adapter took such lines out of the map (headless.py)
-CLEAN_SEEDS = (1_000_000_009, 1_000_000_008, 1_000_000_007, 1_000_000_014)
+# road until the adapter took such lines out of the map (headless.py); in the fifth (I C C C) a taper of
+# cones closes the ego's lane, where the IDM's lane choice flipped at every policy step and the ego hit
+# the cones until the expert held the lane changes it starts
+CLEAN_SEEDS = (1_000_000_009, 1_000_000_008, 1_000_000_007, 1_000_000_014, 1_000_000_032)
 
 
 @pytest.mark.slow
@@ -40,3 +44,48 @@ def test_expert_reaches_the_destination_cleanly() -> None:
             assert episode["route_completion"] == 1.0
     finally:
         world.close()
+
+
+class _Lane:
+    def __init__(self, road: str, number: int) -> None:
+        self.index = (road, road + "_end", number)
+
+
+def _world_between_lanes(current: list, ego_lane: _Lane, chosen: _Lane) -> MetaDriveWorld:
+    """A MetaDriveWorld with only what the lane choice reads: no simulator behind it."""
+    world = object.__new__(MetaDriveWorld)
+    world.config = MetaDriveWorldConfig(lane_change_hold_s=1.5)  # 3 policy steps
+    world.geometry = world.config.geometry
+    world.navigation = SimpleNamespace(current_ref_lanes=current)
+    world.ego = SimpleNamespace(lane=ego_lane)
+    world.lane_change = None
+    world._idm_lane = lambda found: chosen  # the IDM's choice, as MetaDrive would give it
+    return world
+
+
+def test_a_lane_change_is_held_until_the_ego_is_on_the_new_lane_or_the_hold_ends() -> None:
+    road = [_Lane("a", 0), _Lane("a", 1)]
+    world = _world_between_lanes(road, ego_lane=road[0], chosen=road[1])
+    assert world._expert_lane(set()) is road[1]  # the IDM starts a change to lane 1
+    world._idm_lane = lambda found: road[0]  # and wants back while the ego is still on lane 0
+    assert [world._expert_lane(set()) for _ in range(3)] == [road[1]] * 3
+    assert world._expert_lane(set()) is road[0], "held 3 steps, then the IDM decides again"
+
+    world = _world_between_lanes(road, ego_lane=road[0], chosen=road[1])
+    world._expert_lane(set())
+    world.ego.lane = road[1]  # the change is done: the IDM decides at once
+    world._idm_lane = lambda found: road[0]
+    assert world._expert_lane(set()) is road[0]
+
+
+def test_a_held_lane_change_carries_over_to_the_same_lane_number_of_the_next_road() -> None:
+    first, second = [_Lane("a", 0), _Lane("a", 1)], [_Lane("b", 0), _Lane("b", 1)]
+    world = _world_between_lanes(first, ego_lane=first[0], chosen=first[1])
+    world._expert_lane(set())
+    world.navigation.current_ref_lanes, world.ego.lane = second, second[0]
+    world._idm_lane = lambda found: second[0]
+    assert world._expert_lane(set()) is second[1]
+    world.navigation.current_ref_lanes = [_Lane("c", 0)]  # a one-lane road: nothing to hold
+    world.ego.lane = world.navigation.current_ref_lanes[0]
+    world._idm_lane = lambda found: world.ego.lane
+    assert world._expert_lane(set()) is world.ego.lane and world.lane_change is None

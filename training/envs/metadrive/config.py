@@ -58,6 +58,7 @@ class MetaDriveWorldConfig:
     yield_margin_m: float = 1.0  # the same for other cars' predicted paths (turning cars cut corners)
     # cars up to yield_horizon_s at the cruise speed from a conflict ahead must be seen
     object_search_radius_m: float = 80.0
+    lane_change_hold_s: float = 3.0  # a lane change the expert starts is held this long (or until done)
     idm_search_radius_m: float = 50.0  # what MetaDrive's IDM lane choice sees (its lidar's default)
     yield_horizon_s: float = 6.0  # other cars' paths are predicted this far ahead
     yield_step_s: float = 0.1

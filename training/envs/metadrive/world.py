@@ -89,6 +89,7 @@ class MetaDriveWorld:
         self.totals = dict.fromkeys(("return", "lateral", "jerk", "steer_rate", "substeps"), 0.0)
         self.best_completion = 0.0
         self.successors: dict = {}  # next_route_lane by lane index, for this episode's route
+        self.lane_change: tuple[object, int] | None = None  # target lane, policy steps it is held
         self._refresh()
         return self.frame
 
@@ -150,6 +151,36 @@ class MetaDriveWorld:
         return path.xy.astype(np.float64)
 
     def _expert_lane(self, found: set) -> object:
+        """The lane the expert drives to: the IDM's choice (``_idm_lane``), except that a lane change
+        it started is held for ``lane_change_hold_s`` or until the ego is on the new lane. The IDM
+        re-syncs its target to the lane the ego is on at every call, so while the ego is still
+        crossing, it could switch back and forth at every policy step (measured along a taper of
+        cones, which the ego then hit)."""
+        chosen = self._idm_lane(found)
+        held = self._held_lane_change()
+        if held is not None:
+            return held
+        if chosen is not self.ego.lane and chosen in self.navigation.current_ref_lanes:
+            hold = round(self.config.lane_change_hold_s / self.geometry.policy_dt)
+            self.lane_change = (chosen, hold)
+        return chosen
+
+    def _held_lane_change(self) -> object | None:
+        """The target of the lane change in progress (on the road the ego is on now), or None."""
+        if self.lane_change is None:
+            return None
+        lane, steps = self.lane_change
+        lanes = self.navigation.current_ref_lanes
+        if lane not in lanes:  # the ego entered the next road: the same lane number there
+            number = lane.index[-1]
+            lane = lanes[number] if number < len(lanes) else None
+        if lane is None or steps <= 0 or self.ego.lane is lane:
+            self.lane_change = None
+            return None
+        self.lane_change = (lane, steps - 1)
+        return lane
+
+    def _idm_lane(self, found: set) -> object:
         """The lane MetaDrive's IDM policy steers to now (``IDMPolicy.act`` without acting), given
         the objects ``found`` around the ego (what ``act`` asks the ego's lidar for)."""
         idm = self.idm
