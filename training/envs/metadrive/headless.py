@@ -25,9 +25,10 @@ continuous-line body that runs across the whole carriageway (found on developmen
 solid line crossing the centre line of every lane of the road, at 15-60 degrees). A car touching a
 continuous line is off the road by MetaDrive's rule, so every driver that follows any lane there
 is ended, MetaDrive's own ``IDMPolicy`` included. Lane lines run along lanes, never across a lane
-that continues, so ``lines_across_lanes`` finds such bodies with ray tests along every lane's
-centre line, and the map manager takes them out of the physics world when it loads a map
-(``remove_lines_across_lanes``; MetaDrive's rule stays as it is for every other line).
+that continues, so ``lines_across_lanes`` finds the continuous-line bodies that lie within a car's
+half width of a continuing lane's centre line (segment geometry, from each body's box), and the map
+manager takes them out of the physics world when it loads a map (``remove_lines_across_lanes``;
+MetaDrive's rule stays as it is for every other line).
 """
 
 from __future__ import annotations
