@@ -194,12 +194,11 @@ class _OpenSeedMapManager(PGMapManager):
         self.env_num = SCENARIO_SEED_SPACE
         self.maps = defaultdict(lambda: None)
         self.remove_crossing_lines = remove_crossing_lines
-        self.removed_lines = 0  # in the map loaded last
 
     def reset(self) -> None:
         super().reset()  # spawns (and attaches) this seed's map
         if self.remove_crossing_lines:
-            self.removed_lines = remove_lines_across_lanes(self.current_map, self.engine.physics_world)
+            remove_lines_across_lanes(self.current_map, self.engine.physics_world)
 
     def clear_stored_maps(self) -> None:
         """``PGMapManager.clear_stored_maps`` without refilling one entry per possible seed: theirs
