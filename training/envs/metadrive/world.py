@@ -156,6 +156,7 @@ class MetaDriveWorld:
         re-syncs its target to the lane the ego is on at every call, so while the ego is still
         crossing, it could switch back and forth at every policy step (measured along a taper of
         cones, which the ego then hit)."""
+        # asked even while a change is held: each call moves the IDM's own target lane along the route
         chosen = self._idm_lane(found)
         held = self._held_lane_change()
         if held is not None:
