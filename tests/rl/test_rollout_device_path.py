@@ -23,6 +23,7 @@ import dataclasses
 import inspect
 import re
 import textwrap
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -500,6 +501,35 @@ def test_rollouts_replayed_from_a_cuda_graph_match_eager_ones() -> None:
             torch.testing.assert_close(getattr(captured, name), getattr(eager, name), msg=name)
         torch.testing.assert_close(graph_tally.sums, eager_tally.sums)
         assert torch.equal(graph_obs.bev, eager_obs.bev)
+
+
+def _host_syncs_of_a_cuda_rollout(num_steps: int) -> int:
+    """Synchronisations with the host that CUDA reports while ``collect_rollout`` fills a buffer
+    of ``num_steps`` steps (``torch.cuda.set_sync_debug_mode``, which warns at every one)."""
+    config = ToyWorldConfig(num_envs=TOY_WORLDS, max_episode_steps=TOY_TIME_LIMIT, difficulty=0.3)
+    env = ToyWaypointEnv(config, "cuda")
+    policy = _toy_policy(env.spec).to("cuda")
+    buffer = RolloutBuffer(num_steps, TOY_WORLDS, policy.sft_model.feature_dim, policy.num_waypoints, "cuda")
+    obs, generator = env.reset(seed=11), torch.Generator("cuda").manual_seed(7)
+    collect_rollout(policy, env, buffer, obs, generator, reward_scale=1.0)  # lazy initialisation
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            collect_rollout(policy, env, buffer, obs, generator, reward_scale=1.0)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    # not the mode's own one-time notice ("Synchronization debug mode is a prototype feature ...")
+    return sum("called a synchronizing" in str(warning.message) for warning in caught)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_cuda_rollout_step_never_waits_for_the_host() -> None:
+    """On a GPU: a rollout reads the device once, the truncation count after its last step, however
+    many steps it has (a per-step ``.item()``, ``nonzero`` or boolean mask would add one per step)."""
+    assert _host_syncs_of_a_cuda_rollout(TOY_STEPS) == 1
+    assert _host_syncs_of_a_cuda_rollout(2 * TOY_STEPS) == 1
 
 
 def test_a_step_graph_needs_cuda_worlds() -> None:
