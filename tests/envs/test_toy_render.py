@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from tests.envs.reference_render import inputs_of_driven_worlds, reference_render_bev
-from training.envs.toy import STATE_NAMES, ToyWaypointEnv, ToyWorldConfig
+from training.envs.toy import STATE_NAMES, ToyWaypointEnv, ToyWorldConfig, render
 from training.envs.toy.render import RenderInputs, pixel_centre, render_bev
 
 CFG = ToyWorldConfig()
@@ -213,3 +213,23 @@ def test_matches_the_reference_renderer_within_the_stated_tolerance(difficulty: 
         assert abs(lit[name] - lit_reference[name]) <= BINARY_LIT_RELATIVE_MAX * lit_reference[name], name
     assert lit_reference["drivable"] > 0.2 * pixels and lit_reference["obstacles"] > 0  # something was drawn
     assert worst_route <= ROUTE_LEVELS_MAX
+
+
+def test_the_cuda_scan_fills_the_same_pixels_as_the_cpu_scan(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CUDA scans the transposed planes (``outer_scan``); forced on the CPU, every BEV is the same."""
+    inputs = _inputs_of_driven_worlds(0.5, 6)
+    rows = [render_bev(step_inputs, CFG) for step_inputs in inputs]
+    scan = render._running_sum_along_rows
+    monkeypatch.setattr(
+        render, "_running_sum_along_rows", lambda planes, outer_scan: scan(planes, outer_scan=True)
+    )
+    for step_inputs, expected in zip(inputs, rows, strict=True):
+        assert torch.equal(render_bev(step_inputs, CFG), expected)
+
+
+def test_both_scans_wrap_modulo_256_alike() -> None:
+    steps = torch.randint(-3, 4, (6, 9, 11), generator=torch.Generator().manual_seed(0), dtype=torch.int8)
+    planes = steps.view(torch.uint8)
+    expected = steps.long().cumsum(-1).remainder(256).to(torch.uint8)
+    assert torch.equal(render._running_sum_along_rows(planes, outer_scan=False), expected)
+    assert torch.equal(render._running_sum_along_rows(planes, outer_scan=True), expected)
