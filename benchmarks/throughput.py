@@ -437,7 +437,7 @@ def parse_settings(argv: list[str] | None) -> tuple[BenchSettings, bool]:
     parser.add_argument(
         "--cuda-graph",
         action="store_true",
-        help="replay each rollout step as a CUDA graph (CUDA only; untested on a GPU: docs/benchmarks.md)",
+        help="replay each rollout step as a CUDA graph (CUDA only; docs/benchmarks.md)",
     )
     parser.add_argument(
         "--profile",

@@ -21,8 +21,9 @@ A graph is captured for one rollout and dropped after it: what the step reads as
 exploration scale, the world's difficulty) is frozen into the graph and may change between
 iterations, and a world reset or restored between rollouts holds new tensors.
 
-Not yet run on a GPU: no GPU was lent while this was written. The step function it captures is the
-one every CPU test runs eagerly; the capture, the replay and the state copies are untested.
+The capture, the replay and the state copies run only on a GPU: the CUDA test in
+``tests/rl/test_rollout_device_path.py`` compares replayed rollouts with eager ones (it passed on an
+H200, docs/benchmarks.md, which also gives the speed-up: 1.84x at 1,024 worlds, none from 4,096 on).
 """
 
 from __future__ import annotations
