@@ -111,10 +111,19 @@ def _straight_route() -> tuple[np.ndarray, np.ndarray]:
     return np.stack([x, np.zeros_like(x)], -1).astype(np.float32), np.zeros(len(x), np.float32)
 
 
-def _stops(boxes: list[list[float]], speeds: list[float], paths: list, ego_speed: float = 8.0) -> list:
+def _stops(
+    boxes: list[list[float]],
+    speeds: list[float],
+    paths: list,
+    ego_speed: float = 8.0,
+    vehicle: list[bool] | None = None,
+) -> list:
+    """The expert's stops on a straight route; every box is a car unless ``vehicle`` says otherwise."""
     route_xy, route_heading = _straight_route()
     boxes_array = np.asarray(boxes, dtype=np.float64).reshape(-1, 5)
-    traffic = Traffic(boxes_array, np.asarray(speeds, float), paths, np.zeros(len(boxes), dtype=bool))
+    is_vehicle = np.ones(len(boxes), dtype=bool) if vehicle is None else np.asarray(vehicle, dtype=bool)
+    waiting = np.zeros(len(boxes), dtype=bool)
+    traffic = Traffic(boxes_array, np.asarray(speeds, float), paths, waiting, is_vehicle)
     return expert_stops(route_xy, route_heading, 0.0, ego_speed, traffic, GEOMETRY, CONFIG.yield_settings())
 
 
@@ -125,10 +134,31 @@ def _line(start: tuple[float, float], heading: float, length: float = 80.0) -> n
 
 def test_a_clear_road_asks_for_no_stop() -> None:
     assert _stops([], [], []) == []
-    # oncoming car in the other lane, a parked car on the shoulder
+    # oncoming car in the other lane, a barrier on the shoulder, a car in the next lane as fast as the ego
     oncoming = [30.0, 3.5, math.pi, 4.5, 1.9]
-    parked = [20.0, -3.6, 0.0, 4.5, 1.9]
-    assert _stops([oncoming, parked], [8.0, 0.0], [_line((30.0, 3.5), math.pi), None]) == []
+    barrier = [20.0, -3.6, 0.0, 4.5, 1.9]
+    beside = [15.0, -3.5, 0.0, 4.5, 1.9]
+    paths = [_line((30.0, 3.5), math.pi), None, _line((15.0, -3.5), 0.0)]
+    assert _stops([oncoming, barrier, beside], [8.0, 0.0, 8.0], paths, vehicle=[True, False, True]) == []
+
+
+@pytest.mark.parametrize("car_speed", [0.0, 1.5])
+def test_a_slower_car_in_the_next_lane_is_passed_at_most_the_margin_faster(car_speed: float) -> None:
+    """It may cut in (MetaDrive's traffic changes lanes without looking at the ego): the ego comes
+    up to it no faster than its speed plus ``pass_speed_delta_mps``, and keeps that while beside it."""
+    path = _line((25.0, -3.5), 0.0)
+    ahead = _stops([[25.0, -3.5, 0.0, 4.5, 1.9]], [car_speed], [path])
+    assert len(ahead) == 1
+    assert ahead[0].speed_mps == pytest.approx(car_speed + CONFIG.pass_speed_delta_mps)
+    assert ahead[0].s < 25.0 - 4.5 / 2 - CONFIG.lead_gap_m
+    # alongside (its front still ahead of the ego's): the limit holds, its stop already behind the ego
+    alongside = _stops([[3.0, 3.5, 0.0, 4.5, 1.9]], [car_speed], [_line((3.0, 3.5), 0.0)])
+    assert len(alongside) == 1 and alongside[0].s < 0.0
+    assert alongside[0].speed_mps == pytest.approx(car_speed + CONFIG.pass_speed_delta_mps)
+    # passed (its front behind the ego's front), two lanes away, or an object rather than a car: no limit
+    assert _stops([[-3.0, -3.5, 0.0, 4.5, 1.9]], [car_speed], [path]) == []
+    assert _stops([[25.0, -7.5, 0.0, 4.5, 1.9]], [car_speed], [_line((25.0, -7.5), 0.0)]) == []
+    assert _stops([[25.0, -3.5, 0.0, 4.5, 1.9]], [car_speed], [None], vehicle=[False]) == []
 
 
 def test_the_expert_follows_a_lead_and_stops_for_a_crossing_car() -> None:

@@ -9,6 +9,12 @@ must be at rest (or at the lead's speed):
   route overlaps the ego's width plus a margin), ahead of the ego: stop ``lead_gap_m`` +
   ``lead_time_gap_s`` x its speed behind it, at its speed along the route (car following; zero for
   cones, parked and crossing cars).
+- **pass**: a car in a lane beside the corridor, ahead and driving the same way slower than the
+  ego, may change into the ego's lane at any moment (MetaDrive's traffic changes lanes round a
+  stopped car or a blocked lane without looking at the ego, and cut-ins from such cars were most of
+  the expert's collisions): the ego passes it at most ``pass_speed_delta_mps`` faster, slow enough
+  to brake behind it if it cuts in. The stop sits where a lead stop would, at the car's speed plus
+  that margin, until the ego's front passes the car's front.
 - **yield**: a moving car not in the corridor now whose predicted path (its lane and the lanes of its
   own route, at its speed accelerating towards the cruise speed) enters the corridor ahead of the ego
   while the ego, going on at up to the cruise speed, would be there too (occupancy windows within
@@ -44,6 +50,7 @@ class YieldSettings:
     yield_gap_m: float  # ego front bumper to the place a crossing car passes
     traffic_accel_mps2: float  # other cars' predicted acceleration towards the cruise speed
     moving_mps: float  # slower cars are not predicted to move
+    pass_speed_delta_mps: float  # at most this much faster than a car beside the corridor, ahead
 
 
 @dataclass
@@ -52,12 +59,14 @@ class Traffic:
     ``speeds`` ``[B]`` m/s; ``paths[i]``: the polyline ``[P, 2]`` car ``i`` will follow from where it
     is (1 m spacing), or None (static objects, cars off any lane); ``waiting[i]``: car ``i`` stands
     only because MetaDrive has not started its block's traffic yet (it starts at the cruise speed
-    when the ego enters the block, so it is predicted to drive at that speed)."""
+    when the ego enters the block, so it is predicted to drive at that speed); ``vehicle[i]``: a
+    car (False: cones, barriers and other objects that never move)."""
 
     boxes: np.ndarray
     speeds: np.ndarray
     paths: list[np.ndarray | None]
     waiting: np.ndarray
+    vehicle: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -77,8 +86,8 @@ def expert_stops(
     geometry: ToyWorldConfig,
     settings: YieldSettings,
 ) -> list[Stop]:
-    """The lead stop and the nearest yield stop (each when there is one), for the rear axle at route
-    arc length ``ego_s`` moving at ``ego_speed``."""
+    """The lead stop, the pass stops and the nearest yield stop (each when there is one), for the
+    rear axle at route arc length ``ego_s`` moving at ``ego_speed``."""
     if len(traffic.boxes) == 0:
         return []
     s, d, heading = project_to_route(route_xy, route_heading, traffic.boxes[:, :2], geometry)
@@ -89,6 +98,11 @@ def expert_stops(
     lead = _lead_stop(traffic, s, heading, in_corridor, ego_s, geometry, settings)
     if lead is not None:
         stops.append(lead)
+    beside = ~in_corridor & aligned & traffic.vehicle
+    beside &= np.abs(d) < _half_corridor(
+        traffic.boxes, heading, geometry, settings.corridor_margin_m + geometry.lane_width_m
+    )
+    stops += _pass_stops(traffic, s, heading, beside, ego_s, geometry, settings)
     yields = [
         _yield_stop(route_xy, route_heading, traffic, i, ego_s, ego_speed, geometry, settings)
         for i in range(len(traffic.boxes))
@@ -111,6 +125,12 @@ def _half_corridor(
     return geometry.width_m / 2 + margin_m + across
 
 
+def _half_extent_along(boxes: np.ndarray, relative: np.ndarray) -> np.ndarray:
+    """Half the extent ``[B]`` of each box along the route, at heading ``relative`` to it: a car
+    across the route reaches out by its width."""
+    return np.abs(np.cos(relative)) * boxes[:, 3] / 2 + np.abs(np.sin(relative)) * boxes[:, 4] / 2
+
+
 def _front_m(geometry: ToyWorldConfig) -> float:
     return geometry.length_m - geometry.rear_overhang_m  # rear axle to front bumper
 
@@ -125,17 +145,41 @@ def _lead_stop(
     settings: YieldSettings,
 ) -> Stop | None:
     relative = traffic.boxes[:, 2] - heading
-    # half the extent of each box along the route: a car across the route reaches out by its width
-    extent = (
-        np.abs(np.cos(relative)) * traffic.boxes[:, 3] / 2
-        + np.abs(np.sin(relative)) * traffic.boxes[:, 4] / 2
-    )
+    extent = _half_extent_along(traffic.boxes, relative)
     ahead = in_corridor & (s + extent > ego_s + _front_m(geometry))  # some of it beyond the front bumper
     if not ahead.any():
         return None
     lead = int(np.argmin(np.where(ahead, s - extent, np.inf)))
     speed = max(0.0, float(traffic.speeds[lead]) * math.cos(relative[lead]))
     return _follow(float(s[lead]), 2 * float(extent[lead]), speed, geometry, settings)
+
+
+def _pass_stops(
+    traffic: Traffic,
+    s: np.ndarray,
+    heading: np.ndarray,
+    beside: np.ndarray,
+    ego_s: float,
+    geometry: ToyWorldConfig,
+    settings: YieldSettings,
+) -> list[Stop]:
+    """A stop at ``pass_speed_delta_mps`` above its speed for each car ``beside`` the corridor whose
+    front is still ahead of the ego's front (see the module docstring)."""
+    relative = traffic.boxes[:, 2] - heading
+    extent = _half_extent_along(traffic.boxes, relative)
+    along = np.maximum(traffic.speeds * np.cos(relative), 0.0)
+    ahead = beside & (s + extent > ego_s + _front_m(geometry))
+    return [
+        _follow(
+            float(s[i]),
+            2 * float(extent[i]),
+            float(along[i]) + settings.pass_speed_delta_mps,
+            geometry,
+            settings,
+        )
+        for i in np.flatnonzero(ahead)
+        if along[i] + settings.pass_speed_delta_mps < geometry.road_speed_mps
+    ]
 
 
 def _follow(s: float, length: float, speed: float, geometry: ToyWorldConfig, settings: YieldSettings) -> Stop:

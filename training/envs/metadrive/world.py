@@ -131,6 +131,7 @@ class MetaDriveWorld:
             speeds=np.concatenate([np.asarray(speeds, dtype=np.float64), np.zeros(len(obstacles))]),
             paths=paths + [None] * len(obstacles),
             waiting=np.asarray(waiting + [False] * len(obstacles), dtype=bool),
+            vehicle=np.arange(len(vehicles) + len(obstacles)) < len(vehicles),
         )
         return traffic, vehicles, obstacles
 
