@@ -172,3 +172,12 @@ def test_the_expert_follows_a_lead_and_stops_for_a_crossing_car() -> None:
     # the same car, far enough down its road that it passes long after the ego: no stop
     late = _stops([[20.0, -60.0, math.pi / 2, 4.5, 1.9]], [8.0], [_line((20.0, -60.0), math.pi / 2)])
     assert late == []
+
+
+def test_a_crossing_found_too_late_to_stop_before_is_driven_through() -> None:
+    """Stopping needs ``v^2 / (2 comfort_decel)``: where that no longer ends before the crossing car's
+    path the ego drives on (standing in the path is worse); slower, it stops as before."""
+    car, path = [12.0, -12.0, math.pi / 2, 4.5, 1.9], [_line((12.0, -12.0), math.pi / 2)]
+    slow = _stops([car], [6.0], path, ego_speed=2.0)
+    assert len(slow) == 1 and slow[0].speed_mps == 0.0
+    assert _stops([car], [6.0], path, ego_speed=8.0) == []

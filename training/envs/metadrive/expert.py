@@ -20,7 +20,10 @@ must be at rest (or at the lead's speed):
   while the ego, going on at up to the cruise speed, would be there too (occupancy windows within
   ``yield_buffer_s``). A car that would cross stops the ego ``yield_gap_m`` before the place it
   crosses; a car that merges and drives on along the route is followed as a lead from the place it
-  merges. Traffic in MetaDrive never yields to the ego, so the ego yields to everything.
+  merges. Traffic in MetaDrive never yields to the ego, so the ego yields to everything it still
+  can: when a comfortable brake (``comfort_decel``) would no longer stop its front before the
+  crossing car's path, it drives on and clears the path instead (seen on development seeds: a
+  yield found that late left the ego standing at a roundabout's entry, where the car hit it).
 """
 
 from __future__ import annotations
@@ -234,6 +237,8 @@ def _yield_stop(
         return None
     if math.cos(headings[first] - route_heading_at[first]) > _ALIGNED_COS and exit_s > entry_s + box[3]:
         return _follow(entry_s, float(box[3]), speed, geometry, settings)  # merges ahead of us: follow it
+    if ego_speed**2 / (2 * geometry.comfort_decel) > entry_s - front:
+        return None  # too late to stop before its path: stopping would leave the ego standing in it
     return Stop(entry_s - _front_m(geometry) - settings.yield_gap_m, 0.0)
 
 
