@@ -143,22 +143,33 @@ def test_a_clear_road_asks_for_no_stop() -> None:
 
 
 @pytest.mark.parametrize("car_speed", [0.0, 1.5])
-def test_a_slower_car_in_the_next_lane_is_passed_at_most_the_margin_faster(car_speed: float) -> None:
+def test_a_slower_car_in_the_next_lane_is_approached_at_most_the_margin_faster(car_speed: float) -> None:
     """It may cut in (MetaDrive's traffic changes lanes without looking at the ego): the ego comes
-    up to it no faster than its speed plus ``pass_speed_delta_mps``, and keeps that while beside it."""
+    up to it no faster than its speed plus ``pass_speed_delta_mps``, then passes without lingering."""
     path = _line((25.0, -3.5), 0.0)
     ahead = _stops([[25.0, -3.5, 0.0, 4.5, 1.9]], [car_speed], [path])
     assert len(ahead) == 1
     assert ahead[0].speed_mps == pytest.approx(car_speed + CONFIG.pass_speed_delta_mps)
     assert ahead[0].s < 25.0 - 4.5 / 2 - CONFIG.lead_gap_m
-    # alongside (its front still ahead of the ego's): the limit holds, its stop already behind the ego
-    alongside = _stops([[3.0, 3.5, 0.0, 4.5, 1.9]], [car_speed], [_line((3.0, 3.5), 0.0)])
-    assert len(alongside) == 1 and alongside[0].s < 0.0
-    assert alongside[0].speed_mps == pytest.approx(car_speed + CONFIG.pass_speed_delta_mps)
-    # passed (its front behind the ego's front), two lanes away, or an object rather than a car: no limit
+    # beside it (the ego's front past its rear), passed, two lanes away, or an object: no limit
+    assert _stops([[5.0, 3.5, 0.0, 4.5, 1.9]], [car_speed], [_line((5.0, 3.5), 0.0)]) == []
     assert _stops([[-3.0, -3.5, 0.0, 4.5, 1.9]], [car_speed], [path]) == []
     assert _stops([[25.0, -7.5, 0.0, 4.5, 1.9]], [car_speed], [_line((25.0, -7.5), 0.0)]) == []
     assert _stops([[25.0, -3.5, 0.0, 4.5, 1.9]], [car_speed], [None], vehicle=[False]) == []
+
+
+def test_a_car_in_the_next_lane_turned_towards_the_ego_lane_is_followed() -> None:
+    """Turned towards the corridor by more than ``merge_heading_deg`` it is changing lanes: a lead,
+    even beside the ego, and even where its predicted path (its lane) stays beside the corridor;
+    turned away, or by less, it is only passed with care."""
+    turn = math.radians(CONFIG.merge_heading_deg + 4.0)
+    for d, towards in ((3.5, -turn), (-3.5, turn)):
+        merging = _stops([[5.0, d, towards, 4.5, 1.9]], [1.5], [_line((5.0, d), 0.0)])
+        assert len(merging) == 1 and merging[0].speed_mps == pytest.approx(1.5 * math.cos(turn))
+        assert merging[0].s < 5.0 - 4.5 / 2
+    assert _stops([[5.0, 3.5, turn, 4.5, 1.9]], [1.5], [_line((5.0, 3.5), 0.0)]) == []  # away
+    slight = math.radians(CONFIG.merge_heading_deg / 2)
+    assert _stops([[5.0, 3.5, -slight, 4.5, 1.9]], [1.5], [_line((5.0, 3.5), 0.0)]) == []
 
 
 def test_the_expert_follows_a_lead_and_stops_for_a_crossing_car() -> None:

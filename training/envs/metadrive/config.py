@@ -67,6 +67,7 @@ class MetaDriveWorldConfig:
     traffic_accel_mps2: float = 1.0  # other cars are predicted to accelerate to the cruise speed at this
     moving_mps: float = 1.0  # slower cars are not predicted to move
     pass_speed_delta_mps: float = 3.0  # pass a slower car in the next lane at most this much faster
+    merge_heading_deg: float = 8.0  # a car in the next lane turned towards the ego's by more is followed
     # map and traffic at difficulty 0 and 1 (linear in between)
     map_blocks: tuple[int, int] = (2, 4)
     traffic_density: tuple[float, float] = (0.02, 0.2)
@@ -97,6 +98,7 @@ class MetaDriveWorldConfig:
             traffic_accel_mps2=self.traffic_accel_mps2,
             moving_mps=self.moving_mps,
             pass_speed_delta_mps=self.pass_speed_delta_mps,
+            merge_heading_deg=self.merge_heading_deg,
         )
 
     def _lerp(self, bounds: tuple[float, float]) -> float:

@@ -14,7 +14,8 @@ must be at rest (or at the lead's speed):
   stopped car or a blocked lane without looking at the ego, and cut-ins from such cars were most of
   the expert's collisions): the ego passes it at most ``pass_speed_delta_mps`` faster, slow enough
   to brake behind it if it cuts in. The stop sits where a lead stop would, at the car's speed plus
-  that margin, until the ego's front passes the car's front.
+  that margin, until the ego's front reaches the car's rear. Such a car already turned towards the
+  corridor by more than ``merge_heading_deg`` is changing into the ego's lane: it is a lead.
 - **yield**: a moving car not in the corridor now whose predicted path (its lane and the lanes of its
   own route, at its speed accelerating towards the cruise speed) enters the corridor ahead of the ego
   while the ego, going on at up to the cruise speed, would be there too (occupancy windows within
@@ -54,6 +55,7 @@ class YieldSettings:
     traffic_accel_mps2: float  # other cars' predicted acceleration towards the cruise speed
     moving_mps: float  # slower cars are not predicted to move
     pass_speed_delta_mps: float  # at most this much faster than a car beside the corridor, ahead
+    merge_heading_deg: float  # a car beside the corridor turned towards it by more leads
 
 
 @dataclass
@@ -97,15 +99,18 @@ def expert_stops(
     half = _half_corridor(traffic.boxes, heading, geometry, settings.corridor_margin_m)
     in_corridor = np.abs(d) < half
     aligned = np.cos(traffic.boxes[:, 2] - heading) > _ALIGNED_COS
-    stops = []
-    lead = _lead_stop(traffic, s, heading, in_corridor, ego_s, geometry, settings)
-    if lead is not None:
-        stops.append(lead)
     beside = ~in_corridor & aligned & traffic.vehicle
     beside &= np.abs(d) < _half_corridor(
         traffic.boxes, heading, geometry, settings.corridor_margin_m + geometry.lane_width_m
     )
-    stops += _pass_stops(traffic, s, heading, beside, ego_s, geometry, settings)
+    # turned towards the corridor: it is changing into the ego's lane, so it leads
+    towards = -np.sign(d) * np.sin(traffic.boxes[:, 2] - heading)
+    merging = beside & (towards > math.sin(math.radians(settings.merge_heading_deg)))
+    stops = []
+    lead = _lead_stop(traffic, s, heading, in_corridor | merging, ego_s, geometry, settings)
+    if lead is not None:
+        stops.append(lead)
+    stops += _pass_stops(traffic, s, heading, beside & ~merging, ego_s, geometry, settings)
     yields = [
         _yield_stop(route_xy, route_heading, traffic, i, ego_s, ego_speed, geometry, settings)
         for i in range(len(traffic.boxes))
@@ -167,11 +172,12 @@ def _pass_stops(
     settings: YieldSettings,
 ) -> list[Stop]:
     """A stop at ``pass_speed_delta_mps`` above its speed for each car ``beside`` the corridor whose
-    front is still ahead of the ego's front (see the module docstring)."""
+    rear is still ahead of the ego's front (see the module docstring); once beside it, the ego
+    passes without the limit (lingering beside a car is where a cut-in cannot be braked for)."""
     relative = traffic.boxes[:, 2] - heading
     extent = _half_extent_along(traffic.boxes, relative)
     along = np.maximum(traffic.speeds * np.cos(relative), 0.0)
-    ahead = beside & (s + extent > ego_s + _front_m(geometry))
+    ahead = beside & (s - extent > ego_s + _front_m(geometry))
     return [
         _follow(
             float(s[i]),
