@@ -240,9 +240,9 @@ TOY_STEPS = 12
 TOY_TIME_LIMIT = 3
 
 
-def _toy_env() -> ToyWaypointEnv:
+def _toy_env(device: str = "cpu") -> ToyWaypointEnv:
     return ToyWaypointEnv(
-        ToyWorldConfig(num_envs=TOY_WORLDS, max_episode_steps=TOY_TIME_LIMIT, difficulty=0.3)
+        ToyWorldConfig(num_envs=TOY_WORLDS, max_episode_steps=TOY_TIME_LIMIT, difficulty=0.3), device
     )
 
 
@@ -268,8 +268,8 @@ def _toy_policy(spec: EnvSpec) -> PPOPolicy:
     return PPOPolicy(model, policy_settings(init_log_std=-1.0))
 
 
-def _toy_buffer(policy: PPOPolicy, device: str = "cpu") -> RolloutBuffer:
-    return RolloutBuffer(TOY_STEPS, TOY_WORLDS, policy.sft_model.feature_dim, policy.num_waypoints, device)
+def _toy_buffer(policy: PPOPolicy, device: str = "cpu", num_steps: int = TOY_STEPS) -> RolloutBuffer:
+    return RolloutBuffer(num_steps, TOY_WORLDS, policy.sft_model.feature_dim, policy.num_waypoints, device)
 
 
 @torch.no_grad()
@@ -483,8 +483,7 @@ def test_state_feedback_refuses_what_a_replay_cannot_carry() -> None:
 def test_rollouts_replayed_from_a_cuda_graph_match_eager_ones() -> None:
     """On a GPU: two rollouts replayed from CUDA graphs fill the buffer as eager rollouts do (the
     world's state must carry from replay to replay, and from one rollout's graph to the next)."""
-    config = ToyWorldConfig(num_envs=TOY_WORLDS, max_episode_steps=TOY_TIME_LIMIT, difficulty=0.3)
-    eager_env, graph_env = ToyWaypointEnv(config, "cuda"), ToyWaypointEnv(config, "cuda")
+    eager_env, graph_env = _toy_env("cuda"), _toy_env("cuda")
     policy = _toy_policy(eager_env.spec).to("cuda")
     eager, captured = _toy_buffer(policy, "cuda"), _toy_buffer(policy, "cuda")
     eager_gen, graph_gen = torch.Generator("cuda").manual_seed(7), torch.Generator("cuda").manual_seed(7)
@@ -506,10 +505,9 @@ def test_rollouts_replayed_from_a_cuda_graph_match_eager_ones() -> None:
 def _host_syncs_of_a_cuda_rollout(num_steps: int) -> int:
     """Synchronisations with the host that CUDA reports while ``collect_rollout`` fills a buffer
     of ``num_steps`` steps (``torch.cuda.set_sync_debug_mode``, which warns at every one)."""
-    config = ToyWorldConfig(num_envs=TOY_WORLDS, max_episode_steps=TOY_TIME_LIMIT, difficulty=0.3)
-    env = ToyWaypointEnv(config, "cuda")
+    env = _toy_env("cuda")
     policy = _toy_policy(env.spec).to("cuda")
-    buffer = RolloutBuffer(num_steps, TOY_WORLDS, policy.sft_model.feature_dim, policy.num_waypoints, "cuda")
+    buffer = _toy_buffer(policy, "cuda", num_steps)
     obs, generator = env.reset(seed=11), torch.Generator("cuda").manual_seed(7)
     collect_rollout(policy, env, buffer, obs, generator, reward_scale=1.0)  # lazy initialisation
     torch.cuda.synchronize()

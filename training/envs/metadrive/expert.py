@@ -98,19 +98,18 @@ def expert_stops(
     s, d, heading = project_to_route(route_xy, route_heading, traffic.boxes[:, :2], geometry)
     half = _half_corridor(traffic.boxes, heading, geometry, settings.corridor_margin_m)
     in_corridor = np.abs(d) < half
-    aligned = np.cos(traffic.boxes[:, 2] - heading) > _ALIGNED_COS
-    beside = ~in_corridor & aligned & traffic.vehicle
-    beside &= np.abs(d) < _half_corridor(
-        traffic.boxes, heading, geometry, settings.corridor_margin_m + geometry.lane_width_m
-    )
+    relative = traffic.boxes[:, 2] - heading  # each object's heading relative to the route there
+    extent = _half_extent_along(traffic.boxes, relative)
+    aligned = np.cos(relative) > _ALIGNED_COS
+    beside = ~in_corridor & aligned & traffic.vehicle & (np.abs(d) < half + geometry.lane_width_m)
     # turned towards the corridor: it is changing into the ego's lane, so it leads
-    towards = -np.sign(d) * np.sin(traffic.boxes[:, 2] - heading)
+    towards = -np.sign(d) * np.sin(relative)
     merging = beside & (towards > math.sin(math.radians(settings.merge_heading_deg)))
     stops = []
-    lead = _lead_stop(traffic, s, heading, in_corridor | merging, ego_s, geometry, settings)
+    lead = _lead_stop(traffic, s, relative, extent, in_corridor | merging, ego_s, geometry, settings)
     if lead is not None:
         stops.append(lead)
-    stops += _pass_stops(traffic, s, heading, beside & ~merging, ego_s, geometry, settings)
+    stops += _pass_stops(traffic, s, relative, extent, beside & ~merging, ego_s, geometry, settings)
     yields = [
         _yield_stop(route_xy, route_heading, traffic, i, ego_s, ego_speed, geometry, settings)
         for i in range(len(traffic.boxes))
@@ -146,14 +145,13 @@ def _front_m(geometry: ToyWorldConfig) -> float:
 def _lead_stop(
     traffic: Traffic,
     s: np.ndarray,
-    heading: np.ndarray,
+    relative: np.ndarray,
+    extent: np.ndarray,
     in_corridor: np.ndarray,
     ego_s: float,
     geometry: ToyWorldConfig,
     settings: YieldSettings,
 ) -> Stop | None:
-    relative = traffic.boxes[:, 2] - heading
-    extent = _half_extent_along(traffic.boxes, relative)
     ahead = in_corridor & (s + extent > ego_s + _front_m(geometry))  # some of it beyond the front bumper
     if not ahead.any():
         return None
@@ -165,7 +163,8 @@ def _lead_stop(
 def _pass_stops(
     traffic: Traffic,
     s: np.ndarray,
-    heading: np.ndarray,
+    relative: np.ndarray,
+    extent: np.ndarray,
     beside: np.ndarray,
     ego_s: float,
     geometry: ToyWorldConfig,
@@ -174,8 +173,6 @@ def _pass_stops(
     """A stop at ``pass_speed_delta_mps`` above its speed for each car ``beside`` the corridor whose
     rear is still ahead of the ego's front (see the module docstring); once beside it, the ego
     passes without the limit (lingering beside a car is where a cut-in cannot be braked for)."""
-    relative = traffic.boxes[:, 2] - heading
-    extent = _half_extent_along(traffic.boxes, relative)
     along = np.maximum(traffic.speeds * np.cos(relative), 0.0)
     ahead = beside & (s - extent > ego_s + _front_m(geometry))
     return [
