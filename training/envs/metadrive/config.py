@@ -119,6 +119,9 @@ class MetaDriveWorldConfig:
             "log_level": 50,  # logging.CRITICAL: MetaDrive logs every episode end at INFO
             "horizon": None,
             "store_map": False,  # scenario seeds are unbounded; keep one map in memory
+            # MetaDrive recycles vehicles between episodes with their physics state, so a scenario
+            # played after another drifted from the same scenario played first (a collision or not)
+            "force_destroy": True,
             "map": round(self._lerp(self.map_blocks)),
             "traffic_density": self._lerp(self.traffic_density),
             "accident_prob": self._lerp(self.accident_prob),

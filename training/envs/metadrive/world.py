@@ -114,7 +114,8 @@ class MetaDriveWorld:
         vehicles, obstacles, speeds, paths, waiting = [], [], [], [], []
         # MetaDrive's trigger-mode traffic: a block's cars stand until the ego enters the block
         started = {id(v) for v in getattr(self.env.engine.traffic_manager, "_traffic_vehicles", [])}
-        for obj in sorted(found, key=lambda o: o.name):  # a set: sort for determinism
+        # a set, of objects named by random UUIDs: sort by where they are, the same in every run
+        for obj in sorted(found, key=lambda o: (*o.position, o.heading_theta)):
             box = [*obj.position, obj.heading_theta, obj.LENGTH, obj.WIDTH]
             if isinstance(obj, BaseVehicle):
                 vehicles.append(box)
