@@ -7,6 +7,7 @@ after each one); TensorBoard shows the same names, grouped as CleanRL groups the
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from torch.utils.tensorboard import SummaryWriter
@@ -81,15 +82,10 @@ class RunLog:
         latest = run.eval_records[-1]
         self.bar.set_postfix(
             steps_s=f"{record['steps_per_s']:.0f}",
-            ret=f"{record['episode_return']:.2f}",
+            ret=_return_text(record["episode_return"], "n/a"),
             ade=f"{latest['ade']:.3f}",
         )
-        log_line(
-            f"iteration {run.iteration}/{run.config.num_iterations}: {record['steps_per_s']:.0f} steps/s, "
-            f"episode return {record['episode_return']:.2f}, "
-            f"eval ADE {latest['ade']:.3f} m (iteration {latest['iteration']})",
-            run.config.progress,
-        )
+        log_line(progress_line(run.iteration, run.config.num_iterations, record, latest), run.config.progress)
 
     def close(self) -> None:
         self.bar.close()
@@ -105,3 +101,20 @@ class RunLog:
                 continue
             group = "eval" if split == "eval" else TB_GROUPS.get(key, "charts")
             self.writer.add_scalar(f"{group}/{key}", value, step)
+
+
+def progress_line(
+    iteration: int, num_iterations: int, record: dict[str, Any], latest_eval: dict[str, Any]
+) -> str:
+    """The console line of one iteration (where no progress bar is drawn)."""
+    return (
+        f"iteration {iteration}/{num_iterations}: {record['steps_per_s']:.0f} steps/s, "
+        f"episode return {_return_text(record['episode_return'], 'n/a (no episode ended)')}, "
+        f"eval ADE {latest_eval['ade']:.3f} m (iteration {latest_eval['iteration']})"
+    )
+
+
+def _return_text(mean_return: float, when_none_ended: str) -> str:
+    """The iteration's mean episode return; NaN means that no episode ended in it (long episodes,
+    few worlds), which a user should not read as a numerical failure."""
+    return f"{mean_return:.2f}" if math.isfinite(mean_return) else when_none_ended
