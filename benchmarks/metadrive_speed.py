@@ -14,9 +14,13 @@ adapter). MetaDrive allows one engine per process, so each lives in a process of
 - ``raw_fixed_action``: the bare env driven straight at a fixed throttle (the issue's first
   measurement), for reference only: MetaDrive triggers its traffic block by block as the ego enters
   them, so an ego that stands or leaves the road within seconds costs MetaDrive less per step.
-- ``adapter``: the batched env of ``make_env("metadrive", 1)`` (one worker process), driven by the
-  expert plans it returns.
+- ``adapter_inprocess_x2``: two such worlds in two processes at once, each on the same seeds, not
+  waiting for each other: what two worlds can get from this machine's cores (its rate counts both).
+- ``adapter``: the batched env of ``make_env("metadrive", 1)`` (one world's worker process, and the
+  spare that prepares the next scenario while the world steps), driven by the expert plans it returns.
 - ``adapter_2workers``: ``make_env("metadrive", 2)``; its rate counts the policy steps of both worlds.
+- ``adapter_in_place``, ``adapter_2workers_in_place``: the same without the spare (a finished world
+  resets in its own worker while the others wait).
 
 Every round runs them all, one after the other, ``--repeats`` rounds; the figures are medians over
 rounds, and a ratio is the median of the ratios within a round (on shared cores the load drifts
@@ -68,7 +72,16 @@ class SpeedSettings:
 
 
 # ---------------------------------------------------------------------------------------- entry
-MEASUREMENTS = ("raw_fixed_action", "raw", "adapter_inprocess", "adapter", "adapter_2workers")
+MEASUREMENTS = (
+    "raw_fixed_action",
+    "raw",
+    "adapter_inprocess",
+    "adapter_inprocess_x2",
+    "adapter",
+    "adapter_2workers",
+    "adapter_in_place",
+    "adapter_2workers_in_place",
+)
 
 
 @exit_on_user_error
@@ -79,9 +92,12 @@ def main(argv: list[str] | None = None) -> None:
     rounds: list[dict[str, Any]] = []
     with (
         concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as world_process,
+        concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as second_world_process,
         concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as raw_process,
         _batched(settings, 1) as one_worker,
         _batched(settings, 2) as two_workers,
+        _batched(settings, 1, spare_world=False) as one_in_place,
+        _batched(settings, 2, spare_world=False) as two_in_place,
     ):
         for _ in range(settings.repeats):
             measured = {
@@ -89,10 +105,16 @@ def main(argv: list[str] | None = None) -> None:
             }
             episodes = measured["adapter_inprocess"].pop("episodes")
             measured.update(raw_process.submit(measure_raw, settings, episodes).result())
+            side_by_side = [
+                p.submit(measure_adapter_inprocess, settings) for p in (world_process, second_world_process)
+            ]
+            measured["adapter_inprocess_x2"] = _together([future.result() for future in side_by_side])
             measured["adapter"] = measure_batched(settings, one_worker)
             measured["adapter_2workers"] = measure_batched(settings, two_workers)
+            measured["adapter_in_place"] = measure_batched(settings, one_in_place)
+            measured["adapter_2workers_in_place"] = measure_batched(settings, two_in_place)
             rounds.append({name: _rates(measured[name]) for name in MEASUREMENTS})
-        for process in (world_process, raw_process):
+        for process in (world_process, second_world_process, raw_process):
             process.submit(close_process_world).result()
     machine["load_average_end"] = list(os.getloadavg())
     result = _summary(settings, machine, rounds)
@@ -112,6 +134,10 @@ def _summary(
         "adapter_vs_raw": ("adapter", "raw", "policy_steps_per_s"),
         "adapter_inprocess_vs_raw": ("adapter_inprocess", "raw", "policy_steps_per_s"),
         "two_workers_vs_one": ("adapter_2workers", "adapter", "policy_steps_per_s"),
+        # what two worlds that never wait for each other get from the machine: the ceiling of the above
+        "two_inprocess_vs_one": ("adapter_inprocess_x2", "adapter_inprocess", "policy_steps_per_s"),
+        "spare_gain_1_world": ("adapter", "adapter_in_place", "policy_steps_per_s"),
+        "spare_gain_2_worlds": ("adapter_2workers", "adapter_2workers_in_place", "policy_steps_per_s"),
         # CPU cost: raw's CPU per step over the adapter's (1 = the adapter adds nothing)
         "cpu_adapter_vs_raw": ("raw", "adapter", "cpu_ms_per_policy_step"),
     }
@@ -182,13 +208,15 @@ def _process_cpu_seconds(pid: int) -> float:
 
 def _table(result: dict[str, Any]) -> str:
     keys = ("policy_steps_per_s", "policy_steps", "seconds", "cpu_ms_per_policy_step")
-    lines = [f"{'measurement':<20} {'policy steps/s':>15} {'steps':>6} {'seconds':>8} {'CPU ms/step':>12}"]
+    lines = [f"{'measurement':<26} {'policy steps/s':>15} {'steps':>6} {'seconds':>8} {'CPU ms/step':>12}"]
     for name in MEASUREMENTS:
         rate, steps, secs, cpu = (result[f"{name}_{key}"] for key in keys)
-        lines.append(f"{name:<20} {rate:>15.2f} {steps:>6.0f} {secs:>8.1f} {cpu:>12.1f}")
+        lines.append(f"{name:<26} {rate:>15.2f} {steps:>6.0f} {secs:>8.1f} {cpu:>12.1f}")
     lines.append(
         f"adapter / raw: {result['adapter_vs_raw']:.2f} (CPU cost: {result['cpu_adapter_vs_raw']:.2f})   "
-        f"2 workers / 1: {result['two_workers_vs_one']:.2f}"
+        f"2 workers / 1: {result['two_workers_vs_one']:.2f} (two worlds side by side: "
+        f"{result['two_inprocess_vs_one']:.2f})   spare: x{result['spare_gain_1_world']:.2f} (1 world), "
+        f"x{result['spare_gain_2_worlds']:.2f} (2 worlds)"
     )
     machine = result["machine"]
     lines.append(
@@ -304,11 +332,25 @@ def _fixed_action(
     }
 
 
+def _together(measured: list[dict[str, Any]]) -> dict[str, Any]:
+    """Measurements that ran at the same time, as one: every step counted, over the longest wall time."""
+    return {
+        "policy_steps": sum(m["policy_steps"] for m in measured),
+        "seconds": max(m["seconds"] for m in measured),
+        "cpu_seconds": sum(m["cpu_seconds"] for m in measured),
+    }
+
+
 @contextlib.contextmanager
-def _batched(settings: SpeedSettings, num_worlds: int) -> Iterator[MetaDriveWaypointEnv]:
-    """``make_env("metadrive", num_worlds)``, closed on the way out."""
+def _batched(
+    settings: SpeedSettings, num_worlds: int, spare_world: bool = True
+) -> Iterator[MetaDriveWaypointEnv]:
+    """``make_env("metadrive", num_worlds)`` (or the same without its spare worker), closed on the way out."""
     set_cpu_threads(1)
-    env = make_env("metadrive", num_worlds, "cpu", settings.difficulty)
+    if spare_world:
+        env = make_env("metadrive", num_worlds, "cpu", settings.difficulty)
+    else:
+        env = MetaDriveWaypointEnv(num_worlds, "cpu", _world_config(settings), spare_world=False)
     assert isinstance(env, MetaDriveWaypointEnv)
     try:
         yield env

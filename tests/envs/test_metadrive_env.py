@@ -96,7 +96,7 @@ def test_a_dead_worker_is_one_clear_error_and_close_stops_the_rest() -> None:
     batched = MetaDriveWaypointEnv(1, "cpu", MetaDriveWorldConfig(difficulty=0.0, max_episode_steps=2))
     try:
         batched.reset(seed=0)
-        (pid,) = batched.worker_pids()
+        pid = batched.worker_pids()[0]  # world 0 (the spare comes last)
         os.kill(pid, signal.SIGKILL)
         with pytest.raises(UserError, match=r"worker of world 0 died \(exit code -9\)") as error:
             batched.step(batched.expert_waypoints())
@@ -122,3 +122,37 @@ def test_closing_keeps_no_entry_per_possible_seed() -> None:
         assert len(env.engine.map_manager.maps) == 0
     finally:
         env.close()
+
+
+def _play_with_a_swerving_world(spare_world: bool, steps: int) -> tuple[list[tuple], list[int], list[int]]:
+    """World 0 follows its expert; world 1 plans a hard left and leaves the road early, so worlds
+    finish both apart and (at the time limit) together."""
+    config = MetaDriveWorldConfig(difficulty=0.0, max_episode_steps=6)
+    swerve = torch.tensor([[1.0 * (k + 1), 2.0 * (k + 1)] for k in range(8)])
+    with MetaDriveWaypointEnv(2, "cpu", config, spare_world=spare_world) as batched:
+        batched.reset(seed=SEED)
+        pids_at_start = batched.worker_pids()
+        trace = []
+        for _ in range(steps):
+            plans = batched.expert_waypoints().clone()
+            plans[1] = swerve
+            obs, reward, terminated, truncated, _info = batched.step(plans)
+            done = (terminated | truncated).tolist()
+            trace.append((obs.bev, obs.state, reward, done, batched.scenario_seed.tolist()))
+        return trace, pids_at_start, batched.worker_pids()
+
+
+def test_the_spare_world_changes_no_batch() -> None:
+    """With a spare worker preparing the next scenario, every observation, reward, end and seed is
+    the one the worlds give when they reset in place."""
+    with_spare, start, end = _play_with_a_swerving_world(True, 14)
+    in_place, _, _ = _play_with_a_swerving_world(False, 14)
+    ends = [done for _, _, _, done, _ in in_place]
+    assert [True, False] in ends or [False, True] in ends, "a world finished alone"
+    assert [True, True] in ends, "both worlds finished in one step"
+    assert len(start) == 3 and sorted(start) == sorted(end) and start != end, "the spare took a world"
+    for (bev, state, reward, done, seeds), (bev0, state0, reward0, done0, seeds0) in zip(
+        with_spare, in_place, strict=True
+    ):
+        assert torch.equal(bev, bev0) and torch.equal(state, state0) and torch.equal(reward, reward0)
+        assert done == done0 and seeds == seeds0

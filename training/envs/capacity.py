@@ -19,6 +19,10 @@ from dataclasses import dataclass
 # Resident memory of one MetaDrive worker with the adapter (measured: 61 workers, 18 GB).
 MEMORY_PER_WORKER_BYTES = 300 * 2**20
 MEMORY_SHARE = 0.5  # of the memory available when the command starts
+# Each batch of worlds keeps one more worker than it has worlds: the spare that prepares the next
+# scenario while the worlds step (training/envs/metadrive/env.py). It waits most of the time, so it
+# counts against memory, not cores.
+SPARE_WORKERS_PER_GROUP = 1
 PROCESS_BACKED_ENVS = frozenset({"metadrive"})
 
 
@@ -40,8 +44,9 @@ class MachineCapacity:
         return max(1, int(self.available_memory_bytes * MEMORY_SHARE // MEMORY_PER_WORKER_BYTES))
 
     def worlds(self, concurrent_groups: int = 1) -> int:
-        """Worlds per group when ``concurrent_groups`` groups are alive at once and step in turn."""
-        return max(1, min(self.stepping, self.alive // concurrent_groups))
+        """Worlds per group when ``concurrent_groups`` groups (each with its spare worker) are alive at
+        once and step in turn."""
+        return max(1, min(self.stepping, self.alive // concurrent_groups - SPARE_WORKERS_PER_GROUP))
 
 
 def machine_capacity() -> MachineCapacity:

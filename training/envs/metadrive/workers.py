@@ -85,17 +85,28 @@ class WorldPool:
     def __len__(self) -> int:
         return len(self._processes)
 
-    def pids(self) -> list[int]:
-        return [p.pid for p in self._processes if p.pid is not None and p.is_alive()]
+    def pids(self, indices: list[int] | None = None) -> list[int]:
+        """Process ids of the live workers ``indices`` (default: all, in order)."""
+        chosen = range(len(self._processes)) if indices is None else indices
+        processes = [self._processes[i] for i in chosen if i < len(self._processes)]
+        return [p.pid for p in processes if p.pid is not None and p.is_alive()]
 
     def call(self, indices: list[int], command: str, arguments: list[Any]) -> list[Any]:
         """Send ``command`` to the worlds ``indices`` (all at once), then collect their answers."""
         for index, argument in zip(indices, arguments, strict=True):
-            try:
-                self._connections[index].send((command, argument))
-            except (BrokenPipeError, OSError):
-                raise UserError(self._died(index)) from None
-        return [self._receive(index) for index in indices]
+            self.start(index, command, argument)
+        return [self.collect(index) for index in indices]
+
+    def start(self, index: int, command: str, argument: Any) -> None:
+        """Send ``command`` to world ``index`` without waiting; ``collect(index)`` gets its answer."""
+        try:
+            self._connections[index].send((command, argument))
+        except (BrokenPipeError, OSError):
+            raise UserError(self._died(index)) from None
+
+    def collect(self, index: int) -> Any:
+        """The answer of world ``index`` to the command last started there (waits for it)."""
+        return self._receive(index)
 
     def _died(self, index: int) -> str:
         process = self._processes[index]
