@@ -1,6 +1,7 @@
 """MetaDrive alone beside the adapter (``--env metadrive``), measured in one run on the same scenarios.
 
-    python -m benchmarks.metadrive_speed [--steps 200] [--seconds 0] [--repeats 3] [--seed S] [--json]
+    python -m benchmarks.metadrive_speed [--steps 200] [--episodes 0] [--seconds 0] [--repeats 3] [--seed S]
+                                         [--json]
 
 Measurements, all on the adapter's MetaDrive config and on scenario seeds ``seed, seed + 1, ...`` (a
 new seed whenever an episode ends, at most ``max_episode_steps`` policy steps each, as in the
@@ -21,6 +22,12 @@ adapter). MetaDrive allows one engine per process, so each lives in a process of
 - ``adapter_2workers``: ``make_env("metadrive", 2)``; its rate counts the policy steps of both worlds.
 - ``adapter_in_place``, ``adapter_2workers_in_place``: the same without the spare (a finished world
   resets in its own worker while the others wait).
+
+With ``--episodes N`` every measurement plays scenarios ``seed .. seed + N - 1`` to their end instead of
+``--steps`` steps (the batched env counts only those episodes' steps and times until the last of them
+ends; raw MetaDrive replays them): one and two worlds then do the same work (in ``--steps`` windows two
+worlds cover other scenarios than one, and a scenario's cost per step varies twofold), and two worlds pay
+for their lockstep tail.
 
 Every round runs them all, one after the other, ``--repeats`` rounds; the figures are medians over
 rounds, and a ratio is the median of the ratios within a round (on shared cores the load drifts
@@ -62,6 +69,7 @@ class SpeedSettings:
     """What one benchmark run measures (the command line)."""
 
     steps: int  # policy steps per measurement (per world)
+    episodes: int  # > 0: the batched env plays these many whole scenarios instead of ``steps`` steps
     seconds: float  # each measurement stops after this long at the latest (0: no limit)
     seed: int  # first scenario seed
     difficulty: float
@@ -155,6 +163,9 @@ def _parse(argv: list[str] | None) -> tuple[SpeedSettings, bool]:
     )
     parser.add_argument("--steps", type=int, default=200, help="policy steps per measurement (per world)")
     parser.add_argument(
+        "--episodes", type=int, default=0, help="batched env: play these many whole scenarios (0: --steps)"
+    )
+    parser.add_argument(
         "--seconds", type=float, default=0.0, help="stop each measurement after this long (0: off)"
     )
     parser.add_argument("--seed", type=int, default=DEV_SEED_START, help="first scenario seed")
@@ -167,7 +178,10 @@ def _parse(argv: list[str] | None) -> tuple[SpeedSettings, bool]:
     require(args.steps >= 1, f"--steps must be >= 1, got {args.steps}")
     require(0.0 <= args.difficulty <= 1.0, f"--difficulty must be in [0, 1], got {args.difficulty}")
     require(args.repeats >= 1, f"--repeats must be >= 1, got {args.repeats}")
-    settings = SpeedSettings(args.steps, max(args.seconds, 0.0), args.seed, args.difficulty, args.repeats)
+    require(args.episodes >= 0, f"--episodes must be >= 0, got {args.episodes}")
+    settings = SpeedSettings(
+        args.steps, args.episodes, max(args.seconds, 0.0), args.seed, args.difficulty, args.repeats
+    )
     return settings, args.json
 
 
@@ -261,11 +275,16 @@ def measure_adapter_inprocess(settings: SpeedSettings) -> dict[str, Any]:
     episodes.append((seed, []))
     frame = world.reset(seed)  # the first reset is left out of every measurement
     start, cpu_start = time.perf_counter(), time.process_time()
-    while steps < settings.steps and not settings.out_of_time(start):
+    last_seed = settings.seed + settings.episodes - 1  # with --episodes: whole scenarios up to this one
+    while not settings.out_of_time(start) and (
+        seed <= last_seed if settings.episodes else steps < settings.steps
+    ):
         outcome = world.step(frame.expert)
         frame, steps = outcome.frame, steps + 1
         if outcome.terminated or outcome.truncated:
             seed += 1
+            if settings.episodes and seed > last_seed:
+                break
             episodes.append((seed, []))
             frame = world.reset(seed)
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
@@ -359,17 +378,36 @@ def _batched(
 
 
 def measure_batched(settings: SpeedSettings, env: MetaDriveWaypointEnv) -> dict[str, Any]:
-    """The batched env driven by the expert plans it hands back; counts every world's steps."""
+    """The batched env driven by the expert plans it hands back; counts every world's steps (or, with
+    ``settings.episodes``, the steps of those whole scenarios)."""
     env.reset(seed=settings.seed)
     pids = env.worker_pids()
     cpu_start = time.process_time() + sum(_process_cpu_seconds(pid) for pid in pids)
     steps, start = 0, time.perf_counter()
-    while steps < settings.steps and not settings.out_of_time(start):
-        env.step(env.expert_waypoints())
-        steps += 1
+    if settings.episodes:
+        steps = _play_scenarios(env, settings.seed, settings.episodes)
+    else:
+        for _ in range(settings.steps):  # per world, as the in-process measurements
+            if settings.out_of_time(start):
+                break
+            env.step(env.expert_waypoints())
+            steps += env.num_envs
     seconds = time.perf_counter() - start
     cpu_seconds = time.process_time() + sum(_process_cpu_seconds(pid) for pid in pids) - cpu_start
-    return {"policy_steps": steps * env.num_envs, "seconds": seconds, "cpu_seconds": cpu_seconds}
+    return {"policy_steps": steps, "seconds": seconds, "cpu_seconds": cpu_seconds}
+
+
+def _play_scenarios(env: MetaDriveWaypointEnv, first_seed: int, count: int) -> int:
+    """Step until scenarios ``first_seed .. first_seed + count - 1`` have all ended; their steps."""
+    remaining, steps = set(range(first_seed, first_seed + count)), 0
+    while remaining:
+        episode = env.step(env.expert_waypoints()).info.episode
+        for world in episode.done.nonzero().flatten().tolist():
+            seed = int(episode.scenario_seed[world])
+            if seed in remaining:
+                remaining.discard(seed)
+                steps += int(episode.length[world])
+    return steps
 
 
 if __name__ == "__main__":
