@@ -98,7 +98,7 @@ def test_a_dead_worker_is_one_clear_error_and_close_stops_the_rest() -> None:
         batched.reset(seed=0)
         pid = batched.worker_pids()[0]  # world 0 (the spare comes last)
         os.kill(pid, signal.SIGKILL)
-        with pytest.raises(UserError, match=r"worker of world 0 died \(exit code -9\)") as error:
+        with pytest.raises(UserError, match=r"MetaDrive worker 0 died \(exit code -9\)") as error:
             batched.step(batched.expert_waypoints())
         assert "\n" not in str(error.value)
     finally:

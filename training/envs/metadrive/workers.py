@@ -111,7 +111,7 @@ class WorldPool:
     def _died(self, index: int) -> str:
         process = self._processes[index]
         process.join(timeout=1.0)
-        return f"MetaDrive worker of world {index} died (exit code {process.exitcode})"
+        return f"MetaDrive worker {index} died (exit code {process.exitcode})"
 
     def _receive(self, index: int) -> Any:
         connection, process = self._connections[index], self._processes[index]
@@ -120,15 +120,13 @@ class WorldPool:
             if not process.is_alive() and not connection.poll(0):
                 raise UserError(self._died(index))
             if time.monotonic() > deadline:
-                raise UserError(
-                    f"MetaDrive worker of world {index} did not answer within {self.timeout_s:.0f} s"
-                )
+                raise UserError(f"MetaDrive worker {index} did not answer within {self.timeout_s:.0f} s")
         try:
             status, payload = connection.recv()
         except (EOFError, OSError):
             raise UserError(self._died(index)) from None
         if status != "ok":
-            raise UserError(f"MetaDrive world {index}: {payload}")
+            raise UserError(f"MetaDrive worker {index}: {payload}")
         return payload
 
     def close(self) -> None:
