@@ -59,7 +59,6 @@ from training.common.errors import exit_on_user_error
 from training.common.seeds import DEV_SEED_START
 from training.envs.metadrive import MetaDriveWaypointEnv
 from training.envs.metadrive.config import MetaDriveWorldConfig
-from training.envs.registry import make_env
 
 FIXED_ACTION = (0.0, 0.3)  # steering, throttle_brake: straight ahead at a moderate throttle
 
@@ -276,9 +275,7 @@ def measure_adapter_inprocess(settings: SpeedSettings) -> dict[str, Any]:
     frame = world.reset(seed)  # the first reset is left out of every measurement
     start, cpu_start = time.perf_counter(), time.process_time()
     last_seed = settings.seed + settings.episodes - 1  # with --episodes: whole scenarios up to this one
-    while not settings.out_of_time(start) and (
-        seed <= last_seed if settings.episodes else steps < settings.steps
-    ):
+    while not settings.out_of_time(start) and (settings.episodes or steps < settings.steps):
         outcome = world.step(frame.expert)
         frame, steps = outcome.frame, steps + 1
         if outcome.terminated or outcome.truncated:
@@ -364,13 +361,10 @@ def _together(measured: list[dict[str, Any]]) -> dict[str, Any]:
 def _batched(
     settings: SpeedSettings, num_worlds: int, spare_world: bool = True
 ) -> Iterator[MetaDriveWaypointEnv]:
-    """``make_env("metadrive", num_worlds)`` (or the same without its spare worker), closed on the way out."""
+    """The batched env ``make_env("metadrive", num_worlds)`` builds, on the measurement's config (or the
+    same without its spare worker), closed on the way out."""
     set_cpu_threads(1)
-    if spare_world:
-        env = make_env("metadrive", num_worlds, "cpu", settings.difficulty)
-    else:
-        env = MetaDriveWaypointEnv(num_worlds, "cpu", _world_config(settings), spare_world=False)
-    assert isinstance(env, MetaDriveWaypointEnv)
+    env = MetaDriveWaypointEnv(num_worlds, "cpu", _world_config(settings), spare_world=spare_world)
     try:
         yield env
     finally:
