@@ -40,6 +40,7 @@ from training.sft.model import WaypointModel, load_sft_model
 try:
     from stable_baselines3 import PPO
     from stable_baselines3.common.callbacks import BaseCallback
+    from stable_baselines3.common.logger import Logger
     from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
     from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv, VecEnvWrapper
 except ImportError as error:  # an optional extra: the caller gets one clear line
@@ -176,6 +177,9 @@ def measure_sb3(sft_model: WaypointModel, settings: SB3Settings, rollouts: int =
     if rollouts < 1:
         raise UserError(f"rollouts must be >= 1, got {rollouts}")
     model = build_sb3_ppo(sft_model, settings)
+    # SB3's default logger makes an empty folder in the temp directory at every learn(), even with
+    # verbose=0; one with no outputs and no folder writes nothing
+    model.set_logger(Logger(folder=None, output_formats=[]))
     timer = _RolloutTimer()
     started = time.perf_counter()
     model.learn(total_timesteps=rollouts * settings.num_envs * settings.rollout_steps, callback=timer)

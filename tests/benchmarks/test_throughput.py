@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,10 +16,15 @@ REQUIRED = ("device", "num_envs", "world_steps_per_s", "rollout_steps_per_s", "t
 TINY = ["--seconds", "0", "--rollout-steps", "4", "--minibatches", "2", "--update-epochs", "1"]
 
 
-def test_tiny_run_reports_every_figure(tiny_sft: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_tiny_run_reports_every_figure(
+    tiny_sft: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where SB3's default logger makes a folder
+    monkeypatch.delenv("SB3_LOGDIR", raising=False)
     argv = [*TINY, "--num-envs", "3,2", "--sb3-max-envs", "2", "--sft-checkpoint", str(tiny_sft), "--json"]
     code, out, err = run_cli(main, argv, capsys)
     assert code == 0, err
+    assert list(tmp_path.iterdir()) == []  # the SB3 side-by-side leaves nothing behind
     result = json.loads(out)
     for key in (*REQUIRED, "peak_memory_bytes", "sft_train_samples_per_s", "encoder_flops_per_step"):
         assert key in result, key
