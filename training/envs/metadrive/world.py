@@ -23,6 +23,7 @@ import numpy as np
 from metadrive.component.vehicle.base_vehicle import BaseVehicle
 from metadrive.policy.idm_policy import IDMPolicy
 
+from training.envs.metadrive.collisions import box_gap, closed_by, closing_speeds
 from training.envs.metadrive.config import MetaDriveWorldConfig
 from training.envs.metadrive.expert import Traffic, expert_stops
 from training.envs.metadrive.frames import WorldFrame, WorldStep
@@ -95,6 +96,33 @@ class MetaDriveWorld:
 
     def close(self) -> None:
         self.env.close()
+
+    def collision_report(self, radius_m: float = 12.0) -> dict[str, object] | None:
+        """The object nearest the ego's box now (within ``radius_m``; None if none) and who was moving
+        into whom (``collisions.py``): call it right after a step that ended in a collision."""
+        ego = np.array([*self.ego.position, self.ego.heading_theta, self.ego.LENGTH, self.ego.WIDTH])
+        nearest = None
+        for obj in self.ego.lidar.get_surrounding_objects(self.ego, radius=radius_m):
+            box = np.array([*obj.position, obj.heading_theta, obj.LENGTH, obj.WIDTH])
+            gap = box_gap(ego, box)
+            if nearest is None or gap < nearest[0]:
+                nearest = (gap, obj, box)
+        if nearest is None:
+            return None
+        gap, obj, box = nearest
+        ego_speed, other_speed = float(self.ego.speed), float(getattr(obj, "speed", 0.0))
+        ego_closing, other_closing = closing_speeds(ego, ego_speed, box, other_speed)
+        heading, (dx, dy) = float(ego[2]), box[:2] - ego[:2]
+        return {
+            "closed_by": closed_by(ego_speed, ego_closing, other_closing),
+            "other": type(obj).__name__,
+            "ego_speed_mps": round(ego_speed, 2),
+            "other_speed_mps": round(other_speed, 2),
+            "other_heading_deg": round(math.degrees(math.remainder(float(box[2]) - heading, math.tau))),
+            "other_ahead_m": round(math.cos(heading) * dx + math.sin(heading) * dy, 2),
+            "other_left_m": round(-math.sin(heading) * dx + math.cos(heading) * dy, 2),
+            "gap_m": round(gap, 2),
+        }
 
     # ------------------------------------------------------------------ geometry
     def _pose(self) -> tuple[float, float, float]:
