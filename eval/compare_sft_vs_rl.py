@@ -40,7 +40,7 @@ from training.rl.checkpoint import load_rl_checkpoint, trained_policy
 from training.rl.policy import PPOPolicy
 from training.sft.external import parse_factory_spec, read_sft
 
-MAX_WORLDS = 256  # worlds simulated at once; more episodes are played in chunks
+MAX_WORLDS = 256  # worlds simulated at once; a world that finishes goes on to the next scenario
 
 
 @dataclass
@@ -65,8 +65,9 @@ class CompareConfig(SimulatorFlags):
     episodes: int = config_field(100, "scenarios, each driven by both policies", "episodes")
     worlds: int | None = config_field(
         None,
-        f"worlds that drive them, in chunks (default: one per episode up to {MAX_WORLDS}; with a "
-        "simulator that runs a process per world, as many as the machine runs well)",
+        "worlds that drive them, each going on to the next scenario when its episode ends "
+        f"(default: one per episode up to {MAX_WORLDS}; with a simulator that runs a process per world, "
+        "as many as the machine runs well)",
     )
     seed: int = config_field(
         TEST_SEED_START,

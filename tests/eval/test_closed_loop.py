@@ -37,6 +37,36 @@ def test_chunks_play_consecutive_seeds_like_one_batch(fake):
     assert fewer.episodes == one.episodes
 
 
+def test_a_world_goes_on_to_the_next_seed_without_waiting_for_the_others(fake):
+    seed, episodes, worlds = 3, 20, 2
+    lengths = [min(fake.episode_length(seed + j), fake.max_episode_steps) for j in range(episodes)]
+    # the protocol's order: a world that finishes takes the next unused seed at once
+    free_at, next_episode = [lengths[0], lengths[1]], worlds
+    while next_episode < episodes:
+        world = min(range(worlds), key=lambda w: (free_at[w], w))
+        free_at[world] += lengths[next_episode]
+        next_episode += 1
+    last_end = max(free_at)
+    env = fake.Env(num_envs=worlds)
+    result = run_closed_loop(env, fake.offset_policy, seed=seed, num_episodes=episodes)
+    assert [e["length"] for e in result.episodes] == lengths
+    assert env.step_calls == math.ceil(last_end / 8) * 8  # all done at last_end, seen at the next check
+    assert env.step_calls < sum(max(lengths[i : i + worlds]) for i in range(0, episodes, worlds))
+
+
+def test_an_env_that_hands_out_other_seeds_is_refused(fake):
+    class SameSeedAgain(fake.Env):
+        def step(self, waypoints):
+            done_seeds = self.seed.clone()
+            result = super().step(waypoints)
+            restarted = result.info.episode.done
+            self.seed[restarted] = done_seeds[restarted]  # replays its scenario instead of the next one
+            return result
+
+    with pytest.raises(RuntimeError, match="scenario seeds"):
+        run_closed_loop(SameSeedAgain(num_envs=2), fake.offset_policy, seed=0, num_episodes=6)
+
+
 def test_deterministic(fake):
     runs = [
         run_closed_loop(fake.Env(num_envs=5), fake.offset_policy, 0, 5, record_trajectories=2)

@@ -314,7 +314,7 @@ def test_curriculum_start_above_the_target_is_rejected(tiny_run, tmp_path: Path)
 
 
 def test_fewer_evaluation_worlds_play_every_held_out_episode(tiny_run, tmp_path: Path) -> None:
-    """Simulators with a process or server per world evaluate on a few worlds, in chunks."""
+    """Simulators with a process or server per world evaluate on a few worlds, one episode after another."""
     one = tmp_path / "one_world"
     train_ppo(_config(tiny_run["sft"], one, num_iterations=1, eval_episodes=3, eval_worlds=1))
     many = tmp_path / "three_worlds"

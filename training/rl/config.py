@@ -137,8 +137,9 @@ class PPOConfig(SimulatorFlags):
     eval_episodes: int = config_field(50, "held-out scenarios per evaluation", "episodes")
     eval_worlds: int | None = config_field(
         None,
-        "worlds that play them, in chunks (default: one per episode; with a simulator that runs a "
-        "process per world, as many as the machine runs well)",
+        "worlds that play them, each going on to the next scenario when its episode ends "
+        "(default: one per episode; with a simulator that runs a process per world, as many as the "
+        "machine runs well)",
     )
     eval_seed: int = config_field(
         EVAL_SEED_START, "first evaluation scenario seed (development range; the test range is reserved)"
