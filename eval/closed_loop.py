@@ -53,7 +53,7 @@ _EPISODE_FIELDS: tuple[tuple[str, type], ...] = (
     ("scenario_seed", int),
 )
 
-# Steps between checks (one device sync each) of whether every world has finished its episode.
+# Steps between checks (one device sync each) of whether every counted episode has finished.
 _DONE_CHECK_INTERVAL = 8
 
 
@@ -64,7 +64,7 @@ class ClosedLoopResult:
     episodes: list[dict[str, Any]]
     trajectories: list[dict[str, Any]] = field(default_factory=list)
     wall_time_s: float = 0.0
-    env_steps: int = 0  # world-steps simulated, including masked-out ones
+    env_steps: int = 0  # world-steps simulated, including those of episodes not counted
     nonfinite_actions: int = 0  # policy steps (within counted episodes) with a NaN/inf waypoint
 
 
