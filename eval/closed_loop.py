@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from eval.metrics import displacement_errors
-from training.envs.protocol import BatchedWaypointEnv, Observation
+from training.envs.protocol import BatchedWaypointEnv, EpisodeStats, Observation
 
 Tensor = torch.Tensor
 
@@ -90,14 +90,17 @@ def _initial_pose(env: BatchedWaypointEnv) -> Tensor:
 
 
 class _Tally:
-    """Per-world running sums of the episode each world is playing, and the finished episodes'
-    records, indexed by episode ``j`` (scenario ``seed + j``) in tensors of ``n + 1`` entries: the
+    """Which episode each world plays (``slot``: episode ``j`` is scenario ``seed + j``), the running
+    sums of those episodes, and the finished episodes' records in tensors of ``n + 1`` entries: the
     last one takes the writes of worlds whose episode is not one of the ``n`` (no host sync)."""
 
-    def __init__(self, env: BatchedWaypointEnv, num_episodes: int) -> None:
+    def __init__(self, env: BatchedWaypointEnv, seed: int, num_episodes: int) -> None:
         n, device = num_episodes, env.device
         worlds = env.num_envs
-        self.n = n
+        self.n, self.seed = n, seed
+        self.slot = torch.arange(worlds, device=device)
+        self.next_slot = torch.tensor(worlds, device=device)
+        self.wrong_seeds = torch.zeros((), dtype=torch.int64, device=device)
         self.ade_sum = torch.zeros(worlds, dtype=torch.float64, device=device)
         self.fde_sum = torch.zeros(worlds, dtype=torch.float64, device=device)
         self.finite_steps = torch.zeros(worlds, dtype=torch.int64, device=device)
@@ -113,9 +116,11 @@ class _Tally:
         self.finite_steps += finite.to(torch.int64)
         self.nonfinite_steps += (~finite).to(torch.int64)
 
-    def finish(self, episode: Any, slot: Tensor) -> None:
-        """Record the episodes that ended in this step (``slot``: each world's episode index)."""
-        done = episode.done
+    def finish(self, episode: EpisodeStats) -> None:
+        """Record the episodes that ended in this step; their worlds take the next seeds, in world
+        order (the protocol's autoreset)."""
+        done, slot = episode.done, self.slot
+        self.wrong_seeds += (done & (episode.scenario_seed != self.seed + slot)).sum()
         target = torch.where(done & (slot < self.n), slot, self.n)
         steps = self.finite_steps.clamp(min=1).to(torch.float64)
         values = {name: getattr(episode, name) for name, _ in _EPISODE_FIELDS}
@@ -129,12 +134,24 @@ class _Tally:
         self.finished.scatter_(0, target, done)
         for running in (self.ade_sum, self.fde_sum, self.finite_steps, self.nonfinite_steps):
             running.masked_fill_(done, 0)
+        self.slot = torch.where(done, self.next_slot + torch.cumsum(done, 0) - 1, slot)
+        self.next_slot = self.next_slot + done.sum()
 
-    def episodes(self, seed: int) -> list[dict[str, Any]]:
+    def all_finished(self) -> bool:
+        return bool(self.finished[: self.n].all())
+
+    def episodes(self, steps: int) -> list[dict[str, Any]]:
+        """The ``n`` records in scenario-seed order, after ``steps`` steps (RuntimeError when the env
+        broke the protocol's seed order or an episode has not finished)."""
+        if int(self.wrong_seeds):
+            raise RuntimeError("the environment's autoreset does not hand out the protocol's scenario seeds")
+        unfinished = int((~self.finished[: self.n]).sum())
+        if unfinished:
+            raise RuntimeError(f"{unfinished} episode(s) did not finish within {steps} steps")
         columns = {name: values[: self.n].cpu().tolist() for name, values in self.records.items()}
         episodes: list[dict[str, Any]] = []
         for j in range(self.n):
-            record: dict[str, Any] = {"scenario_seed": seed + j}
+            record: dict[str, Any] = {"scenario_seed": self.seed + j}
             record["ade"], record["fde"] = float(columns["ade"][j]), float(columns["fde"][j])
             for name, kind in _EPISODE_FIELDS:
                 record[name] = kind(columns[name][j])
@@ -144,35 +161,47 @@ class _Tally:
         return episodes
 
 
-def _trajectories(
-    episodes: list[dict[str, Any]],
-    slots: list[Tensor],
-    poses: list[Tensor],
-    policy_plans: list[Tensor],
-    expert_plans: list[Tensor],
-    count: int,
-) -> list[dict[str, Any]]:
-    """The first ``count`` episodes' rows out of the per-step ``[N, ...]`` recordings: episode ``j``
-    is the steps in which a world played slot ``j``, in order."""
-    slot_np = torch.stack(slots).cpu().numpy()  # [T, N]
-    pose_t, policy_t, expert_t = (torch.stack(rows) for rows in (poses, policy_plans, expert_plans))
-    trajectories: list[dict[str, Any]] = []
-    for j in range(count):
-        steps, worlds = np.nonzero(slot_np == j)
-        rows = torch.as_tensor(steps[: episodes[j]["length"]], device=pose_t.device)
-        world = int(worlds[0])
-        pose, policy, expert = pose_t[rows, world], policy_t[rows, world], expert_t[rows, world]
-        trajectories.append(
-            {
-                "scenario_seed": episodes[j]["scenario_seed"],
-                "ego_pose": pose.cpu().numpy().astype(np.float64),
-                "policy_waypoints_ego": policy.cpu().numpy().astype(np.float64),
-                "expert_waypoints_ego": expert.cpu().numpy().astype(np.float64),
-                "policy_waypoints_world": ego_to_world(policy, pose).cpu().numpy().astype(np.float64),
-                "expert_waypoints_world": ego_to_world(expert, pose).cpu().numpy().astype(np.float64),
-            }
-        )
-    return trajectories
+class _Recording:
+    """Every step's poses and plans of all worlds, with the episode each world was playing, for
+    drawing the first ``count`` episodes; episode ``j`` is the steps in which a world played it."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self.slots: list[Tensor] = []
+        self.poses: list[Tensor] = []
+        self.policy: list[Tensor] = []
+        self.expert: list[Tensor] = []
+
+    def add(self, slot: Tensor, pose: Tensor, waypoints: Tensor, expert: Tensor) -> None:
+        if self.count:
+            self.slots.append(slot)
+            self.poses.append(pose.to(torch.float32).clone())
+            self.policy.append(waypoints.to(torch.float32).clone())
+            self.expert.append(expert.to(torch.float32).clone())
+
+    def trajectories(self, episodes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        if not self.count:
+            return []
+        slot_np = torch.stack(self.slots).cpu().numpy()  # [T, N]
+        pose_t, policy_t, expert_t = (torch.stack(rows) for rows in (self.poses, self.policy, self.expert))
+        trajectories: list[dict[str, Any]] = []
+        for j in range(self.count):
+            steps, worlds = np.nonzero(slot_np == j)
+            rows = torch.as_tensor(steps[: episodes[j]["length"]], device=pose_t.device)
+            world = int(worlds[0])
+            pose, policy, expert = pose_t[rows, world], policy_t[rows, world], expert_t[rows, world]
+            as_numpy = lambda t: t.cpu().numpy().astype(np.float64)  # noqa: E731
+            trajectories.append(
+                {
+                    "scenario_seed": episodes[j]["scenario_seed"],
+                    "ego_pose": as_numpy(pose),
+                    "policy_waypoints_ego": as_numpy(policy),
+                    "expert_waypoints_ego": as_numpy(expert),
+                    "policy_waypoints_world": as_numpy(ego_to_world(policy, pose)),
+                    "expert_waypoints_world": as_numpy(ego_to_world(expert, pose)),
+                }
+            )
+        return trajectories
 
 
 def run_closed_loop(
@@ -202,54 +231,31 @@ def run_closed_loop(
     """
     if num_episodes < 1:
         raise ValueError(f"num_episodes must be positive, got {num_episodes}")
-    record = max(0, min(record_trajectories, num_episodes))
     start = time.perf_counter()
     worlds = env.num_envs
-    tally = _Tally(env, num_episodes)
-    slots, poses, policy_plans, expert_plans = [], [], [], []
+    tally = _Tally(env, seed, num_episodes)
+    recording = _Recording(max(0, min(record_trajectories, num_episodes)))
     env_steps = 0
     with torch.inference_mode():
         obs = env.reset(seed=seed)
         expert = env.expert_waypoints()
-        pose = _initial_pose(env) if record else None
-        slot = torch.arange(worlds, device=env.device)  # the episode (scenario seed - seed) each world plays
-        next_slot = torch.tensor(worlds, device=env.device)
-        wrong_seeds = torch.zeros((), dtype=torch.int64, device=env.device)
+        pose = _initial_pose(env)
         max_steps = math.ceil(num_episodes / worlds) * env.spec.max_episode_steps
         for step in range(max_steps):
             waypoints = policy_fn(obs)
             tally.add_step(waypoints, expert)
-            if record:
-                slots.append(slot)
-                poses.append(pose)
-                policy_plans.append(waypoints.to(torch.float32).clone())
-                expert_plans.append(expert.to(torch.float32).clone())
+            recording.add(tally.slot, pose, waypoints, expert)
             obs, _reward, _terminated, _truncated, info = env.step(waypoints)
             env_steps += worlds
             expert = info.expert_waypoints
-            if record:
-                pose = info.ego_pose.to(torch.float32).clone()
-            done = info.episode.done
-            wrong_seeds += (done & (info.episode.scenario_seed != seed + slot)).sum()
-            tally.finish(info.episode, slot)
-            # the worlds that finished take the next seeds in world order
-            slot = torch.where(done, next_slot + torch.cumsum(done, 0) - 1, slot)
-            next_slot = next_slot + done.sum()
-            if (step + 1) % _DONE_CHECK_INTERVAL == 0 and bool(tally.finished[:num_episodes].all()):
+            pose = info.ego_pose
+            tally.finish(info.episode)
+            if (step + 1) % _DONE_CHECK_INTERVAL == 0 and tally.all_finished():
                 break
-    if int(wrong_seeds):
-        raise RuntimeError("the environment's autoreset does not hand out the protocol's scenario seeds")
-    unfinished = int((~tally.finished[:num_episodes]).sum())
-    if unfinished:
-        raise RuntimeError(
-            f"{unfinished} episode(s) did not finish within {max_steps} steps "
-            f"(spec.max_episode_steps={env.spec.max_episode_steps} per episode)"
-        )
-    episodes = tally.episodes(seed)
-    trajectories = _trajectories(episodes, slots, poses, policy_plans, expert_plans, record) if record else []
+    episodes = tally.episodes(step + 1)
     return ClosedLoopResult(
         episodes=episodes,
-        trajectories=trajectories,
+        trajectories=recording.trajectories(episodes),
         wall_time_s=time.perf_counter() - start,
         env_steps=env_steps,
         nonfinite_actions=sum(e["nonfinite_actions"] for e in episodes),
