@@ -6,10 +6,9 @@
 Uses the deterministic closed-loop evaluator on held-out scenario seeds ``seed .. seed + episodes - 1``
 (default: the start of the development range); prints one JSON object. ``--env metadrive`` runs
 ``--workers`` MetaDrive worlds in parallel (one process each) and lists every episode that did not
-reach its destination cleanly under ``unfinished`` (seed, outcome, route completion, length). Each
-collision is then replayed in this process (a scenario is a function of its seed, bit for bit) to say
-what the ego touched and which of the two was moving into the other (``collision``; see
-``training/envs/metadrive/collisions.py``); ``collisions_closed_by`` counts them.
+reach its destination cleanly under ``unfinished`` (seed, outcome, route completion, length), with,
+for a collision, what the ego touched and which of the two was moving into the other (``collision``;
+see ``training/envs/metadrive/collisions.py``); ``collisions_closed_by`` counts them.
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ from typing import Any
 
 import torch
 
-from eval.closed_loop import run_closed_loop
+from eval.closed_loop import collisions_closed_by, run_closed_loop
 from eval.metrics import summarise
 from training.common.device import resolve_device, set_cpu_threads
 from training.common.errors import exit_on_user_error
@@ -53,6 +52,7 @@ def main(argv: list[str] | None = None) -> None:
         result = run_closed_loop(
             env, lambda obs: env.expert_waypoints(), seed=args.seed, num_episodes=args.episodes
         )
+        collisions = env.collision_reports()
     finally:
         env.close()
     eps = result.episodes
@@ -74,41 +74,10 @@ def main(argv: list[str] | None = None) -> None:
     }
     if args.env != "toy":
         report["time_limit_rate"] = sum(1 for e in eps if _outcome(e) == "time limit") / len(eps)
-        report["unfinished"] = [_unfinished(e) for e in eps if _outcome(e) != "goal"]
-    if args.env == "metadrive":
-        _explain_collisions(report, args.difficulty)
+        report["unfinished"] = [_unfinished(e, collisions) for e in eps if _outcome(e) != "goal"]
+    if collisions is not None:
+        report["collisions_closed_by"] = collisions_closed_by(collisions, eps)
     print(json.dumps(report, indent=2))
-
-
-def _explain_collisions(report: dict[str, Any], difficulty: float) -> None:
-    """Replay every collision of ``report["unfinished"]`` with the expert in one in-process world
-    (the workers are closed by now) and attach what ``MetaDriveWorld.collision_report`` says."""
-    collided = [entry for entry in report["unfinished"] if entry["outcome"] == "collision"]
-    report["collisions_closed_by"] = {"ego": 0, "ego standing": 0, "other": 0, "not found": 0}
-    if not collided:
-        return
-    from training.envs.metadrive.config import MetaDriveWorldConfig
-    from training.envs.metadrive.world import MetaDriveWorld
-
-    world = MetaDriveWorld(MetaDriveWorldConfig(difficulty=difficulty))
-    try:
-        for entry in collided:
-            entry["collision"] = _replay_collision(world, entry["scenario_seed"])
-            closed = entry["collision"]["closed_by"] if entry["collision"] else "not found"
-            report["collisions_closed_by"][closed] += 1
-    finally:
-        world.close()
-
-
-def _replay_collision(world: Any, seed: int) -> dict[str, Any] | None:
-    """The collision report at the step scenario ``seed`` ended in a collision when replayed
-    (None when the replay ended otherwise)."""
-    frame = world.reset(seed)
-    while True:
-        step = world.step(frame.expert)
-        frame = step.frame
-        if step.episode:
-            return world.collision_report() if step.episode["collision"] else None
 
 
 def _outcome(episode: dict[str, Any]) -> str:
@@ -119,13 +88,16 @@ def _outcome(episode: dict[str, Any]) -> str:
     return "goal" if episode["goal_reached"] else "time limit"
 
 
-def _unfinished(episode: dict[str, Any]) -> dict[str, Any]:
-    return {
+def _unfinished(episode: dict[str, Any], collisions: dict[int, dict[str, Any]] | None) -> dict[str, Any]:
+    entry = {
         "scenario_seed": episode["scenario_seed"],
         "outcome": _outcome(episode),
         "route_completion": round(episode["route_completion"], 3),
         "length": episode["length"],
     }
+    if collisions is not None and episode["collision"]:
+        entry["collision"] = collisions.get(episode["scenario_seed"])
+    return entry
 
 
 if __name__ == "__main__":

@@ -260,3 +260,19 @@ def run_closed_loop(
         env_steps=env_steps,
         nonfinite_actions=sum(e["nonfinite_actions"] for e in episodes),
     )
+
+
+def collisions_closed_by(
+    reports: dict[int, dict[str, Any]] | None, episodes: list[dict[str, Any]]
+) -> dict[str, int] | None:
+    """How many of ``episodes``' collisions the ego closed the gap of, stood in, or had the other
+    party close, from an env's ``collision_reports()`` ("not found" where it had none for the
+    seed); None when the environment does not tell."""
+    if reports is None:
+        return None
+    counts = {"ego": 0, "ego standing": 0, "other": 0, "not found": 0}
+    for episode in episodes:
+        if episode["collision"]:
+            report = reports.get(episode["scenario_seed"])
+            counts[report["closed_by"] if report else "not found"] += 1
+    return counts

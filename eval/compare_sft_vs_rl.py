@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from eval.animation import VIDEO_FORMATS, animate_worst_scenarios, video_suffix
-from eval.closed_loop import ClosedLoopResult, run_closed_loop
+from eval.closed_loop import ClosedLoopResult, collisions_closed_by, run_closed_loop
 from eval.metrics import compare_paired, summarise
 from eval.plots import plot_ade_distribution, plot_episodes, plot_metric_bars, plot_training_curves
 from eval.report import format_table, write_report
@@ -248,7 +248,11 @@ def compare(config: CompareConfig) -> dict[str, Any]:
         out_dir = ensure_writable_dir(config.resolved_out_dir())
         with torch.inference_mode():
             sft = drive(env, lambda obs: sft_model(obs.bev, obs.state), config)
+            sft_collisions = collisions_closed_by(
+                env.collision_reports(), sft.episodes
+            )  # before RL replays the seeds
             rl = drive(env, lambda obs: policy.deterministic_waypoints(obs.bev, obs.state), config)
+            rl_collisions = collisions_closed_by(env.collision_reports(), rl.episodes)
         rows = compare_paired(sft.episodes, rl.episodes, num_resamples=config.bootstrap_resamples, seed=0)
         plots = make_plots(out_dir, config, rows, sft, rl, env)
     finally:
@@ -269,6 +273,9 @@ def compare(config: CompareConfig) -> dict[str, Any]:
         "sft_wall_time_s": sft.wall_time_s,
         "rl_wall_time_s": rl.wall_time_s,
     }
+    if sft_collisions is not None and rl_collisions is not None:
+        metadata["sft_collisions_closed_by"] = sft_collisions
+        metadata["rl_collisions_closed_by"] = rl_collisions
     report = functools.partial(
         write_report,
         out_dir,

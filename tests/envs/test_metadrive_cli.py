@@ -128,4 +128,8 @@ def test_sft_then_rl_then_compare_in_metadrive(
     report = json.loads((compare_dir / "compare.json").read_text())
     assert report["metadata"]["env"] == "metadrive"
     assert len(report["episodes"]["sft"]) == 2 == len(report["episodes"]["rl"])
+    for policy in ("sft", "rl"):  # every collision described (MetaDrive tells who moved into whom)
+        collided = sum(episode["collision"] for episode in report["episodes"][policy])
+        closed_by = report["metadata"][f"{policy}_collisions_closed_by"]
+        assert sum(closed_by.values()) == collided and closed_by["not found"] == 0
     assert "route_completion" in out

@@ -1,5 +1,6 @@
 """Who was moving into whom when MetaDrive flags a collision: box geometry and closing speeds (no
-simulator), and on a development seed where a turning truck drives into the expert (MetaDrive)."""
+simulator), and, through the batched env, on a development seed where a turning truck drives into
+the expert (MetaDrive)."""
 
 from __future__ import annotations
 
@@ -48,24 +49,20 @@ def test_a_standing_ego_is_reported_as_standing_whatever_the_speeds() -> None:
 @pytest.mark.skipif(
     importlib.util.find_spec("metadrive") is None, reason="the metadrive extra is not installed"
 )
-def test_the_report_of_a_turning_truck_driving_into_the_expert() -> None:
-    from training.envs.metadrive.config import MetaDriveWorldConfig
-    from training.envs.metadrive.world import MetaDriveWorld
+def test_the_env_reports_a_turning_truck_driving_into_the_expert() -> None:
+    from training.envs.metadrive import MetaDriveWaypointEnv
 
     # development seed 13: the expert waits at an intersection's mouth for a crossing car and starts
     # again; a truck turning into its road cuts the corner into it (docs/metadrive.md)
-    world = MetaDriveWorld(MetaDriveWorldConfig())
-    try:
-        frame = world.reset(1_000_000_013)
-        for _ in range(world.config.max_episode_steps):
-            step = world.step(frame.expert)
-            frame = step.frame
-            if step.episode:
+    seed = 1_000_000_013
+    with MetaDriveWaypointEnv(1) as env:
+        env.reset(seed=seed)
+        assert env.collision_reports() == {}
+        for _ in range(env.spec.max_episode_steps):
+            episode = env.step(env.expert_waypoints()).info.episode
+            if bool(episode.done[0]):
                 break
-        assert step.episode["collision"], step.episode
-        report = world.collision_report()
-    finally:
-        world.close()
-    assert report is not None
+        assert bool(episode.collision[0])
+        report = env.collision_reports()[seed]
     assert report["other"] == "XLVehicle" and report["closed_by"] == "other", report
     assert report["gap_m"] < 0.5 and report["other_speed_mps"] > report["ego_speed_mps"]

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from eval.closed_loop import ego_to_world, run_closed_loop
+from eval.closed_loop import collisions_closed_by, ego_to_world, run_closed_loop
 
 
 def test_only_first_episode_counts_and_ade_is_exact(fake):
@@ -137,3 +137,17 @@ def test_first_pose_unknown_without_ego_pose_method(fake):
     traj = result.trajectories[0]
     assert np.isnan(traj["ego_pose"][0]).all() and np.isnan(traj["policy_waypoints_world"][0]).all()
     assert np.isfinite(traj["ego_pose"][1:]).all()
+
+
+def test_collisions_are_counted_by_who_closed_the_gap():
+    episodes = [
+        {"scenario_seed": 1, "collision": 1},
+        {"scenario_seed": 2, "collision": 0},
+        {"scenario_seed": 3, "collision": 1},
+        {"scenario_seed": 4, "collision": 1},
+    ]
+    reports = {1: {"closed_by": "other"}, 2: {"closed_by": "ego"}, 3: {"closed_by": "ego standing"}}
+    counts = collisions_closed_by(reports, episodes)
+    # seed 2's report is from another episode of that seed, which did not collide here; seed 4 has none
+    assert counts == {"ego": 0, "ego standing": 1, "other": 1, "not found": 1}
+    assert collisions_closed_by(None, episodes) is None

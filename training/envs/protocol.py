@@ -38,6 +38,9 @@ and reads its answer instead of probing with ``hasattr``:
 * ``route_xy_for_seeds(seeds)``: the route centre lines of scenarios, for drawing; ``None``: unknown.
 * ``groups``: a mix of environments names each one's slice of the batch (per-environment
   metrics); ``None``: one environment.
+* ``collision_reports()``: for the episodes finished so far that ended in a collision, by scenario
+  seed, what the ego touched and which of the two was moving into the other (MetaDrive, whose
+  traffic never yields); ``None``: not offered.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import torch
 
@@ -201,6 +204,12 @@ class BatchedWaypointEnv(Protocol):
 
     def ego_pose(self) -> Tensor | None:
         """Ego poses ``[N, 3]`` (x, y in metres, yaw in rad, world frame); ``None``: unknown."""
+        return None
+
+    def collision_reports(self) -> dict[int, dict[str, Any]] | None:
+        """Each collision of the episodes finished so far (the latest episode of a seed), by
+        scenario seed: its ``closed_by`` (``"ego"``, ``"ego standing"`` or ``"other"``) and what was
+        touched; ``None``: this environment does not tell."""
         return None
 
     def route_xy_for_seeds(self, seeds: Sequence[int]) -> Tensor | None:

@@ -17,6 +17,7 @@ worlds finishing in the same step beyond the first reset in place, as without a 
 from __future__ import annotations
 
 import weakref
+from typing import Any
 
 import numpy as np
 import torch
@@ -68,6 +69,7 @@ class MetaDriveWaypointEnv(BatchedWaypointEnv):
         self._next_seed = 0
         self._frames: list[WorldFrame] | None = None
         self.scenario_seed = np.zeros(num_envs, dtype=np.int64)
+        self._collision_reports: dict[int, dict[str, Any]] = {}
 
     # ------------------------------------------------------------------ protocol
     def reset(self, seed: int | None = None) -> Observation:
@@ -95,6 +97,9 @@ class MetaDriveWaypointEnv(BatchedWaypointEnv):
         done = [s.terminated or s.truncated for s in steps]
         episode = self._episode_stats(steps, done)
         finished = [i for i, d in enumerate(done) if d]
+        for i in finished:
+            if steps[i].episode.get("collision_report") is not None:
+                self._collision_reports[int(self.scenario_seed[i])] = steps[i].episode["collision_report"]
         seeds = [self._next_seed + order for order in range(len(finished))]
         self._next_seed += len(finished)
         frames = list(final_frames)
@@ -146,6 +151,11 @@ class MetaDriveWaypointEnv(BatchedWaypointEnv):
         if self._frames is None:
             raise RuntimeError("call reset() before ego_pose()")
         return self._tensor(np.stack([f.pose for f in self._frames]))
+
+    def collision_reports(self) -> dict[int, dict[str, Any]]:
+        """What each collision was with and who was moving into whom (``collisions.py``), by scenario
+        seed, for the episodes finished so far."""
+        return dict(self._collision_reports)
 
     def worker_pids(self) -> list[int]:
         """Process ids of the live workers: the worlds' in world order, then the spare's (monitoring,

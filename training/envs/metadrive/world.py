@@ -396,4 +396,6 @@ class MetaDriveWorld:
                 "mean_abs_jerk": self.totals["jerk"] / substeps,
                 "mean_abs_steer_rate": self.totals["steer_rate"] / substeps,
             }
+            if flags["collision"]:
+                result.episode["collision_report"] = self.collision_report()
         return result
