@@ -316,8 +316,23 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     result = compare(config)
     print(format_table(result["rows"]))
     print(f"\n{provenance(result['metadata'])}")
+    collisions = collisions_line(result["metadata"])
+    if collisions:
+        print(collisions)
     print(f"report: {result['compare_md']}\nnumbers: {result['compare_json']}", file=sys.stdout)
     return result
+
+
+def collisions_line(metadata: dict[str, Any]) -> str:
+    """Who was moving into whom in each policy's collisions, in one line ("" when the env does not tell)."""
+    if "sft_collisions_closed_by" not in metadata:
+        return ""
+    parts = []
+    for policy in ("sft", "rl"):
+        counts = metadata[f"{policy}_collisions_closed_by"]
+        described = ", ".join(f"{count} {who}" for who, count in counts.items() if count)
+        parts.append(f"{policy.upper()} {sum(counts.values())} ({described or 'none'})")
+    return "collisions by who closed the gap: " + "; ".join(parts)
 
 
 cli = console_script(main)  # the console script; `python -m` stays the documented form

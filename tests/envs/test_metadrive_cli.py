@@ -132,4 +132,5 @@ def test_sft_then_rl_then_compare_in_metadrive(
         collided = sum(episode["collision"] for episode in report["episodes"][policy])
         closed_by = report["metadata"][f"{policy}_collisions_closed_by"]
         assert sum(closed_by.values()) == collided and closed_by["not found"] == 0
+    assert "collisions by who closed the gap: SFT" in out
     assert "route_completion" in out
