@@ -248,9 +248,8 @@ def compare(config: CompareConfig) -> dict[str, Any]:
         out_dir = ensure_writable_dir(config.resolved_out_dir())
         with torch.inference_mode():
             sft = drive(env, lambda obs: sft_model(obs.bev, obs.state), config)
-            sft_collisions = collisions_closed_by(
-                env.collision_reports(), sft.episodes
-            )  # before RL replays the seeds
+            # read before RL plays the same seeds (the env keeps one report per seed)
+            sft_collisions = collisions_closed_by(env.collision_reports(), sft.episodes)
             rl = drive(env, lambda obs: policy.deterministic_waypoints(obs.bev, obs.state), config)
             rl_collisions = collisions_closed_by(env.collision_reports(), rl.episodes)
         rows = compare_paired(sft.episodes, rl.episodes, num_resamples=config.bootstrap_resamples, seed=0)
