@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from eval.metrics import displacement_errors
-from training.envs.protocol import BatchedWaypointEnv, EpisodeStats, Observation
+from training.envs.protocol import CLOSED_BY, BatchedWaypointEnv, EpisodeStats, Observation
 
 Tensor = torch.Tensor
 
@@ -270,7 +270,7 @@ def collisions_closed_by(
     seed); None when the environment does not tell."""
     if reports is None:
         return None
-    counts = {"ego": 0, "ego standing": 0, "other": 0, "not found": 0}
+    counts = dict.fromkeys((*CLOSED_BY, "not found"), 0)
     for episode in episodes:
         if episode["collision"]:
             report = reports.get(episode["scenario_seed"])

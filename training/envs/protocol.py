@@ -54,7 +54,19 @@ import torch
 
 Tensor = torch.Tensor
 
-__all__ = ["BatchedWaypointEnv", "EnvSpec", "EpisodeStats", "Observation", "StepInfo", "StepResult"]
+# Who closed the gap of a collision, in ``collision_reports()``: the ego moving into the other object,
+# the ego standing while the other came, or the other moving into the ego faster.
+CLOSED_BY = ("ego", "ego standing", "other")
+
+__all__ = [
+    "CLOSED_BY",
+    "BatchedWaypointEnv",
+    "EnvSpec",
+    "EpisodeStats",
+    "Observation",
+    "StepInfo",
+    "StepResult",
+]
 
 
 @dataclass(frozen=True)
@@ -208,8 +220,8 @@ class BatchedWaypointEnv(Protocol):
 
     def collision_reports(self) -> dict[int, dict[str, Any]] | None:
         """Each collision of the episodes finished so far (the latest episode of a seed), by
-        scenario seed: its ``closed_by`` (``"ego"``, ``"ego standing"`` or ``"other"``) and what was
-        touched; ``None``: this environment does not tell."""
+        scenario seed: its ``closed_by`` (one of ``CLOSED_BY``) and what was touched; ``None``: this
+        environment does not tell."""
         return None
 
     def route_xy_for_seeds(self, seeds: Sequence[int]) -> Tensor | None:

@@ -14,6 +14,8 @@ import math
 
 import numpy as np
 
+from training.envs.protocol import CLOSED_BY
+
 STANDING_MPS = 0.5
 
 
@@ -56,7 +58,8 @@ def closing_speeds(
 
 
 def closed_by(ego_speed: float, ego_closing: float, other_closing: float) -> str:
-    """``"ego standing"``, ``"ego"`` or ``"other"``: see the module docstring."""
+    """One of ``CLOSED_BY`` (``"ego"``, ``"ego standing"``, ``"other"``): see the module docstring."""
+    ego, ego_standing, other = CLOSED_BY
     if ego_speed < STANDING_MPS:
-        return "ego standing"
-    return "ego" if ego_closing >= other_closing else "other"
+        return ego_standing
+    return ego if ego_closing >= other_closing else other
