@@ -16,6 +16,7 @@ import torch
 
 from training.common.errors import UserError
 from training.rl.config import PPOConfig
+from training.rl.selection import without_timings
 from training.rl.trainer import train_ppo
 
 SETTINGS = {
@@ -57,6 +58,36 @@ def _assert_clean_metrics(out_dir: Path) -> None:
     assert [r["iteration"] for r in evals] == [0, 2, 4, 5]
 
 
+def _records(path: Path) -> list[dict]:
+    return [without_timings(record) for record in json.loads(path.read_text())]
+
+
+def _assert_same_run(reference: Path, out_dir: Path) -> None:
+    """The resumed run is the uninterrupted one: the last iteration's heads, optimizer and KL
+    coefficient, every iteration's training and evaluation numbers, and ``final.pt``. (``final.pt``
+    alone may hold iteration 0, the SFT policy, which any run of these settings hands back.)"""
+    last = f"checkpoint_iter_{SETTINGS['num_iterations']}.pt"
+    _assert_same_heads(reference / last, out_dir / last)
+    saved_a, saved_b = (torch.load(d / last, weights_only=True) for d in (reference, out_dir))
+    assert saved_a["kl_coef"] == saved_b["kl_coef"]
+    for a, b in zip(
+        saved_a["optimizer"]["state"].values(), saved_b["optimizer"]["state"].values(), strict=True
+    ):
+        assert all(torch.equal(a[key], b[key]) for key in a)
+    for name in ("train_metrics.json", "eval_metrics.json"):
+        assert _records(reference / name) == _records(out_dir / name), name
+    _assert_same_heads(reference / "final.pt", out_dir / "final.pt")
+    _assert_clean_metrics(out_dir)
+
+
+def test_the_reference_run_trains(reference: Path) -> None:
+    """Control for the resume tests: the last heads differ from the first iteration's (the first
+    iteration trains the critic only), so equal heads after a resume mean something."""
+    first = _heads(reference / "checkpoint_iter_1.pt")
+    last = _heads(reference / f"checkpoint_iter_{SETTINGS['num_iterations']}.pt")
+    assert any(not torch.equal(first[name], last[name]) for name in first if name.startswith("delta_head"))
+
+
 @pytest.fixture(scope="module")
 def reference(tiny_run: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     out_dir = tmp_path_factory.mktemp("reference")
@@ -77,8 +108,7 @@ def test_in_process_resume_from_a_middle_checkpoint_matches(
         (out_dir / name).unlink()
     resumed = PPOConfig(**{**config.__dict__, "resume": True})
     train_ppo(resumed)
-    _assert_same_heads(reference / "final.pt", out_dir / "final.pt")
-    _assert_clean_metrics(out_dir)
+    _assert_same_run(reference, out_dir)
 
 
 def test_resume_refuses_changed_settings(reference: Path, tiny_run, tmp_path: Path) -> None:
@@ -143,8 +173,7 @@ def test_sigkill_at_random_moments_then_resume_matches(reference: Path, tiny_run
     out_dir = tmp_path / "killed"
     kills = _kill_and_resume(tiny_run["sft"], out_dir, _random_kill_points(1234, 2))
     assert kills >= 1, "no kill interrupted the run"
-    _assert_same_heads(reference / "final.pt", out_dir / "final.pt")
-    _assert_clean_metrics(out_dir)
+    _assert_same_run(reference, out_dir)
     assert not list(out_dir.glob(".*.tmp"))
 
 
@@ -152,8 +181,7 @@ def test_sigkill_at_random_moments_then_resume_matches(reference: Path, tiny_run
 def test_many_sigkills_then_resume_matches(reference: Path, tiny_run, tmp_path: Path) -> None:
     out_dir = tmp_path / "killed_often"
     assert _kill_and_resume(tiny_run["sft"], out_dir, _random_kill_points(99, 8)) >= 3
-    _assert_same_heads(reference / "final.pt", out_dir / "final.pt")
-    _assert_clean_metrics(out_dir)
+    _assert_same_run(reference, out_dir)
 
 
 class _WorldWithoutState:
