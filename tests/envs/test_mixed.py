@@ -43,6 +43,7 @@ def test_worlds_are_shared_by_weight(env: str, weights: str | None, num_envs: in
         ("toy,metadrive", "1", 4, "1 weights for 2"),
         ("toy,metadrive", "1,0", 4, "> 0"),
         ("toy,metadrive", "a,b", 4, "numbers"),
+        ("toy,metadrive", "1e308,1e308", 4, "too large"),
         ("toy,metadrive", None, 1, "cannot give each"),
     ],
 )

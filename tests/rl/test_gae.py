@@ -125,3 +125,26 @@ def test_buffer_uses_compute_gae_and_minibatches_cover_all_samples() -> None:
     again = list(buffer.minibatches(3, torch.Generator().manual_seed(0)))
     for first, second in zip(batches, again, strict=True):
         torch.testing.assert_close(first.z, second.z)
+
+
+def test_no_minibatch_holds_a_single_transition() -> None:
+    """Advantages are normalised per minibatch, which one transition cannot be: 8 transitions in
+    minibatches of 7 give one minibatch of 8, not 7 and 1; of 3 or 4, the usual split."""
+    t, n, d, k = 4, 2, 3, 2
+    buffer = RolloutBuffer(t, n, feature_dim=d, num_waypoints=k)
+    for step in range(t):
+        buffer.add(
+            step,
+            z=torch.zeros(n, d),
+            sft_waypoints=torch.zeros(n, k, 2),
+            delta=torch.zeros(n, k, 2),
+            log_prob=torch.zeros(n),
+            value=torch.zeros(n),
+            reward=torch.ones(n),
+            terminated=torch.zeros(n, dtype=torch.bool),
+            truncated=torch.zeros(n, dtype=torch.bool),
+            next_value=torch.zeros(n),
+        )
+    buffer.compute_advantages(GAMMA, LAM)
+    sizes = {size: [len(b.value) for b in buffer.minibatches(size)] for size in (3, 4, 7, 8)}
+    assert sizes == {3: [3, 3, 2], 4: [4, 4], 7: [8], 8: [8]}

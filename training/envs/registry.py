@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
 from collections.abc import Callable
 
 import torch
@@ -123,6 +124,8 @@ def _parse_weights(weights: str | None, count: int) -> list[float]:
         raise UserError(f"--env-weights has {len(shares)} weights for {count} environments")
     if not all(share > 0 and share < float("inf") for share in shares):
         raise UserError(f"--env-weights must all be > 0, got {weights!r}")
+    if not math.isfinite(sum(shares)):
+        raise UserError(f"--env-weights are too large to add up, got {weights!r}")
     return shares
 
 

@@ -175,7 +175,8 @@ class RolloutBuffer:
 
         The order is a ``torch.randperm`` drawn from ``generator`` (deterministic for a seeded
         generator, which may live on the CPU or on the buffer's device). The last minibatch is
-        smaller when ``batch_size`` does not divide ``T * N``.
+        smaller when ``batch_size`` does not divide ``T * N``, or one larger where only one
+        transition would be left for it (the loss normalises advantages per minibatch).
         """
         if not self._advantages_ready:
             raise RuntimeError("call compute_advantages() before minibatches()")
@@ -192,6 +193,9 @@ class RolloutBuffer:
             advantage=self.advantages.flatten(),
             returns=self.returns.flatten(),
         )
-        for start in range(0, self.size, batch_size):
-            index = order[start : start + batch_size]
+        starts = list(range(0, self.size, batch_size))
+        if len(starts) > 1 and self.size - starts[-1] < 2:
+            starts.pop()  # one transition cannot normalise its advantage: it joins the minibatch before
+        for start, stop in zip(starts, [*starts[1:], self.size], strict=True):
+            index = order[start:stop]
             yield Minibatch(*(tensor[index] for tensor in flat))

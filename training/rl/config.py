@@ -41,6 +41,18 @@ def _largest_fitting_mix(env: str, weights: str | None, per_simulator: int) -> i
     return 1
 
 
+# Below this the exploration std of a warm-up is too small to learn from (and underflows towards 0).
+MIN_EXPLORATION_SCALE = 1e-3
+
+
+def _positive(value: float) -> bool:
+    return math.isfinite(value) and value > 0
+
+
+def _non_negative(value: float) -> bool:
+    return math.isfinite(value) and value >= 0
+
+
 def _policy_flag(name: str) -> Any:
     """``PPOConfig``'s field for the policy setting ``name``, with the default and help of
     ``PolicySettings`` (a config field of its own would be a second home for them)."""
@@ -84,7 +96,7 @@ class PPOConfig(SimulatorFlags):
     update_epochs: int = config_field(10, "passes over each rollout")
     max_grad_norm: float = config_field(0.5, "global gradient-norm clip")
     target_kl: float | None = config_field(
-        0.05, "stop an update's epochs once approx KL exceeds this (none: off)"
+        0.05, "stop an update's epochs once approx KL exceeds 1.5x this (none: off)"
     )
     # the policy's settings: default and help from PolicySettings, their one home
     max_delta: float = _policy_flag("max_delta")
@@ -198,7 +210,10 @@ class PPOConfig(SimulatorFlags):
         if self.sft_model is not None:
             parse_factory_spec(self.sft_model)
         require(self.num_iterations >= 1, f"--num-iterations must be >= 1, got {self.num_iterations}")
-        require(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
+        require(
+            self.batch_size >= 2,
+            f"--batch-size must be >= 2 (advantages are normalised per minibatch), got {self.batch_size}",
+        )
         require(self.num_envs >= 1, f"--num-envs must be >= 1, got {self.num_envs}")
         require(self.rollout_steps >= 1, f"--rollout-steps must be >= 1, got {self.rollout_steps}")
         rollout = self.num_envs * self.rollout_steps
@@ -209,25 +224,30 @@ class PPOConfig(SimulatorFlags):
         )
         require(math.isfinite(self.lr) and self.lr > 0, f"--lr must be > 0, got {self.lr}")
         require(
-            math.isfinite(self.clip_epsilon) and self.clip_epsilon > 0,
-            f"--clip-epsilon must be > 0, got {self.clip_epsilon}",
+            _positive(self.clip_epsilon) and self.clip_epsilon < 1,
+            f"--clip-epsilon must be in (0, 1) (the ratio is clipped to 1 -/+ it), got {self.clip_epsilon}",
         )
         require(0.0 <= self.gamma <= 1.0, f"--gamma must be in [0, 1], got {self.gamma}")
         require(0.0 <= self.gae_lambda <= 1.0, f"--gae-lambda must be in [0, 1], got {self.gae_lambda}")
-        require(self.value_coef >= 0, f"--value-coef must be >= 0, got {self.value_coef}")
-        require(self.entropy_coef >= 0, f"--entropy-coef must be >= 0, got {self.entropy_coef}")
+        require(_non_negative(self.value_coef), f"--value-coef must be >= 0, got {self.value_coef}")
+        require(_non_negative(self.entropy_coef), f"--entropy-coef must be >= 0, got {self.entropy_coef}")
         require(self.update_epochs >= 1, f"--update-epochs must be >= 1, got {self.update_epochs}")
-        require(self.max_grad_norm > 0, f"--max-grad-norm must be > 0, got {self.max_grad_norm}")
+        require(_positive(self.max_grad_norm), f"--max-grad-norm must be > 0, got {self.max_grad_norm}")
         require(
-            self.target_kl is None or self.target_kl > 0, f"--target-kl must be > 0, got {self.target_kl}"
+            self.target_kl is None or _positive(self.target_kl),
+            f"--target-kl must be > 0, got {self.target_kl}",
         )
-        require(self.max_delta > 0, f"--max-delta must be > 0 metres, got {self.max_delta}")
-        require(self.std_horizon_exponent >= 0, "--std-horizon-exponent must be >= 0")
+        require(_positive(self.max_delta), f"--max-delta must be > 0 metres, got {self.max_delta}")
+        require(_non_negative(self.std_horizon_exponent), "--std-horizon-exponent must be >= 0")
+        require(
+            math.isfinite(self.init_log_std + self.min_log_std + self.max_log_std),
+            "--init-log-std, --min-log-std and --max-log-std must be finite",
+        )
         require(self.min_log_std < self.max_log_std, "--min-log-std must be below --max-log-std")
-        require(self.action_scale > 0, f"--action-scale must be > 0, got {self.action_scale}")
+        require(_positive(self.action_scale), f"--action-scale must be > 0, got {self.action_scale}")
         require(self.num_threads >= 0, f"--num-threads must be >= 0, got {self.num_threads}")
         require(self.hidden_size >= 1, f"--hidden-size must be >= 1, got {self.hidden_size}")
-        require(self.residual_l2_coef >= 0, "--residual-l2-coef must be >= 0")
+        require(_non_negative(self.residual_l2_coef), "--residual-l2-coef must be >= 0")
         require(
             self.reward in REWARD_PRESETS,
             f"--reward must be one of {', '.join(REWARD_PRESETS)}, got {self.reward!r}",
@@ -239,7 +259,7 @@ class PPOConfig(SimulatorFlags):
             require(
                 value is None or (math.isfinite(value) and value >= 0), f"{flag} must be >= 0, got {value}"
             )
-        require(self.reward_scale > 0, f"--reward-scale must be > 0, got {self.reward_scale}")
+        require(_positive(self.reward_scale), f"--reward-scale must be > 0, got {self.reward_scale}")
         require(self.critic_warmup_iterations >= 0, "--critic-warmup-iterations must be >= 0")
         require(0.0 <= self.difficulty <= 1.0, f"--difficulty must be in [0, 1], got {self.difficulty}")
         require(self.eval_every >= 0, f"--eval-every must be >= 0, got {self.eval_every}")
@@ -281,8 +301,9 @@ class PPOConfig(SimulatorFlags):
             "--exploration-warmup-iterations must be in [0, --num-iterations]",
         )
         require(
-            0 < self.exploration_start_scale <= 1,
-            f"--exploration-start-scale must be in (0, 1], got {self.exploration_start_scale}",
+            MIN_EXPLORATION_SCALE <= self.exploration_start_scale <= 1,
+            f"--exploration-start-scale must be in [{MIN_EXPLORATION_SCALE}, 1], "
+            f"got {self.exploration_start_scale}",
         )
 
     def _validate_curriculum(self) -> None:
