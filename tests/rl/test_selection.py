@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import training.rl.trainer as trainer_module
-from training.rl.selection import PolicySelection, not_worse, rank_key
+from training.rl.selection import PolicySelection, not_worse, ranks_above
 from training.rl.test_ppo_delta_smoke import smoke_config
 from training.rl.trainer import train_ppo
 
@@ -41,13 +41,16 @@ def test_a_candidate_must_not_be_worse_than_sft_on_any_guarded_metric(changes, a
 def test_ranking_puts_safety_first_then_route_completion_then_ade() -> None:
     safer = _record(failure_rate=0.0, ade=0.39)
     more_accurate = _record(failure_rate=0.02, ade=0.20)
-    assert rank_key(safer) < rank_key(more_accurate)
+    assert ranks_above(safer, more_accurate) and not ranks_above(more_accurate, safer)
     further = _record(route_completion=0.9, ade=0.39)
-    assert rank_key(further) < rank_key(_record(route_completion=0.85, ade=0.2))
-    # route completions within the resolution tie, and ADE decides
-    assert rank_key(_record(route_completion=0.902, ade=0.2)) < rank_key(
-        _record(route_completion=0.9, ade=0.3)
-    )
+    assert ranks_above(further, _record(route_completion=0.85, ade=0.2))
+    # route completions closer than the resolution tie, and ADE decides, wherever they fall
+    for near, far in ((0.902, 0.9), (0.8951, 0.8949), (0.8949, 0.8951)):
+        assert ranks_above(_record(route_completion=near, ade=0.2), _record(route_completion=far, ade=0.39))
+        assert not ranks_above(
+            _record(route_completion=near, ade=0.39), _record(route_completion=far, ade=0.2)
+        )
+    assert not ranks_above(SFT, SFT)  # a tie is not a rank above
 
 
 def test_selection_keeps_sft_until_a_candidate_is_admissible_and_better() -> None:

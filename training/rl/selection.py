@@ -35,7 +35,7 @@ GUARDED_METRICS: dict[str, bool] = {
 # few percent between evaluations of the same quality (measured: 0.95-1.10 for policies within
 # 1 cm of ADE), so a strict bound rejected the best policies on noise alone.
 GUARD_TOLERANCE: dict[str, float] = {"mean_abs_jerk": 0.05}
-# Route completion differences below this are a tie when ranking (ADE then decides).
+# Route completions closer than this are a tie when ranking (ADE then decides).
 ROUTE_COMPLETION_RESOLUTION = 0.01
 
 
@@ -52,10 +52,16 @@ def not_worse(candidate: Mapping[str, float], baseline: Mapping[str, float]) -> 
     return True
 
 
-def rank_key(record: Mapping[str, float]) -> tuple[float, float, float]:
-    """Sort key, smaller is better: collision + off-road, then route completion, then ADE."""
-    completion_steps = round(record["route_completion"] / ROUTE_COMPLETION_RESOLUTION)
-    return (record["failure_rate"], -completion_steps, record["ade"])
+def ranks_above(candidate: Mapping[str, float], incumbent: Mapping[str, float]) -> bool:
+    """True when ``candidate`` ranks strictly above ``incumbent``: fewer collisions and off-road
+    exits, or as few and more of the route (by at least ``ROUTE_COMPLETION_RESOLUTION``; closer
+    is a tie), or both of those tied and a lower ADE."""
+    if candidate["failure_rate"] != incumbent["failure_rate"]:
+        return candidate["failure_rate"] < incumbent["failure_rate"]
+    further = candidate["route_completion"] - incumbent["route_completion"]
+    if abs(further) >= ROUTE_COMPLETION_RESOLUTION:
+        return further > 0
+    return candidate["ade"] < incumbent["ade"]
 
 
 # Measured durations, which differ between runs of the same command: kept in eval_metrics.json,
@@ -88,7 +94,7 @@ class PolicySelection:
         A later candidate that only ties the incumbent is not kept (the earlier policy is the
         closer one to SFT).
         """
-        if not not_worse(record, self.baseline) or rank_key(record) >= rank_key(self.record):
+        if not not_worse(record, self.baseline) or not ranks_above(record, self.record):
             return False
         self.iteration, self.record, self.heads = iteration, without_timings(record), heads
         return True
