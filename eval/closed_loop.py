@@ -68,6 +68,10 @@ class ClosedLoopResult:
     nonfinite_actions: int = 0  # policy steps (within counted episodes) with a NaN/inf waypoint
 
 
+# Worlds simulated at once by default; a world that finishes goes on to the next scenario.
+MAX_WORLDS = 256
+
+
 def ego_to_world(waypoints_ego: Tensor, pose: Tensor) -> Tensor:
     """Waypoints ``[..., K, 2]`` in the ego frame (x forward, y left) to the world frame.
 

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from eval.animation import VIDEO_FORMATS, animate_worst_scenarios, video_suffix
-from eval.closed_loop import ClosedLoopResult, collisions_closed_by, run_closed_loop
+from eval.closed_loop import MAX_WORLDS, ClosedLoopResult, collisions_closed_by, run_closed_loop
 from eval.metrics import compare_paired, summarise
 from eval.plots import plot_ade_distribution, plot_episodes, plot_metric_bars, plot_training_curves
 from eval.report import format_table, write_report
@@ -39,8 +39,6 @@ from training.envs.registry import check_env_choice, make_env
 from training.rl.checkpoint import load_rl_checkpoint, trained_policy
 from training.rl.policy import PPOPolicy
 from training.sft.external import parse_factory_spec, read_sft
-
-MAX_WORLDS = 256  # worlds simulated at once; a world that finishes goes on to the next scenario
 
 
 @dataclass

@@ -68,3 +68,10 @@ def test_validate_accepts_exactly_the_usable_values(field: str, data: st.DataObj
 def test_unknown_env_is_rejected(env: str) -> None:
     with pytest.raises(UserError, match="unknown --env"):
         dataclasses.replace(BASE, env=env).validate()
+
+
+def test_evaluation_worlds_default_to_one_per_episode_up_to_a_bound() -> None:
+    """Each evaluation world is a copy of the world's state: a million episodes must not build a million."""
+    assert dataclasses.replace(BASE, eval_episodes=50).num_eval_worlds == 50
+    assert dataclasses.replace(BASE, eval_episodes=10**6).num_eval_worlds == 256
+    assert dataclasses.replace(BASE, eval_episodes=10**6, eval_worlds=1000).num_eval_worlds == 1000

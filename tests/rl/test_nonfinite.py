@@ -82,3 +82,13 @@ def test_a_streak_of_poisoned_rollouts_stops_the_run_keeping_the_good_checkpoint
     assert not (tmp_path / "final.pt").exists()
     records = json.loads((tmp_path / "train_metrics.json").read_text())
     assert [r["iteration"] for r in records] == [1, 2, 3]
+
+
+def test_a_run_that_diverges_before_its_first_checkpoint_says_none_was_kept(
+    tiny_run, tmp_path, monkeypatch
+) -> None:
+    _poison(monkeypatch, {1, 2})
+    config = dataclasses.replace(_config(tiny_run["sft"], tmp_path, iterations=5), save_every=0)
+    with pytest.raises(TrainingDiverged, match="no checkpoint was written yet"):
+        train_ppo(config)
+    assert not list(tmp_path.glob("*.pt"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,9 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.cli_helpers import assert_one_line_error, run_cli
 from training.common.errors import UserError
 from training.rl.config import PPOConfig
 from training.rl.selection import without_timings
+from training.rl.train_ppo_delta_waypoint import main as ppo_main
 from training.rl.trainer import train_ppo
 
 SETTINGS = {
@@ -219,3 +222,73 @@ def test_a_world_without_state_is_reseeded_on_resume(tiny_run, tmp_path: Path, m
     train_ppo(PPOConfig(**{**config.__dict__, "resume": True}))
     _assert_clean_metrics(out_dir)
     assert all(torch.isfinite(v).all() for v in _heads(out_dir / "final.pt").values())
+
+
+def _interrupted_copy(reference: Path, out_dir: Path) -> Path:
+    """The reference run copied elsewhere, as if killed just after its third iteration's checkpoint."""
+    shutil.copytree(reference, out_dir)
+    for name in ("final.pt", "checkpoint_iter_4.pt", "checkpoint_iter_5.pt"):
+        (out_dir / name).unlink()
+    return out_dir
+
+
+def _rewrite(path: Path, **changes) -> None:
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint.update(changes)
+    torch.save(checkpoint, path)
+
+
+def test_a_run_moved_to_another_folder_resumes_exactly(reference: Path, tiny_run, tmp_path: Path) -> None:
+    out_dir = _interrupted_copy(reference, tmp_path / "moved")
+    train_ppo(
+        PPOConfig(
+            sft_checkpoint=str(tiny_run["sft"]), out_dir=str(out_dir), progress=False, resume=True, **SETTINGS
+        )
+    )
+    _assert_same_run(reference, out_dir)
+
+
+def test_resuming_on_another_device_type_is_one_line(
+    reference: Path, tiny_run, tmp_path: Path, capsys
+) -> None:
+    """The sampling generators' states load only on the device type that saved them."""
+    out_dir = _interrupted_copy(reference, tmp_path / "gpu_run")
+    _rewrite(out_dir / "checkpoint_iter_3.pt", device_type="cuda")
+    code, _, err = run_cli(ppo_main, [*_flags(tiny_run["sft"], out_dir), "--resume"], capsys)
+    assert_one_line_error(code, err, "--resume", "ran on cuda", "this one on cpu")
+    # a checkpoint written before the device type was saved: the generator's state tells
+    checkpoint = torch.load(out_dir / "checkpoint_iter_3.pt", weights_only=True)
+    del checkpoint["device_type"]
+    checkpoint["rng"]["sample"] = torch.zeros(16, dtype=torch.uint8)  # a CUDA generator's state
+    torch.save(checkpoint, out_dir / "checkpoint_iter_3.pt")
+    code, _, err = run_cli(ppo_main, [*_flags(tiny_run["sft"], out_dir), "--resume"], capsys)
+    assert_one_line_error(code, err, "--resume", "another type of device")
+
+
+def test_a_lost_evaluation_file_keeps_sft_s_record_and_the_run_finishes(
+    reference: Path, tiny_run, tmp_path: Path, capsys
+) -> None:
+    out_dir = _interrupted_copy(reference, tmp_path / "no_eval")
+    (out_dir / "eval_metrics.json").unlink()
+    code, _, err = run_cli(ppo_main, [*_flags(tiny_run["sft"], out_dir), "--resume"], capsys)
+    assert code == 0, err
+    assert "eval_metrics.json was missing" in err
+    evals = _records(out_dir / "eval_metrics.json")
+    assert [r["iteration"] for r in evals] == [0, 4, 5]
+    assert evals[0] == _records(reference / "eval_metrics.json")[0]
+    _assert_same_heads(reference / "checkpoint_iter_5.pt", out_dir / "checkpoint_iter_5.pt")
+
+
+def test_resume_without_a_checkpoint_says_it_starts_the_run(tiny_run, tmp_path: Path, capsys) -> None:
+    out_dir = tmp_path / "new"
+    code, _, err = run_cli(ppo_main, [*_flags(tiny_run["sft"], out_dir), "--resume"], capsys)
+    assert code == 0, err
+    assert f"--resume: no checkpoint in {out_dir} yet; starting the run" in err
+    assert (out_dir / "final.pt").is_file()
+
+
+def test_a_rollout_buffer_too_large_for_memory_is_one_line(tiny_run, tmp_path: Path, capsys) -> None:
+    flags = _flags(tiny_run["sft"], tmp_path / "huge")
+    flags[flags.index("--rollout-steps") + 1] = str(10**9)
+    code, _, err = run_cli(ppo_main, flags, capsys)
+    assert_one_line_error(code, err, "--rollout-steps 1000000000", "does not fit")

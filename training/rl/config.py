@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from eval.closed_loop import MAX_WORLDS
 from training.common.cli import config_field, require
 from training.common.device import resolve_device
 from training.common.errors import UserError
@@ -150,8 +151,8 @@ class PPOConfig(SimulatorFlags):
     eval_worlds: int | None = config_field(
         None,
         "worlds that play them, each going on to the next scenario when its episode ends "
-        "(default: one per episode; with a simulator that runs a process per world, as many as the "
-        "machine runs well)",
+        f"(default: one per episode up to {MAX_WORLDS}; with a simulator that runs a process per world, "
+        "as many as the machine runs well)",
     )
     eval_seed: int = config_field(
         EVAL_SEED_START, "first evaluation scenario seed (development range; the test range is reserved)"
@@ -352,7 +353,7 @@ class PPOConfig(SimulatorFlags):
 
     @property
     def num_eval_worlds(self) -> int:
-        return min(self.eval_episodes, self.eval_worlds or self.eval_episodes)
+        return min(self.eval_episodes, self.eval_worlds or MAX_WORLDS)
 
     @property
     def train_seed_start(self) -> int:

@@ -16,6 +16,7 @@ import torch
 from training.common.device import resolve_device, set_cpu_threads
 from training.common.errors import UserError
 from training.common.io import atomic_write_json, ensure_writable_dir, file_sha256, read_json
+from training.envs.capacity import announce
 from training.envs.options import EnvOptions, for_process
 from training.envs.protocol import BatchedWaypointEnv, Observation
 from training.envs.registry import make_env_mix, make_envs
@@ -84,8 +85,19 @@ def package_versions() -> dict[str, str]:
 RESEED_OFFSET = 500_000
 # Sampling and minibatch generators of rank r are seeded this far from rank 0's.
 RANK_GENERATOR_STRIDE = 1_000_003
-# Settings that may differ between a run and its resumption (they do not change the numbers).
-_RESUME_FREE = {"resume", "overwrite", "progress", "num_threads", "device", "cuda_graph"}
+# Settings that may differ between a run and its resumption (they do not change the numbers). The
+# device may be named otherwise (``auto``) but must be of the same type (the generators' states are);
+# the run folder and the SFT file may have moved (the SFT file's sha256 is checked).
+_RESUME_FREE = {
+    "resume",
+    "overwrite",
+    "progress",
+    "num_threads",
+    "device",
+    "cuda_graph",
+    "out_dir",
+    "sft_checkpoint",
+}
 
 
 @dataclasses.dataclass
@@ -142,6 +154,7 @@ class Run:
             "curriculum": self.curriculum.state_dict() if self.curriculum else None,
             "selection": self.selection.state_dict() if self.selection else None,
             "world_size": self.ctx.world_size,
+            "device_type": self.sample_gen.device.type,
             **local,
         }
         if self.ctx.enabled:
@@ -209,9 +222,11 @@ def build_run(config: PPOConfig, ctx: DistContext | None = None) -> Run:
         config.env_options(config.difficulty), ctx.rank, config.num_envs + config.num_eval_worlds
     )
     env = make_env_mix(config.env_mix(), device, options)
+    eval_envs: dict[str, BatchedWaypointEnv] = {}
     try:
         sft_model = sft_source.for_env(env.spec)  # the model's shapes against the environment's
         curriculum = _build_curriculum(config, env)
+        buffer = _allocate_buffer(config, sft_model.feature_dim, sft_model.num_waypoints, device)
         out_dir = prepare_out_dir(config) if ctx.is_main else Path(config.out_dir)
         eval_envs = _build_eval_envs(config, device, options) if ctx.is_main else {}
     except BaseException:
@@ -228,13 +243,7 @@ def build_run(config: PPOConfig, ctx: DistContext | None = None) -> Run:
         optimizer=_adam(policy, config.lr, device),
         env=env,
         eval_envs=eval_envs,
-        buffer=RolloutBuffer(
-            config.rollout_steps,
-            config.num_envs,
-            sft_model.feature_dim,
-            sft_model.num_waypoints,
-            device=device,
-        ),
+        buffer=buffer,
         sample_gen=torch.Generator(device=device).manual_seed(rank_seed),
         batch_gen=torch.Generator(device=device).manual_seed(rank_seed + 1),
         out_dir=out_dir,
@@ -247,6 +256,21 @@ def build_run(config: PPOConfig, ctx: DistContext | None = None) -> Run:
         curriculum=curriculum,
         kl_coef=config.kl_coef,
     )
+
+
+def _allocate_buffer(
+    config: PPOConfig, feature_dim: int, num_waypoints: int, device: torch.device
+) -> RolloutBuffer:
+    """The rollout buffer, or one line naming the flags when it does not fit in memory."""
+    try:
+        return RolloutBuffer(config.rollout_steps, config.num_envs, feature_dim, num_waypoints, device=device)
+    except (RuntimeError, MemoryError) as error:  # torch.OutOfMemoryError is a RuntimeError
+        if not isinstance(error, MemoryError) and "alloc" not in str(error).lower():
+            raise
+        raise UserError(
+            f"the rollout buffer (--num-envs {config.num_envs} x --rollout-steps {config.rollout_steps} "
+            f"transitions of {feature_dim} features) does not fit in the {device.type} memory"
+        ) from None
 
 
 def _build_curriculum(config: PPOConfig, env: BatchedWaypointEnv) -> Curriculum | None:
@@ -282,6 +306,7 @@ def resume_from(run: Run, path: Path) -> None:
         raise UserError(
             f"--resume: {run.config.sft_checkpoint} is not the SFT checkpoint this run started from"
         )
+    _check_device_type(run, checkpoint.get("device_type"))
     saved_world_size = checkpoint.get("world_size", 1)
     if saved_world_size != run.ctx.world_size:
         raise UserError(
@@ -302,13 +327,35 @@ def resume_from(run: Run, path: Path) -> None:
     if run.ctx.is_main:
         run.train_records = _records_up_to(run.out_dir / "train_metrics.json", run.iteration)
         run.eval_records = _records_up_to(run.out_dir / "eval_metrics.json", run.iteration)
+        if not run.eval_records and run.selection is not None:  # the file was deleted or unreadable
+            announce(
+                f"--resume: {run.out_dir / 'eval_metrics.json'} was missing or unreadable; its records "
+                f"up to iteration {run.iteration} are lost but SFT's (iteration 0, kept in the checkpoint)"
+            )
+            run.eval_records = [dict(run.selection.baseline)]
         atomic_write_json(run.out_dir / "train_metrics.json", run.train_records)
         atomic_write_json(run.out_dir / "eval_metrics.json", run.eval_records)
 
 
+def _check_device_type(run: Run, saved: str | None) -> None:
+    """The sampling generators' states only load on the type of device that saved them."""
+    current = run.sample_gen.device.type
+    if saved is not None and saved != current:
+        raise UserError(
+            f"--resume: the run in {run.out_dir} ran on {saved}, this one on {current} "
+            f"(--device {run.config.device}); resume it on a {saved} device"
+        )
+
+
 def _restore_local_state(run: Run, local: dict[str, Any]) -> None:
-    run.sample_gen.set_state(local["rng"]["sample"])
-    run.batch_gen.set_state(local["rng"]["batch"])
+    try:
+        run.sample_gen.set_state(local["rng"]["sample"])
+        run.batch_gen.set_state(local["rng"]["batch"])
+    except RuntimeError:  # a checkpoint from before device_type was saved, from another device type
+        raise UserError(
+            f"--resume: the run in {run.out_dir} ran on another type of device than "
+            f"{run.sample_gen.device.type}; resume it on the device it ran on"
+        ) from None
     torch.set_rng_state(local["rng"]["torch"])
     if local["world"] is not None:
         run.obs = run.env.load_state_dict(local["world"])

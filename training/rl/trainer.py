@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from training.common.errors import EXIT_USER_ERROR, UserError
+from training.envs.capacity import announce
 from training.envs.protocol import BatchedWaypointEnv, Observation, StepResult
 from training.rl.bootstrap import TruncationStore
 from training.rl.buffer import RolloutBuffer
@@ -60,6 +61,8 @@ def _train(run: Run) -> dict[str, Any]:
     config, ctx = run.config, run.ctx
     # 1. start fresh (config.json, the SFT baseline as iteration 0) or from the latest checkpoint
     checkpoint = latest_checkpoint(run.out_dir) if config.resume else None
+    if config.resume and checkpoint is None and ctx.is_main:
+        announce(f"--resume: no checkpoint in {run.out_dir} yet; starting the run")
     ctx.barrier()  # rank 0 has prepared the out-dir
     if checkpoint is None:
         start_fresh(run)
@@ -76,10 +79,14 @@ def _train(run: Run) -> dict[str, Any]:
         log.train(record)
         if run.bad_iterations >= config.max_bad_iterations:
             log.close()
+            kept = (
+                f"the last good checkpoint in {run.out_dir} is kept"
+                if latest_checkpoint(run.out_dir) is not None
+                else "no checkpoint was written yet"
+            )
             raise TrainingDiverged(
                 f"{run.bad_iterations} updates in a row were skipped for NaN/inf "
-                f"(iteration {run.iteration}); "
-                f"stopped, the last good checkpoint in {run.out_dir} is kept"
+                f"(iteration {run.iteration}); stopped, {kept}"
             )
         # 3. evaluation on the development scenarios, offered to the selection of final.pt
         last = run.iteration == config.num_iterations
