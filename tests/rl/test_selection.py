@@ -38,6 +38,15 @@ def test_a_candidate_must_not_be_worse_than_sft_on_any_guarded_metric(changes, a
     assert not_worse(_record(**changes), SFT) is admissible
 
 
+def test_in_a_mix_a_candidate_must_not_be_worse_in_any_environment() -> None:
+    """Means that improve can hide one environment that got worse: each environment is guarded."""
+    sft = {**SFT, "toy/failure_rate": 0.4, "metadrive/failure_rate": 0.0, "metadrive/ade": 2.4}
+    better_on_average = {**sft, "failure_rate": 0.1, "toy/failure_rate": 0.1, "metadrive/ade": 2.8}
+    assert not not_worse(better_on_average, sft)
+    assert not_worse({**better_on_average, "metadrive/ade": 2.4}, sft)
+    assert not not_worse({**better_on_average, "metadrive/ade": 2.4, "metadrive/failure_rate": 0.05}, sft)
+
+
 def test_ranking_puts_safety_first_then_route_completion_then_ade() -> None:
     safer = _record(failure_rate=0.0, ade=0.39)
     more_accurate = _record(failure_rate=0.02, ade=0.20)

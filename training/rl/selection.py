@@ -7,7 +7,8 @@ it started from. So a run keeps, among the policies its development evaluation h
 
 1. **admissible**: not worse than SFT (iteration 0) on any of the safety and quality metrics
    (collision + off-road rate, route completion, ADE, jerk), measured on the same development
-   scenarios; jerk, the noisiest of them, within ``GUARD_TOLERANCE`` (5%) of SFT's;
+   scenarios, in every environment of a mix; jerk, the noisiest of them, within ``GUARD_TOLERANCE``
+   (5%) of SFT's;
 2. among those, the **safest** (fewest collisions and off-road exits), then the one that
    completes most of the route (compared at ``ROUTE_COMPLETION_RESOLUTION``), then the lowest ADE.
 
@@ -41,15 +42,26 @@ ROUTE_COMPLETION_RESOLUTION = 0.01
 
 def not_worse(candidate: Mapping[str, float], baseline: Mapping[str, float]) -> bool:
     """True when ``candidate`` is at least as good as ``baseline`` on every guarded metric (within
-    its ``GUARD_TOLERANCE``)."""
-    for key, lower_is_better in GUARDED_METRICS.items():
+    its ``GUARD_TOLERANCE``): the means and, for a mix of environments, each environment's own
+    (``<env>/<metric>``), so that gains in one environment never buy losses in another."""
+    for key, metric in _guarded_keys(baseline):
         difference = candidate[key] - baseline[key]
         if math.isnan(difference):  # NaN: nothing to go on, refuse
             return False
-        worse_by = difference if lower_is_better else -difference
-        if worse_by > GUARD_TOLERANCE.get(key, 0.0) * abs(baseline[key]):
+        worse_by = difference if GUARDED_METRICS[metric] else -difference
+        if worse_by > GUARD_TOLERANCE.get(metric, 0.0) * abs(baseline[key]):
             return False
     return True
+
+
+def _guarded_keys(record: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """``(key, metric)`` of every guarded metric in an evaluation record, per environment too."""
+    keys = [(metric, metric) for metric in GUARDED_METRICS]
+    for key in record:
+        env, _, metric = key.rpartition("/")
+        if env and metric in GUARDED_METRICS:
+            keys.append((key, metric))
+    return keys
 
 
 def ranks_above(candidate: Mapping[str, float], incumbent: Mapping[str, float]) -> bool:
