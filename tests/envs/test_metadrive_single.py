@@ -220,3 +220,16 @@ def test_a_yield_stop_keeps_the_gap_to_every_part_of_the_crossing_car(heading_de
             nearest = min(nearest, corners[:, 0].min())
     front = GEOMETRY.length_m - GEOMETRY.rear_overhang_m
     assert stops[0].s + front + settings.yield_gap_m <= nearest + 0.5
+
+
+def test_a_slow_ego_at_the_edge_of_a_car_turning_towards_it_stays() -> None:
+    """A car whose path runs back towards the ego inside its corridor (an oncoming car turning
+    across the ego's lane) reaches the ego wherever it drives: driving on, too late to stop before
+    the path, only meets it sooner unless the ego clears the path before the car gets there (on
+    held-out seeds a slow ego at an intersection's mouth drove on into such cars). A car crossing
+    straight still lets a fast ego through (``test_a_crossing_found_too_late...``)."""
+    heading = math.radians(150.0)
+    car, path = [12.0, -6.0, heading, 4.5, 1.9], [_line((12.0, -6.0), heading)]
+    slow = _stops([car], [8.0], path, ego_speed=2.0)
+    assert len(slow) == 1 and slow[0].speed_mps == 0.0
+    assert slow[0].s <= 0.0  # stop where it is
