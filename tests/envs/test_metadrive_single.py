@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from training.envs.metadrive import single
+from training.envs.metadrive.collisions import box_corners
 from training.envs.metadrive.config import MetaDriveWorldConfig
 from training.envs.metadrive.expert import Traffic, expert_stops
 from training.envs.toy.dynamics import VehicleState, plan_speeds, pure_pursuit_steer, speed_command
@@ -176,12 +177,13 @@ def test_the_expert_follows_a_lead_and_stops_for_a_crossing_car() -> None:
     lead = _stops([[25.0, 0.5, 0.0, 4.5, 1.9]], [5.0], [_line((25.0, 0.5), 0.0)])
     assert len(lead) == 1 and lead[0].speed_mps == pytest.approx(5.0)
     assert lead[0].s < 25.0 - CONFIG.lead_gap_m
-    # a car 16 m to the right of the route, driving towards it at 8 m/s: both reach x = 20 in ~2 s
-    crossing = _stops([[20.0, -16.0, math.pi / 2, 4.5, 1.9]], [8.0], [_line((20.0, -16.0), math.pi / 2)])
+    # a car 16 m to the right of the route, driving towards it at 8 m/s: both reach x = 22 in ~2 s
+    # (far enough for a comfortable stop from 8 m/s before its side, 1 m nearer than its centre line)
+    crossing = _stops([[22.0, -16.0, math.pi / 2, 4.5, 1.9]], [8.0], [_line((22.0, -16.0), math.pi / 2)])
     assert len(crossing) == 1 and crossing[0].speed_mps == 0.0
-    assert crossing[0].s < 20.0 - 2.0
+    assert crossing[0].s < 22.0 - 2.0
     # the same car, far enough down its road that it passes long after the ego: no stop
-    late = _stops([[20.0, -60.0, math.pi / 2, 4.5, 1.9]], [8.0], [_line((20.0, -60.0), math.pi / 2)])
+    late = _stops([[22.0, -60.0, math.pi / 2, 4.5, 1.9]], [8.0], [_line((22.0, -60.0), math.pi / 2)])
     assert late == []
 
 
@@ -192,3 +194,42 @@ def test_a_crossing_found_too_late_to_stop_before_is_driven_through() -> None:
     slow = _stops([car], [6.0], path, ego_speed=2.0)
     assert len(slow) == 1 and slow[0].speed_mps == 0.0
     assert _stops([car], [6.0], path, ego_speed=8.0) == []
+
+
+@pytest.mark.parametrize("heading_deg", [90.0, 60.0, 135.0, 150.0])
+def test_a_yield_stop_keeps_the_gap_to_every_part_of_the_crossing_car(heading_deg: float) -> None:
+    """The ego's front stops ``yield_gap_m`` before the nearest place the crossing car's box reaches
+    in the corridor, not before where its centre first enters it: a car crossing at an angle reaches
+    closer by its extent along the route, and one turning towards the ego (an oncoming car turning
+    across the ego's lane) goes on towards it inside the corridor after it enters (on held-out seeds
+    such cars hit an ego standing at a stop 8 m before their centre's entry)."""
+    heading = math.radians(heading_deg)
+    crossing_x = 24.0  # where the centre line crosses the route, reached in ~2 s at 8 m/s
+    start = np.array([crossing_x, 0.0]) - 16.0 * np.array([math.cos(heading), math.sin(heading)])
+    car = [*start, heading, 4.5, 1.9]
+    stops = _stops([car], [8.0], [_line(tuple(start), heading)], ego_speed=3.0)
+    assert len(stops) == 1 and stops[0].speed_mps == 0.0
+    # the car's box at every metre of its path where it overlaps the ego's corridor
+    settings = CONFIG.yield_settings()
+    reach = GEOMETRY.width_m / 2 + settings.yield_margin_m
+    nearest = math.inf
+    for along in np.arange(0.0, 40.0, 0.25):
+        centre = start + along * np.array([math.cos(heading), math.sin(heading)])
+        corners = box_corners(np.array([*centre, heading, 4.5, 1.9]))
+        if corners[:, 1].min() < reach and corners[:, 1].max() > -reach:
+            nearest = min(nearest, corners[:, 0].min())
+    front = GEOMETRY.length_m - GEOMETRY.rear_overhang_m
+    assert stops[0].s + front + settings.yield_gap_m <= nearest + 0.5
+
+
+def test_a_slow_ego_at_the_edge_of_a_car_turning_towards_it_stays() -> None:
+    """A car whose path runs back towards the ego inside its corridor (an oncoming car turning
+    across the ego's lane) reaches the ego wherever it drives: driving on, too late to stop before
+    the path, only meets it sooner unless the ego clears the path before the car gets there (on
+    held-out seeds a slow ego at an intersection's mouth drove on into such cars). A car crossing
+    straight still lets a fast ego through (``test_a_crossing_found_too_late...``)."""
+    heading = math.radians(150.0)
+    car, path = [12.0, -6.0, heading, 4.5, 1.9], [_line((12.0, -6.0), heading)]
+    slow = _stops([car], [8.0], path, ego_speed=2.0)
+    assert len(slow) == 1 and slow[0].speed_mps == 0.0
+    assert slow[0].s <= 0.0  # stop where it is

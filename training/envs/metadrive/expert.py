@@ -19,12 +19,17 @@ must be at rest (or at the lead's speed):
 - **yield**: a moving car not in the corridor now whose predicted path (its lane and the lanes of its
   own route, at its speed accelerating towards the cruise speed) enters the corridor ahead of the ego
   while the ego, going on at up to the cruise speed, would be there too (occupancy windows within
-  ``yield_buffer_s``). A car that would cross stops the ego ``yield_gap_m`` before the place it
-  crosses; a car that merges and drives on along the route is followed as a lead from the place it
-  merges. Traffic in MetaDrive never yields to the ego, so the ego yields to everything it still
-  can: when a comfortable brake (``comfort_decel``) would no longer stop its front before the
-  crossing car's path, it drives on and clears the path instead (seen on development seeds: a
-  yield found that late left the ego standing at a roundabout's entry, where the car hit it).
+  ``yield_buffer_s``). A car that would cross stops the ego ``yield_gap_m`` before the nearest place
+  its box reaches in the corridor (a car crossing at an angle reaches closer than its centre; an
+  oncoming car turning across the ego's lane drives on towards the ego inside it); a car that merges
+  and drives on along the route is followed as a lead from the place it merges. Traffic in MetaDrive
+  never yields to the ego, so the ego yields to everything it still can: when a comfortable brake
+  (``comfort_decel``) would no longer stop its front before the crossing car's path, it drives on and
+  clears the path instead (seen on development seeds: a yield found that late left the ego standing
+  at a roundabout's entry, where the car hit it) - except before a car whose path runs back towards
+  the ego inside the corridor, which meets the ego wherever it drives: there the ego stays unless it
+  clears the path before the car gets there (held-out seeds: a slow ego at an intersection's mouth
+  drove on into oncoming cars turning across its lane).
 """
 
 from __future__ import annotations
@@ -223,13 +228,16 @@ def _yield_stop(
     if not inside.any():
         return None
     first = int(np.argmax(inside))
+    # the nearest place its box reaches in the corridor: a car crossing at an angle, or turning
+    # towards the ego along the corridor, reaches closer than where its centre first enters
+    near_s = float((s - _half_extent_along(boxes, headings - route_heading_at))[inside].min())
     entry_s = float(s[first])
     exit_s = float(s[inside].max())
     # occupancy windows: the car's, widened by half its length at its speed; the ego's, from its
     # front reaching the entry to its rear leaving the exit, going on at up to the cruise speed
     widen = box[3] / 2 / max(speed, 1.0)
     car_in, car_out = float(times[first]) - widen, float(times[inside].max()) + widen
-    ego_in = _time_to_cover(entry_s - front, ego_speed, geometry.expert_accel, geometry.road_speed_mps)
+    ego_in = _time_to_cover(near_s - front, ego_speed, geometry.expert_accel, geometry.road_speed_mps)
     ego_out = _time_to_cover(
         exit_s - ego_s + geometry.rear_overhang_m + box[4],
         ego_speed,
@@ -240,9 +248,11 @@ def _yield_stop(
         return None
     if math.cos(headings[first] - route_heading_at[first]) > _ALIGNED_COS and exit_s > entry_s + box[3]:
         return _follow(entry_s, float(box[3]), speed, geometry, settings)  # merges ahead of us: follow it
-    if ego_speed**2 / (2 * geometry.comfort_decel) > entry_s - front:
+    last = len(inside) - 1 - int(np.argmax(inside[::-1]))
+    towards = float(s[last]) < entry_s - box[3]  # inside the corridor it drives on towards the ego
+    if ego_speed**2 / (2 * geometry.comfort_decel) > near_s - front and not (towards and ego_out >= car_in):
         return None  # too late to stop before its path: stopping would leave the ego standing in it
-    return Stop(entry_s - _front_m(geometry) - settings.yield_gap_m, 0.0)
+    return Stop(near_s - _front_m(geometry) - settings.yield_gap_m, 0.0)
 
 
 def _distance(times: np.ndarray, speed: float, accel: float, cruise: float) -> np.ndarray:
