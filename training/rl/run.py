@@ -222,7 +222,6 @@ def build_run(config: PPOConfig, ctx: DistContext | None = None) -> Run:
         config.env_options(config.difficulty), ctx.rank, config.num_envs + config.num_eval_worlds
     )
     env = make_env_mix(config.env_mix(), device, options)
-    eval_envs: dict[str, BatchedWaypointEnv] = {}
     try:
         sft_model = sft_source.for_env(env.spec)  # the model's shapes against the environment's
         curriculum = _build_curriculum(config, env)
