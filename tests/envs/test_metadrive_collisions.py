@@ -49,12 +49,12 @@ def test_a_standing_ego_is_reported_as_standing_whatever_the_speeds() -> None:
 @pytest.mark.skipif(
     importlib.util.find_spec("metadrive") is None, reason="the metadrive extra is not installed"
 )
-def test_the_env_reports_a_turning_truck_driving_into_the_expert() -> None:
+def test_the_env_reports_a_car_turning_into_the_expert_beside_it() -> None:
     from training.envs.metadrive import MetaDriveWaypointEnv
 
-    # development seed 13: the expert waits at an intersection's mouth for a crossing car and starts
-    # again; a truck turning into its road cuts the corner into it (docs/metadrive.md)
-    seed = 1_000_000_013
+    # development seed 1e9 + 700085: in a roundabout a car in the lane to the expert's right turns
+    # into it while beside it (docs/metadrive.md)
+    seed = 1_000_700_085
     with MetaDriveWaypointEnv(1) as env:
         env.reset(seed=seed)
         assert env.collision_reports() == {}
@@ -64,5 +64,6 @@ def test_the_env_reports_a_turning_truck_driving_into_the_expert() -> None:
                 break
         assert bool(episode.collision[0])
         report = env.collision_reports()[seed]
-    assert report["other"] == "XLVehicle" and report["closed_by"] == "other", report
+    assert report["other"] == "SVehicle" and report["closed_by"] == "other", report
+    assert report["other_left_m"] < 0  # from the right
     assert report["gap_m"] < 0.5 and report["other_speed_mps"] > report["ego_speed_mps"]
