@@ -223,7 +223,7 @@ class PPOConfig(SimulatorFlags):
             f"--batch-size {self.batch_size} is larger than a rollout "
             f"(--num-envs {self.num_envs} x --rollout-steps {self.rollout_steps} = {rollout})",
         )
-        require(math.isfinite(self.lr) and self.lr > 0, f"--lr must be > 0, got {self.lr}")
+        require(_positive(self.lr), f"--lr must be > 0, got {self.lr}")
         require(
             _positive(self.clip_epsilon) and self.clip_epsilon < 1,
             f"--clip-epsilon must be in (0, 1) (the ratio is clipped to 1 -/+ it), got {self.clip_epsilon}",
@@ -257,9 +257,7 @@ class PPOConfig(SimulatorFlags):
             ("--collision-penalty", self.collision_penalty),
             ("--off-road-penalty", self.off_road_penalty),
         ):
-            require(
-                value is None or (math.isfinite(value) and value >= 0), f"{flag} must be >= 0, got {value}"
-            )
+            require(value is None or _non_negative(value), f"{flag} must be >= 0, got {value}")
         require(_positive(self.reward_scale), f"--reward-scale must be > 0, got {self.reward_scale}")
         require(self.critic_warmup_iterations >= 0, "--critic-warmup-iterations must be >= 0")
         require(0.0 <= self.difficulty <= 1.0, f"--difficulty must be in [0, 1], got {self.difficulty}")
@@ -286,11 +284,9 @@ class PPOConfig(SimulatorFlags):
         self._validate_cuda_graph()
 
     def _validate_kl_and_exploration(self) -> None:
+        require(_non_negative(self.kl_coef), f"--kl-coef must be >= 0, got {self.kl_coef}")
         require(
-            math.isfinite(self.kl_coef) and self.kl_coef >= 0, f"--kl-coef must be >= 0, got {self.kl_coef}"
-        )
-        require(
-            self.kl_target is None or (math.isfinite(self.kl_target) and self.kl_target > 0),
+            self.kl_target is None or _positive(self.kl_target),
             f"--kl-target must be > 0, got {self.kl_target}",
         )
         require(
