@@ -71,7 +71,8 @@ def is_process_backed(env_names: list[str] | tuple[str, ...]) -> bool:
 
 
 def announce(message: str) -> None:
-    """The one line that says what was chosen for the machine."""
+    """One line for the user on stderr: what was chosen for the machine, or what a command does other
+    than it was asked (a resume that finds no checkpoint, a lost metrics file)."""
     print(message, file=sys.stderr, flush=True)
 
 
