@@ -1,4 +1,4 @@
-"""The README's default pipeline (SFT defaults, then the documented PPO command, then the
+"""The demo's pipeline (``make demo``: its SFT model, then the documented PPO command, then the
 comparison) for several seeds, with mean and spread of the headline numbers.
 
     python -m benchmarks.pipeline_seeds --seeds 0 1 2 --out-root out/seeds [--json results.json]

@@ -53,8 +53,8 @@ def epochs_for(num_episodes: int) -> int:
 class Variant:
     """One SFT model recipe: demonstrations, epochs and the expert's noise while recording.
 
-    ``epochs`` None scales them with the size (``epochs_for``); the demo's default SFT (200
-    episodes, 4 epochs, not converged) is the variant ``Variant(200, epochs=4)``.
+    ``epochs`` None scales them with the size (``epochs_for``, trained to convergence); a fixed
+    number stops earlier, as the SFT trainer's defaults do (``TRAINER_DEFAULT``).
     """
 
     num_episodes: int
@@ -76,7 +76,8 @@ class Variant:
         return flags + (["--expert-noise", str(self.expert_noise_m)] if self.expert_noise_m else [])
 
 
-DEMO_DEFAULT = Variant(200, epochs=4)  # what `make demo` trains: the SFT trainer's defaults
+DEMO_DEFAULT = Variant(20)  # what `make demo` trains (training.demo.TOY_DEMO_SFT): 20 demos, converged
+TRAINER_DEFAULT = Variant(200, epochs=4)  # the SFT trainer's defaults: stops before convergence
 
 
 def run_cell(variant: Variant, seed: int, root: Path, device: str, reward: str = "shaped") -> dict[str, Any]:
@@ -228,10 +229,12 @@ def plot(summary: list[dict[str, Any]], path: Path) -> Path:
     from eval.plots import RL_COLOR, SFT_COLOR, _grid, _save
 
     fig, axes = _grid(len(METRICS), panel_size=(3.6, 3.0))
-    clean = [e for e in summary if not e["expert_noise_m"] and e["variant"] != DEMO_DEFAULT.name]
-    marked = [(e, "*") for e in summary if e["expert_noise_m"] and e["epochs"] != DEMO_DEFAULT.epochs]
+    converged = [e for e in summary if e["epochs"] == epochs_for(e["num_episodes"])]
+    clean = [e for e in converged if not e["expert_noise_m"]]  # the line: converged, clean demos
+    marked = [(e, "*") for e in converged if e["expert_noise_m"]]
     marked += [(e, "s") for e in summary if e["variant"] == DEMO_DEFAULT.name]
-    marked += [(e, "P") for e in summary if e["expert_noise_m"] and e["epochs"] == DEMO_DEFAULT.epochs]
+    early = [e for e in summary if e not in converged]
+    marked += [(e, "P" if e["expert_noise_m"] else "D") for e in early]
     for ax, (key, (label, _)) in zip(axes, METRICS.items(), strict=False):
         x = [e["num_episodes"] for e in clean]
         for side, color in (("sft", SFT_COLOR), ("rl", RL_COLOR)):
@@ -250,7 +253,12 @@ def plot(summary: list[dict[str, Any]], path: Path) -> Path:
     handles, _ = axes[0].get_legend_handles_labels()
     handles += [
         Line2D([], [], color="0.4", marker=marker, linestyle="none", label=label)
-        for marker, label in (("*", "noisy demos"), ("s", "demo default"), ("P", "demo default, noisy demos"))
+        for marker, label in (
+            ("*", "noisy demos"),
+            ("s", "demo's SFT"),
+            ("D", "4 epochs (SFT trainer's defaults)"),
+            ("P", "4 epochs, noisy demos"),
+        )
     ]
     fig.legend(handles=handles, loc="upper center", ncol=len(handles), fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0, 1, 0.9))
@@ -262,11 +270,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--sizes", type=int, nargs="*", default=[50, 100, 200, 400, 800, 1600])
     parser.add_argument("--noisy", type=int, nargs="*", default=[200], help="sizes also run with noisy demos")
     parser.add_argument("--expert-noise", type=float, default=DEFAULT_EXPERT_NOISE_M, help="metres")
-    parser.add_argument("--no-demo-default", action="store_true", help="leave out the demo's default SFT")
     parser.add_argument(
-        "--noisy-demo-default",
+        "--no-demo-default",
         action="store_true",
-        help="also the demo's default SFT on noisy demonstrations",
+        help="leave out the demo's SFT (20 demos) and the SFT trainer's defaults (200 demos, 4 epochs)",
+    )
+    parser.add_argument(
+        "--noisy-trainer-default",
+        action="store_true",
+        help="also the SFT trainer's defaults on noisy demonstrations",
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out-root", type=Path, default=Path("out/sft_sweep"))
@@ -274,10 +286,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--reward", default="shaped", help="the PPO runs' --reward (shaped or progress)")
     parser.add_argument("--jobs", type=int, default=2, help="cells run at once (one CPU thread each)")
     args = parser.parse_args(argv)
-    variants = [] if args.no_demo_default else [DEMO_DEFAULT]
+    variants = [] if args.no_demo_default else [DEMO_DEFAULT, TRAINER_DEFAULT]
     variants += [Variant(n) for n in args.sizes] + [Variant(n, args.expert_noise) for n in args.noisy]
-    if args.noisy_demo_default:
-        variants.append(Variant(DEMO_DEFAULT.num_episodes, args.expert_noise, DEMO_DEFAULT.epochs))
+    if args.noisy_trainer_default:
+        variants.append(Variant(TRAINER_DEFAULT.num_episodes, args.expert_noise, TRAINER_DEFAULT.epochs))
+    variants = list(dict.fromkeys(variants))  # --sizes 20 is the demo's SFT again: run it once
     tasks = [(v, s) for v in variants for s in args.seeds]
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         futures = [pool.submit(run_cell, v, s, args.out_root, args.device, args.reward) for v, s in tasks]

@@ -6,7 +6,18 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.sft_sweep import DEMO_DEFAULT, METRICS, Variant, epochs_for, markdown, plot, summarise
+from benchmarks.sft_sweep import (
+    DEMO_DEFAULT,
+    METRICS,
+    TRAINER_DEFAULT,
+    Variant,
+    epochs_for,
+    markdown,
+    plot,
+    summarise,
+)
+from training.demo import TOY_DEMO_SFT
+from training.sft.train_waypoint_bc_torch_v0 import SFTTrainConfig
 
 
 def test_epochs_scale_inversely_with_the_demonstrations_within_bounds() -> None:
@@ -17,7 +28,15 @@ def test_variants_name_their_recipe_and_pass_it_to_the_sft_trainer() -> None:
     assert Variant(800).sft_flags() == ["--num-episodes", "800", "--epochs", "8"]
     noisy = Variant(200, expert_noise_m=0.3)
     assert noisy.name == "sft200_noise0.3" and noisy.sft_flags()[-2:] == ["--expert-noise", "0.3"]
-    assert DEMO_DEFAULT.name == "sft200_epochs4" and DEMO_DEFAULT.sft_flags()[-2:] == ["--epochs", "4"]
+
+
+def test_the_sweeps_named_variants_are_what_the_demo_and_the_sft_trainer_train() -> None:
+    assert DEMO_DEFAULT.sft_flags() == list(TOY_DEMO_SFT)  # the sweep's marker is the headline's model
+    defaults = SFTTrainConfig()
+    assert (TRAINER_DEFAULT.num_episodes, TRAINER_DEFAULT.num_epochs) == (
+        defaults.num_episodes,
+        defaults.epochs,
+    )
 
 
 def _cell(variant: Variant, seed: int, rl_ade: float, worsened: bool) -> dict:
