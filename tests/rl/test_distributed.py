@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from tests.cli_helpers import assert_one_line_error, run_cli
 from training.rl.checkpoint import load_rl_checkpoint
-from training.rl.distributed import DistContext, init_distributed
+from training.rl.distributed import DistContext, init_distributed, shutdown
 
 NUM_ENVS, ROLLOUT_STEPS, ITERATIONS = 4, 8, 3
 SETTINGS = [
@@ -167,3 +167,24 @@ def test_the_context_reduces_where_its_backend_does(
     monkeypatch.setattr(dist, "is_initialized", lambda: True)  # as torchrun's group, already joined
     monkeypatch.setattr(dist, "get_backend", lambda *args: backend)
     assert init_distributed("cuda").device == expected
+
+
+@pytest.mark.parametrize(
+    "finished, expected", [(True, ["barrier", "destroy", "drain"]), (False, ["destroy"])]
+)
+def test_a_finished_run_leaves_no_backend_work_to_interpreter_shutdown(
+    monkeypatch: pytest.MonkeyPatch, finished: bool, expected: list[str]
+) -> None:
+    """gloo's threads freed a last collective's tensors during interpreter shutdown now and then
+    (SIGABRT): a finished run meets the others, leaves the group, then lets the threads finish with
+    the GIL free. After an error the others may never arrive: leave at once."""
+    import training.rl.distributed as distributed
+
+    calls: list[str] = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "barrier", lambda **kwargs: calls.append("barrier"))
+    monkeypatch.setattr(dist, "destroy_process_group", lambda: calls.append("destroy"))
+    monkeypatch.setattr(distributed.time, "sleep", lambda seconds: calls.append("drain"))
+    shutdown(DistContext(rank=1, world_size=2), finished=finished)
+    shutdown(DistContext(), finished=finished)  # one process: nothing to leave
+    assert calls == expected

@@ -45,16 +45,19 @@ def train_ppo(config: PPOConfig) -> dict[str, Any]:
     """
     config.validate()
     ctx = init_distributed(config.device)
+    finished = False
     try:
         run = _build_agreed(config, ctx)
         try:
-            return _train(run)
+            results = _train(run)
         finally:
             run.env.close()
             for env in run.eval_envs.values():
                 env.close()
+        finished = True
+        return results
     finally:
-        shutdown(ctx)
+        shutdown(ctx, finished=finished)
 
 
 def _train(run: Run) -> dict[str, Any]:
