@@ -136,7 +136,7 @@ def shutdown(context: DistContext, *, finished: bool) -> None:
     gloo's worker threads free each collective's work item after the caller has its result; the item
     holds the collective's tensors, and freeing a tensor Python let go of takes the GIL. A process
     that reached interpreter shutdown first aborted (``terminate called without an active
-    exception``, SIGABRT, seen in about one two-process CPU run in 15, a core dump showing
+    exception``, SIGABRT, seen in about one two-process CPU run in 20, a core dump showing
     ``AsyncGatherWork`` freed in ``ProcessGroupGloo::runLoop`` during ``Py_FinalizeEx``). So a
     finished run meets the others at a barrier (whose work item holds no tensor), leaves the
     group, and gives the threads a moment with the GIL free. After an error the others may never
