@@ -224,17 +224,27 @@ def cells_markdown(cells: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def plot_groups(
+    summary: list[dict[str, Any]],
+) -> tuple[list[dict[str, Any]], list[tuple[dict[str, Any], str]]]:
+    """The plot's line (converged models on clean demonstrations, by size) and its marked points
+    (entry, marker): noisy demonstrations ``*``, the demo's model ``s`` (on the line too), models
+    stopped before convergence ``D`` (``P`` with noisy demonstrations)."""
+    converged = [e for e in summary if e["epochs"] == epochs_for(e["num_episodes"])]
+    line = sorted((e for e in converged if not e["expert_noise_m"]), key=lambda e: e["num_episodes"])
+    marked = [(e, "*") for e in converged if e["expert_noise_m"]]
+    marked += [(e, "s") for e in summary if e["variant"] == DEMO_DEFAULT.name]
+    early = [e for e in summary if e not in converged]
+    marked += [(e, "P" if e["expert_noise_m"] else "D") for e in early]
+    return line, marked
+
+
 def plot(summary: list[dict[str, Any]], path: Path) -> Path:
     """SFT and RL (mean over seeds, bars: min to max over seeds) against the SFT's demonstrations."""
     from eval.plots import RL_COLOR, SFT_COLOR, _grid, _save
 
     fig, axes = _grid(len(METRICS), panel_size=(3.6, 3.0))
-    converged = [e for e in summary if e["epochs"] == epochs_for(e["num_episodes"])]
-    clean = [e for e in converged if not e["expert_noise_m"]]  # the line: converged, clean demos
-    marked = [(e, "*") for e in converged if e["expert_noise_m"]]
-    marked += [(e, "s") for e in summary if e["variant"] == DEMO_DEFAULT.name]
-    early = [e for e in summary if e not in converged]
-    marked += [(e, "P" if e["expert_noise_m"] else "D") for e in early]
+    clean, marked = plot_groups(summary)
     for ax, (key, (label, _)) in zip(axes, METRICS.items(), strict=False):
         x = [e["num_episodes"] for e in clean]
         for side, color in (("sft", SFT_COLOR), ("rl", RL_COLOR)):
@@ -256,8 +266,8 @@ def plot(summary: list[dict[str, Any]], path: Path) -> Path:
         for marker, label in (
             ("*", "noisy demos"),
             ("s", "demo's SFT"),
-            ("D", "4 epochs (SFT trainer's defaults)"),
-            ("P", "4 epochs, noisy demos"),
+            ("D", "stopped early (SFT trainer's defaults)"),
+            ("P", "stopped early, noisy demos"),
         )
     ]
     fig.legend(handles=handles, loc="upper center", ncol=len(handles), fontsize=8, frameon=False)

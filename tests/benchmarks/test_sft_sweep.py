@@ -14,6 +14,7 @@ from benchmarks.sft_sweep import (
     epochs_for,
     markdown,
     plot,
+    plot_groups,
     summarise,
 )
 from training.demo import TOY_DEMO_SFT
@@ -97,3 +98,14 @@ def test_a_cell_runs_the_three_documented_commands_with_its_recipe(tmp_path: Pat
     assert ppo[ppo.index("--reward") + 1] == "progress" and ppo[ppo.index("--seed") + 1] == "2"
     assert " ".join(sweep.PPO_COMMAND) in " ".join(ppo)
     assert "--seed" not in calls["compare"]  # the comparison's default: the test range
+
+
+def test_the_plot_draws_converged_clean_models_in_size_order_and_marks_the_rest() -> None:
+    """The demo's model comes first in the sweep's variants; its line must still run by size."""
+    variants = [DEMO_DEFAULT, TRAINER_DEFAULT, Variant(10), Variant(50), Variant(200, expert_noise_m=0.3)]
+    cells = [_cell(v, 0, 0.3, worsened=False) for v in variants]
+    summary = summarise(cells, variants)
+    line, marked = plot_groups(summary)
+    assert [e["num_episodes"] for e in line] == [10, 20, 50]
+    marks = {entry["variant"]: marker for entry, marker in marked}
+    assert marks == {"sft20": "s", "sft200_epochs4": "D", "sft200_noise0.3": "*"}
