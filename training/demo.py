@@ -127,7 +127,8 @@ def run_pipeline(
 
 
 def check_compare_seed(seed: int) -> None:
-    """The comparison's scenarios must all lie in the test range, which no tuning looked at."""
+    """The comparison's scenarios must all lie in the test range, which no training or evaluation reads
+    (choices that did read it, such as ``TOY_DEMO_SFT``, are disclosed in README with an untouched block)."""
     last = seed + COMPARE_EPISODES - 1
     if split_of(seed) != "test" or split_of(last) != "test":
         raise UserError(
