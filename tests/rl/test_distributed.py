@@ -188,3 +188,50 @@ def test_a_finished_run_leaves_no_backend_work_to_interpreter_shutdown(
     shutdown(DistContext(rank=1, world_size=2), finished=finished)
     shutdown(DistContext(), finished=finished)  # one process: nothing to leave
     assert calls == expected
+
+
+def test_a_peer_that_fails_after_this_process_finished_does_not_make_it_fail(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls: list[str] = []
+
+    def barrier(**kwargs: object) -> None:
+        raise RuntimeError("Connection closed by peer")
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "barrier", barrier)
+    monkeypatch.setattr(dist, "destroy_process_group", lambda: calls.append("destroy"))
+    monkeypatch.setattr("training.rl.distributed.time.sleep", lambda seconds: None)
+    shutdown(DistContext(rank=1, world_size=2), finished=True)
+    assert calls == ["destroy"]
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_the_trainer_leaves_the_job_as_finished_only_when_the_run_returned(
+    monkeypatch: pytest.MonkeyPatch, fails: bool
+) -> None:
+    import types
+
+    import training.rl.trainer as trainer
+
+    left: list[bool] = []
+    closed: list[str] = []
+    world = types.SimpleNamespace(close=lambda: closed.append("env"))
+    run = types.SimpleNamespace(env=world, eval_envs={"toy": world})
+
+    def train(_: object) -> dict:
+        if fails:
+            raise RuntimeError("diverged")
+        return {"done": True}
+
+    config = types.SimpleNamespace(validate=lambda: None, device="cpu")
+    monkeypatch.setattr(trainer, "init_distributed", lambda device: DistContext())
+    monkeypatch.setattr(trainer, "_build_agreed", lambda config, ctx: run)
+    monkeypatch.setattr(trainer, "_train", train)
+    monkeypatch.setattr(trainer, "shutdown", lambda ctx, *, finished: left.append(finished))
+    if fails:
+        with pytest.raises(RuntimeError, match="diverged"):
+            trainer.train_ppo(config)
+    else:
+        assert trainer.train_ppo(config) == {"done": True}
+    assert left == [not fails] and closed == ["env", "env"]

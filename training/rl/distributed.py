@@ -12,6 +12,7 @@ process takes the same branch. Only rank 0 writes files.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass
@@ -140,11 +141,15 @@ def shutdown(context: DistContext, *, finished: bool) -> None:
     ``AsyncGatherWork`` freed in ``ProcessGroupGloo::runLoop`` during ``Py_FinalizeEx``). So a
     finished run meets the others at a barrier (whose work item holds no tensor), leaves the
     group, and gives the threads a moment with the GIL free. After an error the others may never
-    arrive, so the process leaves at once.
+    arrive, so the process leaves at once; and if another process fails after this one finished (rank
+    0 writing ``final.pt``), the barrier fails too, which is that process's error to report, not this
+    one's.
     """
     if context.enabled and dist.is_initialized():
         if finished:
-            context.barrier()
+            # gloo raises when a peer left with an error of its own, which that peer reports
+            with contextlib.suppress(RuntimeError):
+                context.barrier()
         dist.destroy_process_group()
         if finished:
             time.sleep(_BACKEND_DRAIN_S)
