@@ -31,13 +31,18 @@ def _top_level_aten_ops(events: list) -> int:
 
 
 def world_ops_per_step(
-    num_envs: int, device: str = "cpu", steps: int = _STEPS, seed: int = 0
+    num_envs: int, device: str = "cpu", steps: int = _STEPS, seed: int = 0, *, compile_step: bool = False
 ) -> dict[str, float]:
     """Top-level aten ops of each of ``steps`` world steps under the expert's plans plus noise
-    (so some worlds crash and every world autoresets): the largest and the mean."""
-    env = ToyWaypointEnv(ToyWorldConfig(num_envs=num_envs), device=device)
+    (so some worlds crash and every world autoresets): the largest and the mean.
+
+    ``compile_step``: the world step as one compiled graph (``--compile-world``); its first step,
+    which compiles, is taken before counting."""
+    env = ToyWaypointEnv(ToyWorldConfig(num_envs=num_envs), device=device, compile_step=compile_step)
     env.reset(seed=seed)
     generator = torch.Generator(device=env.device).manual_seed(seed)
+    if compile_step:
+        env.step(env.expert_waypoints())
     counts = []
     for _ in range(steps):
         noise = torch.randn(num_envs, env.spec.num_waypoints, 2, generator=generator, device=env.device)
@@ -52,9 +57,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num-envs", default="8,1024", help="comma-separated world counts")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--compile-world", action="store_true", help="the step as one compiled graph")
     args = parser.parse_args()
     sizes = [int(part) for part in args.num_envs.split(",")]
-    print(json.dumps({str(n): world_ops_per_step(n, args.device) for n in sizes}))
+    counts = {str(n): world_ops_per_step(n, args.device, compile_step=args.compile_world) for n in sizes}
+    print(json.dumps(counts))
 
 
 if __name__ == "__main__":

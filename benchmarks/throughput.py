@@ -78,6 +78,7 @@ class BenchSettings:
     compile_encoder: bool
     profile: bool = False
     cuda_graph: bool = False  # replay each rollout step as a CUDA graph (``--cuda-graph``)
+    compile_world: bool = False  # each world step one compiled graph (``--compile-world``)
 
     def batch_size(self, num_envs: int) -> int:
         """PPO minibatch size: a rollout split into ``minibatches`` (at least one transition)."""
@@ -148,6 +149,7 @@ def build_bench_run(settings: BenchSettings, sft_path: Path, num_envs: int, out_
         eval_episodes=1,
         device=str(settings.device),
         cuda_graph=settings.cuda_graph,
+        compile_world=settings.compile_world,
         progress=False,
         overwrite=True,
     )
@@ -228,7 +230,7 @@ def measure_size(settings: BenchSettings, sft_path: Path, num_envs: int, work_di
     row: dict[str, Any] = {"num_envs": num_envs, "batch_size": run.config.batch_size}
     row["world_steps_per_s"] = world_rate(run, settings)
     row["encoder_steps_per_s"] = encoder_rate(run, settings)
-    ops = world_ops_per_step(num_envs, str(settings.device))
+    ops = world_ops_per_step(num_envs, str(settings.device), compile_step=settings.compile_world)
     row["world_ops_per_step"], row["world_ops_per_step_mean"] = ops["max"], ops["mean"]
     row["rollout_steps_per_s"] = rollout_rate(run, settings)
     row["train_steps_per_s"] = train_rate(run, settings)
@@ -440,6 +442,11 @@ def parse_settings(argv: list[str] | None) -> tuple[BenchSettings, bool]:
         help="replay each rollout step as a CUDA graph (CUDA only; docs/benchmarks.md)",
     )
     parser.add_argument(
+        "--compile-world",
+        action="store_true",
+        help="run each world step as one compiled graph, as the trainer's --compile-world does",
+    )
+    parser.add_argument(
         "--profile",
         action="store_true",
         help="print a cProfile of one training iteration (largest size) to stderr",
@@ -468,6 +475,7 @@ def parse_settings(argv: list[str] | None) -> tuple[BenchSettings, bool]:
         compile_encoder=args.compile,
         profile=args.profile,
         cuda_graph=args.cuda_graph,
+        compile_world=args.compile_world,
     )
     return settings, args.json
 

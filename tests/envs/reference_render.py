@@ -11,7 +11,7 @@ import torch
 from training.envs.toy import world as world_module
 from training.envs.toy.config import ToyWorldConfig
 from training.envs.toy.dynamics import world_to_ego
-from training.envs.toy.render import RenderInputs
+from training.envs.toy.render import RenderInputs, RenderLayout
 from training.envs.toy.scenario import interpolate_route
 from training.envs.toy.world import ToyWaypointEnv
 
@@ -131,9 +131,9 @@ def inputs_of_driven_worlds(
     env = ToyWaypointEnv(config)
     original = world_module.render_bev
 
-    def spy(inputs: RenderInputs, cfg: ToyWorldConfig) -> torch.Tensor:
+    def spy(inputs: RenderInputs, cfg: ToyWorldConfig, layout: RenderLayout | None = None) -> torch.Tensor:
         captured.append(inputs)
-        return original(inputs, cfg)
+        return original(inputs, cfg, layout)
 
     world_module.render_bev = spy
     try:

@@ -26,6 +26,7 @@ class EnvOptions:
     reward: str = "shaped"  # reward preset (training/envs/toy/config.py: REWARD_PRESETS)
     collision_penalty: float | None = None  # None: the environment's own weight
     off_road_penalty: float | None = None
+    compile_world: bool = False  # toy world: each step one compiled graph (``--compile-world``)
 
 
 def for_process(options: EnvOptions, rank: int, worlds_per_process: int) -> EnvOptions:

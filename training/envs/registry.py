@@ -34,7 +34,8 @@ def make_toy_env(num_envs: int, device: torch.device | str, options: EnvOptions)
 
     difficulty = {} if options.difficulty is None else {"difficulty": options.difficulty}
     reward = run_reward(RewardWeights(), options)
-    return ToyWaypointEnv(ToyWorldConfig(num_envs=num_envs, reward=reward, **difficulty), device=device)
+    config = ToyWorldConfig(num_envs=num_envs, reward=reward, **difficulty)
+    return ToyWaypointEnv(config, device=device, compile_step=options.compile_world)
 
 
 def make_env(

@@ -288,7 +288,8 @@ def _build_eval_envs(
     config: PPOConfig, device: torch.device, options: EnvOptions
 ) -> dict[str, BatchedWaypointEnv]:
     """Held-out worlds for each environment of the mix, always at the target ``--difficulty``."""
-    return make_envs([(name, config.num_eval_worlds) for name, _ in config.env_mix()], device, options)
+    eager = dataclasses.replace(options, compile_world=False)  # evaluated on the world as it always ran
+    return make_envs([(name, config.num_eval_worlds) for name, _ in config.env_mix()], device, eager)
 
 
 def resume_from(run: Run, path: Path) -> None:

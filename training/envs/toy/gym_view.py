@@ -55,11 +55,13 @@ class _SingleWorld(ToyWaypointEnv):
     final_expert_waypoints: torch.Tensor | None = None
     final_ego_pose: torch.Tensor | None = None
 
-    def _autoreset(self, done: torch.Tensor, final_obs: Observation) -> Observation:
+    def _autoreset(
+        self, done: torch.Tensor, final_obs: Observation, bank_start: torch.Tensor | None
+    ) -> Observation:
         if bool(done.any()):
             self.final_expert_waypoints = self.expert_waypoints()
             self.final_ego_pose = self.ego_pose()
-        return super()._autoreset(done, final_obs)
+        return super()._autoreset(done, final_obs, bank_start)
 
 
 class ToyWaypointGymEnv(gym.Env[dict[str, np.ndarray], np.ndarray]):

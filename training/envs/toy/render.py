@@ -51,7 +51,7 @@ def pixel_centre(row: int, col: int, cfg: ToyWorldConfig) -> tuple[float, float]
 
 
 @dataclass(frozen=True)
-class _Layout:
+class RenderLayout:
     """What every render of one config draws at the same relative places, made once."""
 
     quarter_turns: torch.Tensor  # [4] 0, -pi/2, pi/2, 0
@@ -99,7 +99,10 @@ def _road_outline(samples: int, cfg: ToyWorldConfig, step_m: float) -> list[tupl
 
 
 @functools.lru_cache(maxsize=8)
-def _layout(cfg: ToyWorldConfig, device: torch.device, num_vehicles: int, num_obstacles: int) -> _Layout:
+def render_layout(
+    cfg: ToyWorldConfig, device: torch.device, num_vehicles: int, num_obstacles: int
+) -> RenderLayout:
+    """What every render of ``cfg`` with these numbers of boxes draws at the same places (cached)."""
     behind = (cfg.bev_size_px - cfg.bev_ego_row) * cfg.bev_resolution_m + 3.0
     ahead = cfg.bev_ego_row * cfg.bev_resolution_m + 6.0
     step_m = _OUTLINE_STEP_PX * cfg.bev_resolution_m
@@ -113,7 +116,7 @@ def _layout(cfg: ToyWorldConfig, device: torch.device, num_vehicles: int, num_ob
     )
     box_planes = [_VEHICLES] * num_vehicles + [_OBSTACLES] * num_obstacles
     planes = [_DRIVABLE] * (road.shape[1] // 2) + [p for p in box_planes for _ in range(box.shape[1] // 2)]
-    return _Layout(
+    return RenderLayout(
         quarter_turns=torch.tensor([0.0, -math.pi / 2, math.pi / 2, 0.0], device=device),
         ego_pixel=torch.tensor([[1.0 + cfg.bev_ego_row], [1.0 + cfg.bev_size_px / 2]], device=device),
         behind_m=behind,
@@ -140,7 +143,7 @@ class _PixelMap(NamedTuple):
         return torch.baddbmm(self.offset, self.linear, xy)
 
 
-def _world_to_pixels(inputs: RenderInputs, layout: _Layout, cfg: ToyWorldConfig) -> _PixelMap:
+def _world_to_pixels(inputs: RenderInputs, layout: RenderLayout, cfg: ToyWorldConfig) -> _PixelMap:
     """row = ego_row - x_ego / res and col = W / 2 - y_ego / res, with x_ego = cos dx + sin dy and
     y_ego = -sin dx + cos dy (+ 1 on both: the padded image's border). So the linear part is
     ``-R(-yaw) / res``; its four entries are cosines of ``yaw + (0, -pi/2, pi/2, 0)``."""
@@ -162,7 +165,7 @@ def _cell_index(cells: torch.Tensor, plane: int | torch.Tensor, side: int) -> to
 
 
 def _route_samples(
-    inputs: RenderInputs, pixels: _PixelMap, layout: _Layout, cfg: ToyWorldConfig
+    inputs: RenderInputs, pixels: _PixelMap, layout: RenderLayout, cfg: ToyWorldConfig
 ) -> torch.Tensor:
     """The route around the ego, every ``_LINE_STEP_M`` of arc length from ``ego_s - behind``, in
     pixels ``[N, 4, S]``: rows and columns of its centre line, then of its left normal there.
@@ -186,7 +189,7 @@ def _route_samples(
     return torch.lerp(points.gather(2, start), points.gather(2, start + 1), (along - segment)[:, None])
 
 
-def _road_edges(route: torch.Tensor, layout: _Layout) -> torch.Tensor:
+def _road_edges(route: torch.Tensor, layout: RenderLayout) -> torch.Tensor:
     """The road outline's edges ``[N, 2 (row, col), 2 (start, end), V]`` in pixels, from the route
     ``[N, 4, S]`` (see ``_route_samples``)."""
     n = route.shape[0]
@@ -196,7 +199,9 @@ def _road_edges(route: torch.Tensor, layout: _Layout) -> torch.Tensor:
     return edges.view(n, 2, 2, -1)
 
 
-def _box_edges(pixels: _PixelMap, boxes: torch.Tensor, active: torch.Tensor, layout: _Layout) -> torch.Tensor:
+def _box_edges(
+    pixels: _PixelMap, boxes: torch.Tensor, active: torch.Tensor, layout: RenderLayout
+) -> torch.Tensor:
     """The outline edges ``[N, 2 (row, col), 2 (start, end), B * G]`` in pixels of the boxes ``[N,
     B, 3]`` (centre x, y, heading; inactive boxes sent far off the image)."""
     n, count = boxes.shape[:2]
@@ -209,7 +214,7 @@ def _box_edges(pixels: _PixelMap, boxes: torch.Tensor, active: torch.Tensor, lay
     return edges.view(n, count, 2, 2, -1).permute(0, 2, 3, 1, 4).reshape(n, 2, 2, -1)
 
 
-def _row_crossings(edges: torch.Tensor, layout: _Layout, side: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _row_crossings(edges: torch.Tensor, layout: RenderLayout, side: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Where the outlines' edges ``[N, 2 (row, col), 2 (start, end), E]`` (padded-image pixels, a
     pixel long or less) cross pixel-row centres: indices ``[N, E]`` into the planes of the first
     pixel whose centre lies right of the crossing, and the edge's direction (+1 down, -1 up, 0 no
@@ -230,7 +235,7 @@ def _row_crossings(edges: torch.Tensor, layout: _Layout, side: int) -> tuple[tor
 
 
 def _route_line_splat(
-    route_px: torch.Tensor, layout: _Layout, side: int
+    route_px: torch.Tensor, layout: RenderLayout, side: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices ``[N, 4 * S]`` of the 4 pixels around each route-line sample ``[N, 2, S]`` and their
     bilinear weights as uint8 levels.
@@ -262,8 +267,10 @@ def _running_sum_along_rows(planes: torch.Tensor, *, outer_scan: bool) -> torch.
     return columns.transpose(1, 2).contiguous()
 
 
-def render_bev(inputs: RenderInputs, cfg: ToyWorldConfig) -> torch.Tensor:
-    """The BEV raster ``[N, 4, H, W]`` uint8 for a batch of worlds.
+def render_bev(inputs: RenderInputs, cfg: ToyWorldConfig, layout: RenderLayout | None = None) -> torch.Tensor:
+    """The BEV raster ``[N, 4, H, W]`` uint8 for a batch of worlds (``layout``: ``render_layout``'s
+    for these inputs, looked up when not given; a compiled caller passes it, as the lookup reads
+    tensors back to the host).
 
     Surfaces (road, boxes) are polygons filled by scanline: their outlines' crossings of pixel-row
     centres are added into the planes (one scatter for all of them) and a running sum along each
@@ -275,7 +282,9 @@ def render_bev(inputs: RenderInputs, cfg: ToyWorldConfig) -> torch.Tensor:
     """
     n = inputs.ego_s.shape[0]
     size, side = cfg.bev_size_px, cfg.bev_size_px + 2
-    layout = _layout(cfg, inputs.ego_s.device, inputs.vehicle_boxes.shape[1], inputs.obstacle_boxes.shape[1])
+    if layout is None:
+        boxes = inputs.vehicle_boxes.shape[1], inputs.obstacle_boxes.shape[1]
+        layout = render_layout(cfg, inputs.ego_s.device, *boxes)
     pixels = _world_to_pixels(inputs, layout, cfg)
 
     route = _route_samples(inputs, pixels, layout, cfg)
@@ -290,7 +299,7 @@ def render_bev(inputs: RenderInputs, cfg: ToyWorldConfig) -> torch.Tensor:
     planes = torch.zeros(n, 4 * side * side, dtype=torch.uint8, device=inputs.ego_s.device)
     planes.scatter_add_(1, index, direction.to(torch.int8).view(torch.uint8))
     planes = _running_sum_along_rows(planes.view(n * 4, side, side), outer_scan=planes.is_cuda)
-    planes = planes.bool().view(torch.uint8).neg_().view(n, -1)  # 255 inside, 0 outside
+    planes = planes.clamp_(max=1).mul_(255).view(n, -1)  # 255 inside, 0 outside
 
     # Route centre line, anti-aliased: each sample spreads bilinear weights to its 4 nearest pixel
     # centres, and a pixel keeps the largest weight, so the line's sub-pixel position is visible.

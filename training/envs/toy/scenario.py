@@ -285,7 +285,9 @@ class ScenarioBank:
     def take(self, seeds: torch.Tensor) -> Scenarios:
         """The scenarios of ``seeds`` ``[M]``, each of which the bank must hold."""
         index = seeds - self.start
-        return Scenarios(*(getattr(self.scenarios, f.name)[index] for f in dataclasses.fields(Scenarios)))
+        return Scenarios(
+            *(getattr(self.scenarios, f.name)[index] for f in dataclasses.fields(self.scenarios))
+        )
 
     def holds(self, first: int, count: int) -> bool:
         """Whether seeds ``first .. first + count - 1`` are in the bank (reads ``start``: CPU only)."""

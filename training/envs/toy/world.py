@@ -27,7 +27,7 @@ from training.envs.toy.dynamics import (
     setpoint_weights,
 )
 from training.envs.toy.expert import expert_plan
-from training.envs.toy.render import RenderInputs, render_bev
+from training.envs.toy.render import RenderInputs, render_bev, render_layout
 from training.envs.toy.scenario import (
     ScenarioBank,
     Scenarios,
@@ -40,7 +40,7 @@ from training.envs.toy.scenario import (
 
 _MAX_WAYPOINT_M = 200.0  # plans are clamped to this distance; non-finite plans mean "stop here"
 _CPU_BANK_MIN = 64  # scenarios per bank refill on the CPU (at least; 4 per world)
-_CUDA_BANK_STEPS = 8  # on CUDA the bank holds num_envs seeds per step for this many steps
+_BANK_STEPS = 8  # with fixed shapes the bank holds num_envs seeds per step for this many steps
 
 
 @dataclasses.dataclass
@@ -63,6 +63,19 @@ class Comfort(NamedTuple):
 
     jerk: torch.Tensor
     steer_rate: torch.Tensor
+
+
+class _Advanced(NamedTuple):
+    """What a step's tensor work (``ToyWaypointEnv._advance``) returns."""
+
+    obs: Observation
+    reward: torch.Tensor
+    terminated: torch.Tensor
+    truncated: torch.Tensor
+    final_obs: Observation
+    episode: EpisodeStats
+    lateral: torch.Tensor  # lateral offset of the car's centre (m)
+    speed: torch.Tensor
 
 
 class Frenet(NamedTuple):
@@ -115,6 +128,21 @@ def _unflatten(kind: type, key: str, flat: dict[str, torch.Tensor]) -> object:
     return kind(**{f.name: _unflatten(hints[f.name], f"{key}.{f.name}", flat) for f in fields})
 
 
+def _flat_of_state(state: ToyWorldState) -> dict[str, torch.Tensor]:
+    """Every tensor of ``state`` under its dotted key (see ``ToyWorldState``)."""
+    flat: dict[str, torch.Tensor] = {}
+    for field in dataclasses.fields(ToyWorldState):
+        flat |= _flatten(field.name, getattr(state, field.name))
+    return flat
+
+
+def _state_of_flat(flat: dict[str, torch.Tensor]) -> ToyWorldState:
+    """The state whose tensors :func:`_flat_of_state` gave (``KeyError`` for a missing key)."""
+    hints = typing.get_type_hints(ToyWorldState)
+    fields = {f.name: _unflatten(hints[f.name], f.name, flat) for f in dataclasses.fields(ToyWorldState)}
+    return ToyWorldState(**fields)  # type: ignore[arg-type]
+
+
 def capturing_cuda_graph(device: torch.device) -> bool:
     """Whether the step running now is being captured into a CUDA graph (``--cuda-graph``)."""
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
@@ -126,7 +154,13 @@ class ToyWaypointEnv(BatchedWaypointEnv):
     The worlds live in :attr:`state` (``None`` until the first ``reset``).
     """
 
-    def __init__(self, config: ToyWorldConfig | None = None, device: str | torch.device = "cpu") -> None:
+    def __init__(
+        self,
+        config: ToyWorldConfig | None = None,
+        device: str | torch.device = "cpu",
+        *,
+        compile_step: bool = False,
+    ) -> None:
         self.config = config or ToyWorldConfig()
         self.config.validate()
         self.num_envs = self.config.num_envs
@@ -148,17 +182,27 @@ class ToyWaypointEnv(BatchedWaypointEnv):
         # Off the CPU a step never reads a tensor back to the host (the autoreset then works on
         # every world); on the CPU reading is free and lets it work on the finished worlds only.
         self.sync_free = self.device.type != "cpu"
+        self.compile_step = compile_step
         self._new_bank()
+        self._render_layout = render_layout(cfg, self.device, cfg.max_vehicles, cfg.max_obstacles)
+        if compile_step:
+            self._advance = torch.compile(self._advance, fullgraph=True, dynamic=False)
 
     def _new_bank(self, first_seed: torch.Tensor | None = None) -> None:
         """A scenario bank for the current config, filled from ``first_seed`` if given (else on
         the next autoreset), so that steps do not pay for it."""
-        size = self.num_envs * _CUDA_BANK_STEPS if self.sync_free else max(_CPU_BANK_MIN, 4 * self.num_envs)
+        size = self.num_envs * _BANK_STEPS if self.fixed_shapes else max(_CPU_BANK_MIN, 4 * self.num_envs)
         self._bank = ScenarioBank(self.config, size)
         self._bank_steps_left = 0
         if first_seed is not None:
             self._bank.refill(first_seed)
-            self._bank_steps_left = _CUDA_BANK_STEPS
+            self._bank_steps_left = _BANK_STEPS
+
+    @property
+    def fixed_shapes(self) -> bool:
+        """Whether every world autoresets through the same tensors at every step: where no host
+        read is allowed, and where the step is compiled into one graph."""
+        return self.sync_free or self.compile_step
 
     @property
     def difficulty(self) -> float:
@@ -192,7 +236,7 @@ class ToyWaypointEnv(BatchedWaypointEnv):
         frenet, route_hint = self._project(scenarios, vehicle, start_hint)
         zeros = torch.zeros(self.num_envs, device=self.device)
         obs = self._render(vehicle, scenarios, frenet, zeros)
-        self.state = ToyWorldState(
+        state = ToyWorldState(
             vehicle=vehicle,
             scenarios=scenarios,
             acc=EpisodeSums.zeros(self.num_envs, self.device),
@@ -205,6 +249,9 @@ class ToyWaypointEnv(BatchedWaypointEnv):
             next_seed=next_seed + self.num_envs,
             obs=obs,
         )
+        # every field its own contiguous tensor, as after a step, so that a compiled step (whose
+        # guards check strides and aliasing) keeps the graph it compiled at the first step
+        self.state = _state_of_flat({k: v.contiguous().clone() for k, v in _flat_of_state(state).items()})
         return obs
 
     def _start_vehicle(self, scen: Scenarios) -> VehicleState:
@@ -215,8 +262,8 @@ class ToyWaypointEnv(BatchedWaypointEnv):
             scen.route_xy, scen.route_heading, zeros[:, None], scen.start_lateral[:, None], self.config
         )
         return VehicleState(
-            x=xy[:, 0, 0],
-            y=xy[:, 0, 1],
+            x=xy[:, 0, 0].contiguous(),  # contiguous like a stepped state's: a compiled step keeps one graph
+            y=xy[:, 0, 1].contiguous(),
             yaw=road_heading[:, 0] + scen.start_heading_error,
             speed=scen.start_speed,
             steer=zeros,
@@ -237,7 +284,7 @@ class ToyWaypointEnv(BatchedWaypointEnv):
         st.best_s = torch.where(mask, zeros, st.best_s)
         st.scenario_seed = torch.where(mask, seeds, st.scenario_seed)
         st.acc = EpisodeSums(
-            *(torch.where(mask, zeros, getattr(st.acc, f.name)) for f in dataclasses.fields(EpisodeSums))
+            *(torch.where(mask, zeros, getattr(st.acc, f.name)) for f in dataclasses.fields(st.acc))
         )
         st.frenet, st.route_hint = self._project(st.scenarios, st.vehicle, route_hint)
 
@@ -329,7 +376,7 @@ class ToyWaypointEnv(BatchedWaypointEnv):
         )
         if index is not None:
             inputs = RenderInputs(*(getattr(inputs, f.name)[index] for f in dataclasses.fields(inputs)))
-        bev = render_bev(inputs, self.config)
+        bev = render_bev(inputs, self.config, self._render_layout)
         yaw_rate = v.speed * torch.tan(v.steer) / self.config.wheelbase_m
         to_goal = (self.config.route_length_m - frenet.s).clamp(0.0, self.config.route_length_m)
         state = torch.stack([v.speed, v.steer, v.accel, yaw_rate, to_goal], dim=-1)
@@ -361,16 +408,32 @@ class ToyWaypointEnv(BatchedWaypointEnv):
     def step(self, waypoints: torch.Tensor) -> StepResult:
         if self.state is None:
             raise RuntimeError("call reset() before step()")
-        cfg = self.config
-        expected = (self.num_envs, cfg.num_waypoints, 2)
+        expected = (self.num_envs, self.config.num_waypoints, 2)
         if tuple(waypoints.shape) != expected:
             raise ValueError(f"waypoints must have shape {expected}, got {tuple(waypoints.shape)}")
-        plan = waypoints.to(device=self.device, dtype=torch.float32)
+        bank_start = self._bank_for_this_step() if self.fixed_shapes else None
+        out = self._advance(waypoints.to(device=self.device, dtype=torch.float32), bank_start)
+        info = StepInfo(
+            expert=self._expert_plan_of_now(),
+            final_observation=out.final_obs,
+            episode=out.episode,
+            lateral_deviation_m=out.lateral,
+            speed_mps=out.speed,
+            ego_pose=self.ego_pose(),
+        )
+        self.state.obs = out.obs
+        return StepResult(out.obs, out.reward, out.terminated, out.truncated, info)
+
+    def _advance(self, plan: torch.Tensor, bank_start: torch.Tensor | None) -> _Advanced:
+        """The step's tensor work, from the plan to the next observation (state updated in place).
+
+        No host bookkeeping happens here (the bank is refilled before), so with ``compile_step``
+        it runs as one compiled graph of fixed shapes."""
+        cfg = self.config
         finite = torch.isfinite(plan).all(dim=-1).all(dim=-1)
         plan = torch.where(finite[:, None, None], plan, torch.zeros_like(plan)).clamp(
             -_MAX_WAYPOINT_M, _MAX_WAYPOINT_M
         )
-
         v0 = self.state.vehicle
         origin = torch.zeros_like(plan[:, :1])
         plan_world = ego_to_world(torch.cat([origin, plan], dim=1), v0.x, v0.y, v0.yaw)
@@ -378,7 +441,7 @@ class ToyWaypointEnv(BatchedWaypointEnv):
         s_before = self.state.frenet.s
         plan_terms = self._plan_quality(plan_world, speeds)
         collided, off_road, comfort = self._drive(plan_world, speeds)
-        return self._finish_step(s_before, collided, off_road, plan_terms, comfort)
+        return self._finish_step(s_before, collided, off_road, plan_terms, comfort, bank_start)
 
     def _drive(
         self, plan_world: torch.Tensor, speeds: torch.Tensor
@@ -501,7 +564,8 @@ class ToyWaypointEnv(BatchedWaypointEnv):
         off_road: torch.Tensor,
         plan_terms: tuple[torch.Tensor, torch.Tensor],
         comfort: Comfort,
-    ) -> StepResult:
+        bank_start: torch.Tensor | None,
+    ) -> _Advanced:
         cfg, st = self.config, self.state
         reward = self._reward(s_before, collided, off_road, plan_terms, comfort)
         s, d, road_heading = st.frenet
@@ -531,22 +595,16 @@ class ToyWaypointEnv(BatchedWaypointEnv):
         )
         speed = st.vehicle.speed.clone()
         final_obs = self._observe()
-        obs = self._autoreset(done, final_obs)
-        info = StepInfo(
-            expert=self._expert_plan_of_now(),
-            final_observation=final_obs,
-            episode=episode,
-            lateral_deviation_m=dc,
-            speed_mps=speed,
-            ego_pose=self.ego_pose(),
-        )
-        st.obs = obs
-        return StepResult(obs, reward, terminated, truncated, info)
+        obs = self._autoreset(done, final_obs, bank_start)
+        return _Advanced(obs, reward, terminated, truncated, final_obs, episode, dc, speed)
 
-    def _autoreset(self, done: torch.Tensor, final_obs: Observation) -> Observation:
-        """Start new episodes in the finished worlds and return the observation to act on."""
-        if self.sync_free:
-            return self._autoreset_every_world(done, final_obs)
+    def _autoreset(
+        self, done: torch.Tensor, final_obs: Observation, bank_start: torch.Tensor | None
+    ) -> Observation:
+        """Start new episodes in the finished worlds and return the observation to act on
+        (``bank_start``: the bank's first seed on the sync-free path, else ``None``)."""
+        if bank_start is not None:
+            return self._autoreset_every_world(done, final_obs, bank_start)
         if not bool(done.any()):
             return final_obs
         return self._autoreset_finished_worlds(done, final_obs)
@@ -573,12 +631,14 @@ class ToyWaypointEnv(BatchedWaypointEnv):
         state[index] = fresh_obs.state
         return Observation(bev, state)
 
-    def _autoreset_every_world(self, done: torch.Tensor, final_obs: Observation) -> Observation:
+    def _autoreset_every_world(
+        self, done: torch.Tensor, final_obs: Observation, bank_start: torch.Tensor
+    ) -> Observation:
         """Off the CPU, with no host read: every world takes a scenario from the bank and is
         observed again; the finished worlds keep what they took."""
         st = self.state
         seeds = self._next_seeds(done)
-        fresh = self._bank.take(torch.where(done, seeds, self._bank_for_this_step()))
+        fresh = self._bank.take(torch.where(done, seeds, bank_start))
         st.scenarios = Scenarios(
             *(
                 torch.where(
@@ -586,29 +646,33 @@ class ToyWaypointEnv(BatchedWaypointEnv):
                     getattr(fresh, f.name),
                     getattr(st.scenarios, f.name),
                 )
-                for f in dataclasses.fields(Scenarios)
+                for f in dataclasses.fields(st.scenarios)
             )
         )
         self._restart(done, seeds)
         fresh_obs = self._observe()
         mask = done[:, None]
-        return Observation(
-            torch.where(mask[..., None, None], fresh_obs.bev, final_obs.bev),
-            torch.where(mask, fresh_obs.state, final_obs.state),
-        )
+        # final + done * (fresh - final), exact in uint8 (modulo 256): a compiled CPU kernel
+        # runs it several times faster than a ``where`` whose condition is broadcast
+        change = fresh_obs.bev.sub(final_obs.bev).mul_(mask.to(torch.uint8)[..., None, None])
+        return Observation(final_obs.bev.add(change), torch.where(mask, fresh_obs.state, final_obs.state))
 
     def _bank_for_this_step(self) -> torch.Tensor:
-        """Refill the bank on the sync-free schedule (a step uses at most ``num_envs`` seeds) and
-        return its first seed."""
+        """Make sure the bank holds the seeds this step may take (at most ``num_envs``) and return
+        its first seed: on the CPU refilled when it runs short (reading the next seed is free), off
+        it on a fixed schedule."""
         st = self.state
-        if capturing_cuda_graph(self.device):
+        if not self.sync_free:
+            if not self._bank.holds(int(st.next_seed), self.num_envs):
+                self._bank.refill(st.next_seed)
+        elif capturing_cuda_graph(self.device):
             # every replay of a captured step repeats it: its bank covers one step's seeds, and
             # the next eager step refills a whole bank
             self._bank.refill_front(st.next_seed, self.num_envs)
             self._bank_steps_left = 0
         elif self._bank_steps_left == 0:
             self._bank.refill(st.next_seed)
-            self._bank_steps_left = _CUDA_BANK_STEPS - 1  # this step uses it too
+            self._bank_steps_left = _BANK_STEPS - 1  # this step uses it too
         else:
             self._bank_steps_left -= 1
         return self._bank.start
@@ -633,22 +697,15 @@ class ToyWaypointEnv(BatchedWaypointEnv):
         continues exactly."""
         if self.state is None:
             raise RuntimeError("call reset() before state_dict()")
-        flat: dict[str, torch.Tensor] = {}
-        for field in dataclasses.fields(ToyWorldState):
-            flat |= _flatten(field.name, getattr(self.state, field.name))
-        return {k: v.detach().cpu().clone() for k, v in flat.items()}
+        return {k: v.detach().cpu().clone() for k, v in _flat_of_state(self.state).items()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> Observation:
         """Restore what :meth:`state_dict` returned; returns the observation to act on next."""
         dev = {k: v.to(self.device) for k, v in state.items()}
-        hints = typing.get_type_hints(ToyWorldState)
         try:
-            fields = {
-                f.name: _unflatten(hints[f.name], f.name, dev) for f in dataclasses.fields(ToyWorldState)
-            }
+            restored = _state_of_flat(dev)
         except KeyError as missing:
             raise ValueError(f"world state lacks {missing}") from None
-        restored = ToyWorldState(**fields)  # type: ignore[arg-type]
         if restored.t.shape[0] != self.num_envs:
             raise ValueError(f"world state holds {restored.t.shape[0]} worlds, this env has {self.num_envs}")
         self.state = restored
