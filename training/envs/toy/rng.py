@@ -6,6 +6,9 @@ bit-identical scenarios on the CPU and on CUDA, whatever the other worlds in the
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Sequence
+
 import torch
 
 _MASK32 = 0xFFFFFFFF
@@ -22,16 +25,42 @@ def _hash32(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def uniform_streams(seeds: torch.Tensor, draws: Sequence[tuple[int, int]]) -> list[torch.Tensor]:
+    """``uniform(seeds, stream, count)`` for each ``(stream, count)`` of ``draws``, bit for bit, from
+    one batch of integer ops: a scenario's ten quantities cost about 40 ops instead of 800."""
+    seeds = seeds.to(torch.int64)
+    stream_ids, stream_of_value, index = _draw_layout(tuple(draws), seeds.device)
+    low = _hash32(seeds & _MASK32)[:, None]
+    high = _hash32((seeds >> 32) ^ 0x9E3779B9)[:, None]
+    keys = _hash32(low ^ _hash32(high + stream_ids * 0x85EBCA6B))  # [M, D]: one per stream
+    salt = _hash32(index + 0x27D4EB2F * (stream_ids[stream_of_value] + 1))  # [T]
+    values = _hash32(keys.index_select(1, stream_of_value) ^ salt)
+    uniforms = (values >> 8).to(torch.float32) / float(1 << 24)
+    return list(uniforms.split([count for _, count in draws], dim=1))
+
+
+@functools.lru_cache(maxsize=16)
+def _draw_layout(
+    draws: tuple[tuple[int, int], ...], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stream ids ``[D]``, then for every value drawn ``[T]`` its draw's place in ``draws`` and its
+    index within the draw."""
+    stream_ids = torch.tensor([stream for stream, _ in draws], dtype=torch.int64, device=device)
+    place = [d for d, (_, count) in enumerate(draws) for _ in range(count)]
+    index = [i for _, count in draws for i in range(count)]
+    as_tensor = functools.partial(torch.tensor, dtype=torch.int64, device=device)
+    return stream_ids, as_tensor(place), as_tensor(index)
+
+
 def uniform(seeds: torch.Tensor, stream: int, count: int) -> torch.Tensor:
     """Uniform floats in [0, 1), shape ``[len(seeds), count]``, a pure function of the inputs."""
-    seeds = seeds.to(torch.int64)
-    index = torch.arange(count, device=seeds.device, dtype=torch.int64)
-    low = _hash32(seeds & _MASK32)
-    high = _hash32((seeds >> 32) ^ 0x9E3779B9)
-    key = _hash32(low ^ _hash32(high + stream * 0x85EBCA6B))
-    values = _hash32(key[:, None] ^ _hash32(index[None, :] + 0x27D4EB2F * (stream + 1)))
-    return (values >> 8).to(torch.float32) / float(1 << 24)
+    return uniform_streams(seeds, [(stream, count)])[0]
+
+
+def in_range(unit: torch.Tensor, low: float, high: float) -> torch.Tensor:
+    """Uniform values in [0, 1) mapped to [low, high)."""
+    return low + (high - low) * unit
 
 
 def uniform_range(seeds: torch.Tensor, stream: int, count: int, low: float, high: float) -> torch.Tensor:
-    return low + (high - low) * uniform(seeds, stream, count)
+    return in_range(uniform(seeds, stream, count), low, high)

@@ -14,12 +14,13 @@ import torch
 import torch.nn.functional as F
 
 from training.envs.toy.config import ToyWorldConfig
-from training.envs.toy.rng import uniform, uniform_range
+from training.envs.toy.rng import in_range, uniform_streams
 
 # One stream id per random quantity, so adding a quantity never shifts the others.
 _S_SEG_LEN, _S_SEG_KIND, _S_SEG_MAG, _S_SEG_SIGN = 1, 2, 3, 4
 _S_OBS_S, _S_OBS_ON, _S_VEH_S, _S_VEH_V, _S_VEH_ON = 5, 6, 7, 8, 9
 _S_START = 10
+_SEGMENT_STREAMS = (_S_SEG_LEN, _S_SEG_KIND, _S_SEG_MAG, _S_SEG_SIGN)
 
 
 @dataclass
@@ -44,18 +45,23 @@ class Scenarios:
     start_heading_error: torch.Tensor  # [M] rad
 
 
-def _curvature_profile(seeds: torch.Tensor, cfg: ToyWorldConfig, s: torch.Tensor) -> torch.Tensor:
-    """Piecewise curvature (straights, arcs, S-bends) of the road ahead of the start, ``[M, P]``."""
-    ahead = cfg.route_length_m + cfg.lead_out_m
-    num_segments = math.ceil(ahead / cfg.min_segment_m) + 1
-    lengths = uniform_range(seeds, _S_SEG_LEN, num_segments, cfg.min_segment_m, cfg.max_segment_m)
+def _num_segments(cfg: ToyWorldConfig) -> int:
+    return math.ceil((cfg.route_length_m + cfg.lead_out_m) / cfg.min_segment_m) + 1
+
+
+def _curvature_profile(segments: list[torch.Tensor], cfg: ToyWorldConfig, s: torch.Tensor) -> torch.Tensor:
+    """Piecewise curvature (straights, arcs, S-bends) of the road ahead of the start, ``[M, P]``,
+    from the segments' uniform draws ``[M, G]`` (length, kind, magnitude, sign)."""
+    length_u, kind, magnitude_u, sign_u = segments
+    num_segments = kind.shape[1]
+    lengths = in_range(length_u, cfg.min_segment_m, cfg.max_segment_m)
     ends = torch.cumsum(lengths, dim=1)  # [M, G]
     starts = ends - lengths
-    s_batch = s.expand(seeds.shape[0], -1).contiguous()
+    s_batch = s.expand(kind.shape[0], -1).contiguous()
     seg = torch.searchsorted(ends, s_batch, right=True).clamp(max=num_segments - 1)  # [M, P]
-    kind = uniform(seeds, _S_SEG_KIND, num_segments)  # <0.3 straight, <0.7 arc, else S-bend
-    magnitude = cfg.max_curvature * uniform_range(seeds, _S_SEG_MAG, num_segments, 0.4, 1.0)
-    sign = torch.where(uniform(seeds, _S_SEG_SIGN, num_segments) < 0.5, -1.0, 1.0)
+    # kind: < 0.3 straight, < 0.7 arc, else S-bend
+    magnitude = cfg.max_curvature * in_range(magnitude_u, 0.4, 1.0)
+    sign = torch.where(sign_u < 0.5, -1.0, 1.0)
     seg_kind = kind.gather(1, seg)
     seg_curv = (magnitude * sign).gather(1, seg)
     seg_start = starts.gather(1, seg)
@@ -118,21 +124,25 @@ def generate_scenarios(seeds: torch.Tensor, cfg: ToyWorldConfig) -> Scenarios:
     ds = cfg.route_spacing_m
     start_index = int(round(cfg.lead_in_m / ds))
     s = -cfg.lead_in_m + torch.arange(cfg.route_points, device=device, dtype=torch.float32) * ds
-    curvature = _smooth(
-        _curvature_profile(seeds, cfg, s[None, :]), int(round(cfg.curvature_smoothing_m / ds))
-    )
+    obstacles, vehicles = cfg.max_obstacles, cfg.max_vehicles
+    segment_draws = [(stream, _num_segments(cfg)) for stream in _SEGMENT_STREAMS]
+    object_draws = [(_S_OBS_S, obstacles), (_S_OBS_ON, obstacles), (_S_VEH_S, vehicles)]
+    object_draws += [(_S_VEH_V, vehicles), (_S_VEH_ON, vehicles), (_S_START, 3)]
+    draws = uniform_streams(seeds, segment_draws + object_draws)
+    segments = draws[: len(segment_draws)]
+    obstacle_u, obstacle_on_u, vehicle_s_u, vehicle_v_u, vehicle_on_u, start = draws[len(segment_draws) :]
+    smoothing = int(round(cfg.curvature_smoothing_m / ds))
+    curvature = _smooth(_curvature_profile(segments, cfg, s[None, :]), smoothing)
     xy, heading = _integrate_route(curvature, ds, start_index)
 
     traffic_share = 0.15 + 0.6 * cfg.difficulty
-    obstacle_s = uniform_range(seeds, _S_OBS_S, cfg.max_obstacles, cfg.min_object_s_m, cfg.route_length_m)
-    obstacle_on = uniform(seeds, _S_OBS_ON, cfg.max_obstacles) < traffic_share
+    obstacle_s = in_range(obstacle_u, cfg.min_object_s_m, cfg.route_length_m)
+    obstacle_on = obstacle_on_u < traffic_share
     far = cfg.route_length_m + cfg.lead_out_m
-    vehicle_s0 = uniform_range(seeds, _S_VEH_S, cfg.max_vehicles, cfg.min_object_s_m, far)
+    vehicle_s0 = in_range(vehicle_s_u, cfg.min_object_s_m, far)
     v_lo, v_hi = cfg.vehicle_speed_range
-    vehicle_speed = uniform_range(seeds, _S_VEH_V, cfg.max_vehicles, v_lo, v_hi)
-    vehicle_on = uniform(seeds, _S_VEH_ON, cfg.max_vehicles) < traffic_share
-
-    start = uniform(seeds, _S_START, 3)
+    vehicle_speed = in_range(vehicle_v_u, v_lo, v_hi)
+    vehicle_on = vehicle_on_u < traffic_share
     lo, hi = cfg.start_speed_range
     return Scenarios(
         route_xy=xy,
