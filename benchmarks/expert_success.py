@@ -1,6 +1,6 @@
 """How often the expert, driving its own waypoints, finishes an episode cleanly.
 
-    python -m benchmarks.expert_success [--env toy] [--episodes 1000] [--difficulty 0.5] [--seed S]
+    python -m benchmarks.expert_success [--env toy] [--episodes 1000] [--difficulty 0.5] [--seed S] [--compile-world]
     python -m benchmarks.expert_success --env metadrive --episodes 100 [--workers 2] [--seed S]
 
 Uses the deterministic closed-loop evaluator on held-out scenario seeds ``seed .. seed + episodes - 1``
@@ -22,8 +22,9 @@ import torch
 from eval.closed_loop import collisions_closed_by, run_closed_loop
 from eval.metrics import summarise
 from training.common.device import resolve_device, set_cpu_threads
-from training.common.errors import exit_on_user_error
+from training.common.errors import UserError, exit_on_user_error
 from training.common.seeds import DEV_SEED_START
+from training.envs.options import EnvOptions
 from training.envs.registry import make_env
 
 TOY_MAX_WORLDS = 250  # the toy world runs this many episodes at once
@@ -42,10 +43,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--workers", type=int, default=2, help="--env metadrive: worlds (processes) in parallel"
     )
+    parser.add_argument(
+        "--compile-world", action="store_true", help="--env toy: each world step one compiled graph"
+    )
     args = parser.parse_args(argv)
+    if args.compile_world and args.env != "toy":
+        raise UserError(f"--compile-world compiles the toy world's step, not --env {args.env}")
     set_cpu_threads(1)
     worlds = min(args.episodes, TOY_MAX_WORLDS if args.env == "toy" else max(args.workers, 1))
-    env = make_env(args.env, worlds, resolve_device(args.device), args.difficulty)
+    options = EnvOptions(difficulty=args.difficulty, compile_world=args.compile_world)
+    env = make_env(args.env, worlds, resolve_device(args.device), options=options)
     try:
         # The expert's plan for the observation is held by the env; the evaluator asks the policy for
         # waypoints right after the env produced them, so the policy can read them back from the env.
@@ -63,6 +70,7 @@ def main(argv: list[str] | None = None) -> None:
         "episodes": len(eps),
         "difficulty": args.difficulty,
         "seed": args.seed,
+        "compile_world": args.compile_world,
         "finished_clean_rate": clean / len(eps),
         "collision_rate": summary["collision_rate"],
         "off_road_rate": summary["off_road_rate"],

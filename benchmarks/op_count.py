@@ -30,11 +30,20 @@ def _top_level_aten_ops(events: list) -> int:
     return sum(1 for e in events if e.name.startswith("aten::") and not inside_aten(e))
 
 
+def count_step_ops(env: ToyWaypointEnv, plan: torch.Tensor) -> int:
+    """Top-level aten ops of one ``env.step(plan)``."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        env.step(plan)
+    return _top_level_aten_ops(prof.events())
+
+
 def world_ops_per_step(
     num_envs: int, device: str = "cpu", steps: int = _STEPS, seed: int = 0, *, compile_step: bool = False
 ) -> dict[str, float]:
     """Top-level aten ops of each of ``steps`` world steps under the expert's plans plus noise
-    (so some worlds crash and every world autoresets): the largest and the mean.
+    (so some worlds crash and every world autoresets): the largest and the mean, and the largest
+    among steps that refilled the scenario bank (``refill_max``, 0 when none did) and among those
+    that did not (``step_max``).
 
     ``compile_step``: the world step as one compiled graph (``--compile-world``); its first step,
     which compiles, is taken before counting."""
@@ -43,14 +52,21 @@ def world_ops_per_step(
     generator = torch.Generator(device=env.device).manual_seed(seed)
     if compile_step:
         env.step(env.expert_waypoints())
-    counts = []
+    counts, refilled = [], []
     for _ in range(steps):
         noise = torch.randn(num_envs, env.spec.num_waypoints, 2, generator=generator, device=env.device)
         plan = env.expert_waypoints() + 0.5 * noise
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            env.step(plan)
-        counts.append(_top_level_aten_ops(prof.events()))
-    return {"max": max(counts), "mean": sum(counts) / len(counts), "min": min(counts)}
+        bank = env.scenario_bank_start()
+        counts.append(count_step_ops(env, plan))
+        refilled.append(env.scenario_bank_start() is not bank)
+    return {
+        "max": max(counts),
+        "mean": sum(counts) / len(counts),
+        "min": min(counts),
+        "step_max": max((c for c, r in zip(counts, refilled, strict=True) if not r), default=0),
+        "refill_max": max((c for c, r in zip(counts, refilled, strict=True) if r), default=0),
+        "refills": sum(refilled),
+    }
 
 
 def main() -> None:

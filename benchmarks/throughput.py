@@ -1,11 +1,14 @@
 """Throughput of the toy world, the rollout and residual PPO training, beside Stable-Baselines3.
 
     python -m benchmarks.throughput [--device cpu] [--num-envs 8,32,128] [--seconds 2] [--json] [--cuda-graph]
+        [--compile-world]
 
 For each ``--num-envs``, built from the real trainer (``training.rl.run.build_run``):
 
 - world-only steps/s: ``env.step`` (dynamics, controller, reward, autoreset, BEV render) driven by
-  the expert plan the previous step returned (the world computes it anyway);
+  the expert plan the previous step returned (the world computes it anyway); with
+  ``--compile-world`` each step is one compiled graph, as the trainer's flag makes it (its compile
+  is part of the warm-up call);
 - rollout steps/s: ``trainer.collect_rollout`` (world, frozen encoder, heads, buffer writes); with
   ``--cuda-graph`` (CUDA only) its steps, and those of the training figure, replay a CUDA graph;
 - end-to-end training steps/s: ``trainer.train_iteration`` (rollout, GAE, PPO epochs on the cached
@@ -402,6 +405,7 @@ def run_benchmark(settings: BenchSettings, work_dir: Path) -> dict[str, Any]:
         "minibatches": settings.minibatches,
         "compile_encoder": settings.compile_encoder,
         "cuda_graph": settings.cuda_graph,
+        "compile_world": settings.compile_world,
         "sft_train_samples_per_s": sft_samples_per_s(model, probe, settings),
         **encoder_cost(model, probe),
         **half_precision_error_m(model, probe),

@@ -657,6 +657,10 @@ class ToyWaypointEnv(BatchedWaypointEnv):
         change = fresh_obs.bev.sub(final_obs.bev).mul_(mask.to(torch.uint8)[..., None, None])
         return Observation(final_obs.bev.add(change), torch.where(mask, fresh_obs.state, final_obs.state))
 
+    def scenario_bank_start(self) -> torch.Tensor | None:
+        """The scenario bank's first seed (a new tensor after each refill; ``None`` before the first)."""
+        return self._bank.start
+
     def _bank_for_this_step(self) -> torch.Tensor:
         """Make sure the bank holds the seeds this step may take (at most ``num_envs``) and return
         its first seed: on the CPU refilled when it runs short (reading the next seed is free), off
