@@ -1,6 +1,7 @@
 """How often the expert, driving its own waypoints, finishes an episode cleanly.
 
-    python -m benchmarks.expert_success [--env toy] [--episodes 1000] [--difficulty 0.5] [--seed S] [--compile-world]
+    python -m benchmarks.expert_success [--env toy] [--episodes 1000] [--difficulty 0.5] [--seed S]
+        [--compile-world]
     python -m benchmarks.expert_success --env metadrive --episodes 100 [--workers 2] [--seed S]
 
 Uses the deterministic closed-loop evaluator on held-out scenario seeds ``seed .. seed + episodes - 1``

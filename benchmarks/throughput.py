@@ -391,7 +391,9 @@ def run_benchmark(settings: BenchSettings, work_dir: Path) -> dict[str, Any]:
             row["train_vs_sb3"] = row["train_steps_per_s"] / row["sb3_train_steps_per_s"]
         rows.append(row)
 
-    probe = build_bench_run(settings, sft_path, settings.num_envs[0], work_dir / "probe")
+    # counted under a torch dispatch mode, which a compiled world step cannot run in
+    eager = dataclasses.replace(settings, compile_world=False)
+    probe = build_bench_run(eager, sft_path, settings.num_envs[0], work_dir / "probe")
     model = probe.policy.sft_model
     result: dict[str, Any] = {
         "device": str(settings.device),
