@@ -27,6 +27,7 @@ from training.common.errors import UserError, exit_on_user_error
 from training.common.seeds import DEV_SEED_START
 from training.envs.options import EnvOptions
 from training.envs.registry import make_env
+from training.envs.toy.config import COMPILE_ON_CPU_ONLY
 
 TOY_MAX_WORLDS = 250  # the toy world runs this many episodes at once
 
@@ -50,6 +51,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.compile_world and args.env != "toy":
         raise UserError(f"--compile-world compiles the toy world's step, not --env {args.env}")
+    if args.compile_world and resolve_device(args.device).type != "cpu":
+        raise UserError(f"--compile-world: {COMPILE_ON_CPU_ONLY} (--device {args.device})")
     set_cpu_threads(1)
     worlds = min(args.episodes, TOY_MAX_WORLDS if args.env == "toy" else max(args.workers, 1))
     options = EnvOptions(difficulty=args.difficulty, compile_world=args.compile_world)

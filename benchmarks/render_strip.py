@@ -1,7 +1,7 @@
 """A before/after strip of toy-world BEV frames: the reference renderer (the renderer as first
 written, ``tests/envs/reference_render.py``) above the package's renderer, and where they differ;
-with ``--compiled``, the package's renderer above the same renderer compiled as ``--compile-world``
-compiles it.
+with ``--compiled``, the eager renderer's images of a compiled world's states above the images its
+compiled step (``--compile-world``) returned.
 
     python -m benchmarks.render_strip [--out docs/img/bev_before_after.png]
     python -m benchmarks.render_strip --compiled [--out docs/img/bev_compiled.png]
@@ -25,43 +25,42 @@ import torch
 
 from tests.envs.reference_render import inputs_of_driven_worlds, reference_render_bev
 from training.common.seeds import DEV_SEED_START
+from training.envs.toy import ToyWaypointEnv
 from training.envs.toy.config import ToyWorldConfig
-from training.envs.toy.render import RenderInputs, render_bev, render_layout
+from training.envs.toy.render import render_bev
 from training.envs.toy.viz import bev_to_rgb
 
 FRAMES = ((0.0, 0), (0.5, 3), (1.0, 5), (1.0, 9))  # (difficulty, world)
 STEPS = 6
 
 
-Renderer = Callable[[RenderInputs, ToyWorldConfig], torch.Tensor]
+def reference_frames(cfg: ToyWorldConfig, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference's and the renderer's images of 16 worlds after ``STEPS`` noisy expert steps."""
+    inputs = inputs_of_driven_worlds(cfg, seed, steps=STEPS, noise_m=0.5)[-1]
+    return reference_render_bev(inputs, cfg), render_bev(inputs, cfg)
 
 
-def compiled_renderer() -> Renderer:
-    """``render_bev`` compiled with its layout passed in, as the compiled world step runs it."""
-    compiled = torch.compile(render_bev, fullgraph=True, dynamic=False)
-
-    def render(inputs: RenderInputs, cfg: ToyWorldConfig) -> torch.Tensor:
-        boxes = inputs.vehicle_boxes.shape[1], inputs.obstacle_boxes.shape[1]
-        return compiled(inputs, cfg, render_layout(cfg, inputs.ego_s.device, *boxes))
-
-    return render
+def compiled_frames(cfg: ToyWorldConfig, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The eager renderer's and the compiled step's images of the same states: a compiled world
+    (``--compile-world``) driven ``STEPS`` noisy expert steps, and its state rendered eagerly."""
+    compiled, eager = ToyWaypointEnv(cfg, compile_step=True), ToyWaypointEnv(cfg)
+    compiled.reset(seed=seed)
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(STEPS):
+        noise = torch.randn(cfg.num_envs, cfg.num_waypoints, 2, generator=generator)
+        after = compiled.step(compiled.expert_waypoints() + 0.5 * noise).obs.bev
+    st = compiled.state
+    return eager._render(st.vehicle, st.scenarios, st.frenet, st.time_s).bev, after
 
 
 def draw_strip(out: Path, *, compiled: bool = False) -> None:
-    before_renderer: Renderer = render_bev if compiled else reference_render_bev
-    after_renderer: Renderer = compiled_renderer() if compiled else render_bev
-    labels = (
-        ("eager", "compiled (--compile-world)")
-        if compiled
-        else ("before (reference)", "after (scanline fill)")
-    )
+    frames: Callable[[ToyWorldConfig, int], tuple[torch.Tensor, torch.Tensor]]
+    frames = compiled_frames if compiled else reference_frames
+    labels = ("eager", "compiled step") if compiled else ("before (reference)", "after (scanline fill)")
     fig, axes = plt.subplots(3, len(FRAMES), figsize=(2.2 * len(FRAMES), 7.0))
     for column, (difficulty, world) in enumerate(FRAMES):
         cfg = ToyWorldConfig(num_envs=16, difficulty=difficulty)
-        # the render inputs of 16 worlds after ``STEPS`` noisy expert steps
-        inputs = inputs_of_driven_worlds(cfg, DEV_SEED_START + 1000 * column, steps=STEPS, noise_m=0.5)[-1]
-        before = before_renderer(inputs, cfg)[world]
-        after = after_renderer(inputs, cfg)[world]
+        before, after = (images[world] for images in frames(cfg, DEV_SEED_START + 1000 * column))
         difference = (after.int() - before.int()).abs()
         differing = int((difference > 0).any(dim=0).sum())
         axes[0, column].imshow(bev_to_rgb(before))

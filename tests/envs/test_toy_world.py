@@ -415,3 +415,19 @@ def test_comfort_terms_cost_the_steps_mean_jerk_and_steering_rate() -> None:
         assert (step_jerk > 0).all() and (step_steer > 0).all()
         expected = want.reward - (0.3 * step_jerk + 2.0 * step_steer) / substeps
         torch.testing.assert_close(got.reward, expected, atol=1e-4, rtol=1e-5)
+
+
+def test_a_restored_state_shares_no_memory_with_the_saved_one() -> None:
+    """A step adds into the episode sums in place: after ``load_state_dict`` it must not write into
+    the caller's tensors (loading the same saved state twice then gives the same run)."""
+    env = _env(4)
+    env.reset(seed=1)
+    env.step(env.expert_waypoints())
+    saved = env.state_dict()
+    before = {key: value.clone() for key, value in saved.items()}
+    rewards = []
+    for _ in range(2):
+        env.load_state_dict(saved)
+        rewards.append(env.step(env.expert_waypoints()).reward)
+    assert all(torch.equal(saved[key], before[key]) for key in saved)
+    assert torch.equal(rewards[0], rewards[1])

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from benchmarks import expert_success
 from tests.cli_helpers import assert_one_line_error, run_cli
 from tests.rl.test_trainer_cli import TINY
 from training.common.errors import UserError
-from training.envs.toy import ToyWaypointEnv
+from training.envs.toy import ToyWaypointEnv, ToyWorldConfig
+from training.rl import config as config_module
 from training.rl import train_ppo_delta_waypoint
 from training.rl.config import PPOConfig
 from training.rl.run import build_run
@@ -54,3 +57,14 @@ def test_compile_world_needs_a_toy_world(capsys: pytest.CaptureFixture[str]) -> 
     ).validate()
     code, _, err = run_cli(expert_success.main, ["--env", "metadrive", "--compile-world"], capsys)
     assert_one_line_error(code, err, "--compile-world")
+
+
+def test_compile_world_runs_on_the_cpu_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not yet run on a GPU: a CUDA device is refused before anything is built."""
+    monkeypatch.setattr(config_module, "resolve_device", lambda name: torch.device("cuda"))
+    config = PPOConfig(sft_checkpoint="model.pt", num_envs=8, rollout_steps=16, batch_size=64, device="cuda")
+    config.validate()
+    with pytest.raises(UserError, match=r"--compile-world: .* CPU only"):
+        dataclasses.replace(config, compile_world=True).validate()
+    with pytest.raises(ValueError, match="CPU only"):
+        ToyWaypointEnv(ToyWorldConfig(num_envs=2), device="meta", compile_step=True)

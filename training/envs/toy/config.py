@@ -7,6 +7,8 @@ from dataclasses import dataclass, field, replace
 from training.envs.options import EnvOptions
 from training.envs.protocol import EnvSpec
 
+COMPILE_ON_CPU_ONLY = "the compiled world step runs on the CPU only: it has not yet been run on a GPU"
+
 BEV_CHANNELS = ("drivable", "route", "vehicles", "obstacles")
 # The navigation's distance to the destination is part of the ego state: the goal ends the
 # episode, so without it no critic could tell an episode's start from its end.

@@ -60,7 +60,3 @@ def uniform(seeds: torch.Tensor, stream: int, count: int) -> torch.Tensor:
 def in_range(unit: torch.Tensor, low: float, high: float) -> torch.Tensor:
     """Uniform values in [0, 1) mapped to [low, high)."""
     return low + (high - low) * unit
-
-
-def uniform_range(seeds: torch.Tensor, stream: int, count: int, low: float, high: float) -> torch.Tensor:
-    return in_range(uniform(seeds, stream, count), low, high)

@@ -263,7 +263,7 @@ def interpolate_profile(values: torch.Tensor, s: torch.Tensor, cfg: ToyWorldConf
 class ScenarioBank:
     """Scenarios generated in bulk for a run of consecutive seeds, so an autoreset gathers the
     finished worlds' new scenarios instead of generating a few at a time (scenario generation
-    is some 900 small tensor ops whatever the batch, the gather a handful).
+    is some 200 small tensor ops whatever the batch, the gather a handful).
 
     A scenario depends only on its seed, so a world gets bit for bit the scenario it would
     have got from :func:`generate_scenarios`. The bank holds seeds ``start .. start + size - 1``;

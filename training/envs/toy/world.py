@@ -16,7 +16,7 @@ from typing import NamedTuple
 import torch
 
 from training.envs.protocol import BatchedWaypointEnv, EpisodeStats, Observation, StepInfo, StepResult
-from training.envs.toy.config import ToyWorldConfig, shared_layout_spec
+from training.envs.toy.config import COMPILE_ON_CPU_ONLY, ToyWorldConfig, shared_layout_spec
 from training.envs.toy.dynamics import (
     PlanPolyline,
     VehicleState,
@@ -41,6 +41,9 @@ from training.envs.toy.scenario import (
 _MAX_WAYPOINT_M = 200.0  # plans are clamped to this distance; non-finite plans mean "stop here"
 _CPU_BANK_MIN = 64  # scenarios per bank refill on the CPU (at least; 4 per world)
 _BANK_STEPS = 8  # with fixed shapes the bank holds num_envs seeds per step for this many steps
+# Graphs one process may compile for the step (dynamo's default is 8, and with fullgraph a 9th raises):
+# one per world count and config a process builds, as the tests and benchmarks build many.
+_STEP_GRAPHS_PER_PROCESS = 64
 
 
 @dataclasses.dataclass
@@ -143,6 +146,15 @@ def _state_of_flat(flat: dict[str, torch.Tensor]) -> ToyWorldState:
     return ToyWorldState(**fields)  # type: ignore[arg-type]
 
 
+def _owned_state(flat: dict[str, torch.Tensor]) -> ToyWorldState:
+    """The state of ``flat`` with every field its own contiguous copy: a step writes into some of
+    them (the episode sums), so none may share memory with the caller or with another field, and a
+    compiled step (whose guards check strides and aliasing) keeps the graph it compiled."""
+    return _state_of_flat(
+        {key: value.clone(memory_format=torch.contiguous_format) for key, value in flat.items()}
+    )
+
+
 def capturing_cuda_graph(device: torch.device) -> bool:
     """Whether the step running now is being captured into a CUDA graph (``--cuda-graph``)."""
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
@@ -182,11 +194,14 @@ class ToyWaypointEnv(BatchedWaypointEnv):
         # Off the CPU a step never reads a tensor back to the host (the autoreset then works on
         # every world); on the CPU reading is free and lets it work on the finished worlds only.
         self.sync_free = self.device.type != "cpu"
+        if compile_step and self.device.type != "cpu":
+            raise ValueError(f"{COMPILE_ON_CPU_ONLY} (device {self.device})")
         self.compile_step = compile_step
         self._new_bank()
         self._render_layout = render_layout(cfg, self.device, cfg.max_vehicles, cfg.max_obstacles)
         if compile_step:
-            self._advance = torch.compile(self._advance, fullgraph=True, dynamic=False)
+            compiled = torch.compile(self._advance, fullgraph=True, dynamic=False)
+            self._advance = torch._dynamo.config.patch(recompile_limit=_STEP_GRAPHS_PER_PROCESS)(compiled)
 
     def _new_bank(self, first_seed: torch.Tensor | None = None) -> None:
         """A scenario bank for the current config, filled from ``first_seed`` if given (else on
@@ -249,9 +264,7 @@ class ToyWaypointEnv(BatchedWaypointEnv):
             next_seed=next_seed + self.num_envs,
             obs=obs,
         )
-        # every field its own contiguous tensor, as after a step, so that a compiled step (whose
-        # guards check strides and aliasing) keeps the graph it compiled at the first step
-        self.state = _state_of_flat({k: v.contiguous().clone() for k, v in _flat_of_state(state).items()})
+        self.state = _owned_state(_flat_of_state(state))
         return obs
 
     def _start_vehicle(self, scen: Scenarios) -> VehicleState:
@@ -262,8 +275,8 @@ class ToyWaypointEnv(BatchedWaypointEnv):
             scen.route_xy, scen.route_heading, zeros[:, None], scen.start_lateral[:, None], self.config
         )
         return VehicleState(
-            x=xy[:, 0, 0].contiguous(),  # contiguous like a stepped state's: a compiled step keeps one graph
-            y=xy[:, 0, 1].contiguous(),
+            x=xy[:, 0, 0],
+            y=xy[:, 0, 1],
             yaw=road_heading[:, 0] + scen.start_heading_error,
             speed=scen.start_speed,
             steer=zeros,
@@ -412,7 +425,9 @@ class ToyWaypointEnv(BatchedWaypointEnv):
         if tuple(waypoints.shape) != expected:
             raise ValueError(f"waypoints must have shape {expected}, got {tuple(waypoints.shape)}")
         bank_start = self._bank_for_this_step() if self.fixed_shapes else None
-        out = self._advance(waypoints.to(device=self.device, dtype=torch.float32), bank_start)
+        # the world is not differentiable; and a compiled step keeps one graph whatever the caller's mode
+        with torch.no_grad():
+            out = self._advance(waypoints.to(device=self.device, dtype=torch.float32), bank_start)
         info = StepInfo(
             expert=self._expert_plan_of_now(),
             final_observation=out.final_obs,
@@ -602,7 +617,7 @@ class ToyWaypointEnv(BatchedWaypointEnv):
         self, done: torch.Tensor, final_obs: Observation, bank_start: torch.Tensor | None
     ) -> Observation:
         """Start new episodes in the finished worlds and return the observation to act on
-        (``bank_start``: the bank's first seed on the sync-free path, else ``None``)."""
+        (``bank_start``: the bank's first seed on the fixed-shape path, else ``None``)."""
         if bank_start is not None:
             return self._autoreset_every_world(done, final_obs, bank_start)
         if not bool(done.any()):
@@ -634,8 +649,9 @@ class ToyWaypointEnv(BatchedWaypointEnv):
     def _autoreset_every_world(
         self, done: torch.Tensor, final_obs: Observation, bank_start: torch.Tensor
     ) -> Observation:
-        """Off the CPU, with no host read: every world takes a scenario from the bank and is
-        observed again; the finished worlds keep what they took."""
+        """The fixed-shape path (off the CPU, with no host read, and in a compiled step): every
+        world takes a scenario from the bank and is observed again; the finished worlds keep what
+        they took."""
         st = self.state
         seeds = self._next_seeds(done)
         fresh = self._bank.take(torch.where(done, seeds, bank_start))
@@ -707,7 +723,7 @@ class ToyWaypointEnv(BatchedWaypointEnv):
         """Restore what :meth:`state_dict` returned; returns the observation to act on next."""
         dev = {k: v.to(self.device) for k, v in state.items()}
         try:
-            restored = _state_of_flat(dev)
+            restored = _owned_state(dev)
         except KeyError as missing:
             raise ValueError(f"world state lacks {missing}") from None
         if restored.t.shape[0] != self.num_envs:
