@@ -23,7 +23,7 @@ from training.envs.toy import ToyWaypointEnv, ToyWorldConfig
 from training.envs.toy.scenario import Scenarios
 
 COMPILED_OPS_BUDGET = 150  # top-level aten ops per step without a bank refill
-REFILL_OPS_BUDGET = 300  # a step that also generates the next 8 scenarios per world
+REFILL_OPS_BUDGET = 600  # a step that also generates the next 8 scenarios per world and their first images
 SURFACE_CHANNELS = (0, 2, 3)  # drivable area, oncoming vehicles, parked obstacles
 ROUTE_CHANNEL = 1
 MAX_EDGE_PIXELS_PER_IMAGE = 2  # surface pixels of one image that may differ, all of them on an edge

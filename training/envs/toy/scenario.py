@@ -292,9 +292,13 @@ class ScenarioBank:
         for field in dataclasses.fields(Scenarios):
             getattr(self.scenarios, field.name)[:count].copy_(getattr(fresh, field.name))
 
+    def index_of(self, seeds: torch.Tensor) -> torch.Tensor:
+        """Places in the bank of ``seeds`` ``[M]``, each of which the bank must hold."""
+        return seeds - self.start
+
     def take(self, seeds: torch.Tensor) -> Scenarios:
         """The scenarios of ``seeds`` ``[M]``, each of which the bank must hold."""
-        index = seeds - self.start
+        index = self.index_of(seeds)
         return Scenarios(
             *(getattr(self.scenarios, f.name)[index] for f in dataclasses.fields(self.scenarios))
         )

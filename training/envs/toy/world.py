@@ -208,10 +208,26 @@ class ToyWaypointEnv(BatchedWaypointEnv):
         the next autoreset), so that steps do not pay for it."""
         size = self.num_envs * _BANK_STEPS if self.fixed_shapes else max(_CPU_BANK_MIN, 4 * self.num_envs)
         self._bank = ScenarioBank(self.config, size)
+        self._bank_frames: Observation | None = None
         self._bank_steps_left = 0
         if first_seed is not None:
-            self._bank.refill(first_seed)
+            self._refill_bank(first_seed)
             self._bank_steps_left = _BANK_STEPS
+
+    def _refill_bank(self, first_seed: torch.Tensor) -> None:
+        """Fill the bank from ``first_seed``; a compiled step's bank also holds each scenario's
+        first observation, rendered here once (eagerly), so that its step renders every world once."""
+        self._bank.refill(first_seed)
+        if self.compile_step:
+            self._bank_frames = self._first_observations(self._bank.scenarios)
+
+    def _first_observations(self, scen: Scenarios) -> Observation:
+        """What a world sees at the start of each scenario of ``scen`` (as ``_start_episodes`` then
+        ``_observe`` make it)."""
+        vehicle = self._start_vehicle(scen)
+        start_hint = torch.full_like(scen.start_speed, self._start_index, dtype=torch.int64)
+        frenet, _ = self._project(scen, vehicle, start_hint)
+        return self._render(vehicle, scen, frenet, torch.zeros_like(scen.start_speed))
 
     @property
     def fixed_shapes(self) -> bool:
@@ -270,7 +286,7 @@ class ToyWaypointEnv(BatchedWaypointEnv):
     def _start_vehicle(self, scen: Scenarios) -> VehicleState:
         """The car at the start of each world's scenario ``scen``: arc length 0, the scenario's
         lateral offset, heading error and speed."""
-        zeros = torch.zeros(self.num_envs, device=self.device)
+        zeros = torch.zeros_like(scen.start_speed)
         xy, road_heading = frenet_to_world(
             scen.route_xy, scen.route_heading, zeros[:, None], scen.start_lateral[:, None], self.config
         )
@@ -654,7 +670,8 @@ class ToyWaypointEnv(BatchedWaypointEnv):
         they took."""
         st = self.state
         seeds = self._next_seeds(done)
-        fresh = self._bank.take(torch.where(done, seeds, bank_start))
+        taken = torch.where(done, seeds, bank_start)
+        fresh = self._bank.take(taken)
         st.scenarios = Scenarios(
             *(
                 torch.where(
@@ -666,7 +683,10 @@ class ToyWaypointEnv(BatchedWaypointEnv):
             )
         )
         self._restart(done, seeds)
-        fresh_obs = self._observe()
+        if self._bank_frames is None:
+            fresh_obs = self._observe()
+        else:  # the finished worlds' first observations, rendered with the bank
+            fresh_obs = self._bank_frames.index(self._bank.index_of(taken))
         mask = done[:, None]
         # final + done * (fresh - final), exact in uint8 (modulo 256): a compiled CPU kernel
         # runs it several times faster than a ``where`` whose condition is broadcast
@@ -684,7 +704,7 @@ class ToyWaypointEnv(BatchedWaypointEnv):
         st = self.state
         if not self.sync_free:
             if not self._bank.holds(int(st.next_seed), self.num_envs):
-                self._bank.refill(st.next_seed)
+                self._refill_bank(st.next_seed)
         elif capturing_cuda_graph(self.device):
             # every replay of a captured step repeats it: its bank covers one step's seeds, and
             # the next eager step refills a whole bank
