@@ -666,8 +666,8 @@ class ToyWaypointEnv(BatchedWaypointEnv):
         self, done: torch.Tensor, final_obs: Observation, bank_start: torch.Tensor
     ) -> Observation:
         """The fixed-shape path (off the CPU, with no host read, and in a compiled step): every
-        world takes a scenario from the bank and is observed again; the finished worlds keep what
-        they took."""
+        world takes a scenario from the bank and its first observation (from the bank when it holds
+        them, else every world is observed again); the finished worlds keep what they took."""
         st = self.state
         seeds = self._next_seeds(done)
         taken = torch.where(done, seeds, bank_start)
