@@ -89,6 +89,15 @@ class Frenet(NamedTuple):
     road_heading: torch.Tensor  # route heading at ``s`` (rad)
 
 
+class _EpisodeStart(NamedTuple):
+    """Where each scenario's episode starts (``ToyWaypointEnv._episode_starts``)."""
+
+    vehicle: VehicleState
+    frenet: Frenet
+    route_hint: torch.Tensor  # [N] int64
+    obs: Observation
+
+
 @dataclasses.dataclass
 class ToyWorldState:
     """Everything that changes as the worlds run: one entry per world along dim 0 (``next_seed``
@@ -219,15 +228,16 @@ class ToyWaypointEnv(BatchedWaypointEnv):
         first observation, rendered here once (eagerly), so that its step renders every world once."""
         self._bank.refill(first_seed)
         if self.compile_step:
-            self._bank_frames = self._first_observations(self._bank.scenarios)
+            self._bank_frames = self._episode_starts(self._bank.scenarios).obs
 
-    def _first_observations(self, scen: Scenarios) -> Observation:
-        """What a world sees at the start of each scenario of ``scen`` (as ``_start_episodes`` then
-        ``_observe`` make it)."""
+    def _episode_starts(self, scen: Scenarios) -> _EpisodeStart:
+        """The car, its route coordinates and hint, and what it sees at the start of each scenario
+        of ``scen`` (as ``reset``, or ``_start_episodes`` then ``_observe``, make them)."""
         vehicle = self._start_vehicle(scen)
         start_hint = torch.full_like(scen.start_speed, self._start_index, dtype=torch.int64)
-        frenet, _ = self._project(scen, vehicle, start_hint)
-        return self._render(vehicle, scen, frenet, torch.zeros_like(scen.start_speed))
+        frenet, route_hint = self._project(scen, vehicle, start_hint)
+        obs = self._render(vehicle, scen, frenet, torch.zeros_like(scen.start_speed))
+        return _EpisodeStart(vehicle, frenet, route_hint, obs)
 
     @property
     def fixed_shapes(self) -> bool:
@@ -262,11 +272,8 @@ class ToyWaypointEnv(BatchedWaypointEnv):
         seeds = next_seed + torch.arange(self.num_envs, device=self.device)
         scenarios = generate_scenarios(seeds, self.config)
         self._new_bank(first_seed=next_seed + self.num_envs)
-        vehicle = self._start_vehicle(scenarios)
-        start_hint = torch.full((self.num_envs,), self._start_index, device=self.device)
-        frenet, route_hint = self._project(scenarios, vehicle, start_hint)
+        vehicle, frenet, route_hint, obs = self._episode_starts(scenarios)
         zeros = torch.zeros(self.num_envs, device=self.device)
-        obs = self._render(vehicle, scenarios, frenet, zeros)
         state = ToyWorldState(
             vehicle=vehicle,
             scenarios=scenarios,
