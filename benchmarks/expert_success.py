@@ -23,11 +23,10 @@ import torch
 from eval.closed_loop import collisions_closed_by, run_closed_loop
 from eval.metrics import summarise
 from training.common.device import resolve_device, set_cpu_threads
-from training.common.errors import UserError, exit_on_user_error
+from training.common.errors import exit_on_user_error
 from training.common.seeds import DEV_SEED_START
 from training.envs.options import EnvOptions
-from training.envs.registry import make_env
-from training.envs.toy.config import COMPILE_ON_CPU_ONLY
+from training.envs.registry import check_compile_world, make_env
 
 TOY_MAX_WORLDS = 250  # the toy world runs this many episodes at once
 
@@ -49,10 +48,8 @@ def main(argv: list[str] | None = None) -> None:
         "--compile-world", action="store_true", help="--env toy: each world step one compiled graph"
     )
     args = parser.parse_args(argv)
-    if args.compile_world and args.env != "toy":
-        raise UserError(f"--compile-world compiles the toy world's step, not --env {args.env}")
-    if args.compile_world and resolve_device(args.device).type != "cpu":
-        raise UserError(f"--compile-world: {COMPILE_ON_CPU_ONLY} (--device {args.device})")
+    if args.compile_world:
+        check_compile_world([args.env], resolve_device(args.device), args.device)
     set_cpu_threads(1)
     worlds = min(args.episodes, TOY_MAX_WORLDS if args.env == "toy" else max(args.workers, 1))
     options = EnvOptions(difficulty=args.difficulty, compile_world=args.compile_world)

@@ -49,7 +49,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from benchmarks.op_count import world_ops_per_step
 from training.common.device import resolve_device, set_cpu_threads
 from training.common.errors import UserError, exit_on_user_error
-from training.envs.toy.config import COMPILE_ON_CPU_ONLY
+from training.envs.registry import check_compile_world
 from training.rl.config import PPOConfig
 from training.rl.run import Run, build_run
 from training.rl.trainer import collect_rollout, train_iteration
@@ -468,8 +468,8 @@ def parse_settings(argv: list[str] | None) -> tuple[BenchSettings, bool]:
     if args.sb3_max_envs < 0:
         raise UserError(f"--sb3-max-envs must be >= 0, got {args.sb3_max_envs}")
     device = resolve_device(args.device)
-    if args.compile_world and device.type != "cpu":
-        raise UserError(f"--compile-world: {COMPILE_ON_CPU_ONLY} (--device {args.device})")
+    if args.compile_world:
+        check_compile_world(["toy"], device, args.device)
     if args.cuda_graph and device.type != "cuda":
         raise UserError(f"--cuda-graph needs a CUDA device (--device {args.device} gives {device.type})")
     settings = BenchSettings(

@@ -9,13 +9,14 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
 from training.common.errors import UserError
 from training.envs.options import EnvOptions
 from training.envs.protocol import BatchedWaypointEnv
+from training.envs.toy.config import COMPILE_ON_CPU_ONLY
 
 EnvFactory = Callable[[int, torch.device | str, EnvOptions], BatchedWaypointEnv]
 
@@ -36,6 +37,17 @@ def make_toy_env(num_envs: int, device: torch.device | str, options: EnvOptions)
     reward = run_reward(RewardWeights(), options)
     config = ToyWorldConfig(num_envs=num_envs, reward=reward, **difficulty)
     return ToyWaypointEnv(config, device=device, compile_step=options.compile_world)
+
+
+def check_compile_world(env_names: Sequence[str], device: torch.device, device_flag: str) -> None:
+    """``--compile-world`` compiles the toy world's step, on the CPU only (``device_flag``: the
+    ``--device`` that ``device`` was resolved from)."""
+    if not any(name == "toy" for name in env_names):
+        raise UserError(
+            f"--compile-world compiles the toy world's step; --env {','.join(env_names)} has no toy world"
+        )
+    if device.type != "cpu":
+        raise UserError(f"--compile-world: {COMPILE_ON_CPU_ONLY} (--device {device_flag})")
 
 
 def make_env(

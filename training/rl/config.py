@@ -14,8 +14,8 @@ from training.common.errors import UserError
 from training.common.seeds import DEV_SEED_START, RL_TRAIN_SEED_START, TEST_SEED_START
 from training.envs.capacity import announce, describe, is_process_backed, machine_capacity
 from training.envs.options import EnvOptions, SimulatorFlags
-from training.envs.registry import split_env_mix
-from training.envs.toy.config import COMPILE_ON_CPU_ONLY, REWARD_PRESETS
+from training.envs.registry import check_compile_world, split_env_mix
+from training.envs.toy.config import REWARD_PRESETS
 from training.rl.policy import PolicySettings
 from training.sft.external import parse_factory_spec
 
@@ -288,7 +288,10 @@ class PPOConfig(SimulatorFlags):
         self.env_mix()  # raises on a malformed --env / --env-weights
         self.validate_simulator_flags()
         self._validate_cuda_graph()
-        self._validate_compile_world()
+        if self.compile_world:
+            check_compile_world(
+                [name for name, _ in self.env_mix()], resolve_device(self.device), self.device
+            )
 
     def _validate_kl_and_exploration(self) -> None:
         require(_non_negative(self.kl_coef), f"--kl-coef must be >= 0, got {self.kl_coef}")
@@ -323,16 +326,6 @@ class PPOConfig(SimulatorFlags):
             f"--curriculum-threshold must be in (0, 1], got {self.curriculum_threshold}",
         )
         require(self.curriculum_min_episodes >= 1, "--curriculum-min-episodes must be >= 1")
-
-    def _validate_compile_world(self) -> None:
-        if not self.compile_world:
-            return
-        require(
-            any(name == "toy" for name, _ in self.env_mix()),
-            f"--compile-world compiles the toy world's step; --env {self.env} has no toy world",
-        )
-        device = resolve_device(self.device)
-        require(device.type == "cpu", f"--compile-world: {COMPILE_ON_CPU_ONLY} (--device {self.device})")
 
     def _validate_cuda_graph(self) -> None:
         if not self.cuda_graph:
