@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from eval.metrics import displacement_errors
 from training.common.device import set_cpu_threads
 from training.common.errors import exit_on_user_error
 from training.envs.toy import ToyWaypointEnv, ToyWorldConfig
@@ -30,7 +31,8 @@ def open_loop_ade(model: WaypointModel, env: ToyWaypointEnv, steps: int, seed: i
     ade_sum, episodes, clean = 0.0, 0, 0
     for _ in range(steps):
         expert = env.expert_waypoints()
-        ade_sum += float((model(obs.bev, obs.state) - expert).norm(dim=-1).mean())
+        ade, _ = displacement_errors(model(obs.bev, obs.state), expert)
+        ade_sum += float(ade.mean())
         result = env.step(expert)
         ended = result.info.episode
         episodes += int(ended.done.sum())

@@ -7,7 +7,7 @@ import hashlib
 import torch
 
 from training.envs.toy import ToyWorldConfig
-from training.envs.toy.rng import uniform, uniform_streams
+from training.envs.toy.rng import uniform_streams
 from training.envs.toy.scenario import generate_scenarios
 
 _MASK32 = 0xFFFFFFFF
@@ -46,8 +46,9 @@ def test_every_stream_drawn_together_matches_the_reference_bit_for_bit() -> None
 def test_one_stream_is_the_same_alone_or_among_others() -> None:
     seeds = torch.arange(50) * 7919
     together = uniform_streams(seeds, [(2, 4), (3, 6), (9, 2)])
-    assert torch.equal(together[1], uniform(seeds, 3, 6))
-    assert torch.equal(uniform(seeds[10:11], 3, 6), together[1][10:11])  # whatever the other seeds
+    alone = uniform_streams(seeds, [(3, 6)])[0]
+    assert torch.equal(together[1], alone)
+    assert torch.equal(uniform_streams(seeds[10:11], [(3, 6)])[0], alone[10:11])  # whatever the other seeds
 
 
 def test_the_scenarios_drawn_from_the_hash_keep_their_values() -> None:
