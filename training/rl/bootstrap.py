@@ -73,10 +73,24 @@ class TruncationStore:
         """
         slot = self.count + torch.cumsum(truncated, dim=0) - 1
         slot = torch.where(truncated & (slot < self.capacity), slot, self.capacity)
-        self.bev.index_copy_(0, slot, final.bev)
+        self._copy_bev_rows(slot, final.bev)
         self.state.index_copy_(0, slot, final.state.to(self.state.dtype))
         self.position.index_copy_(0, slot, step * self.num_envs + self._world)
         self.count += truncated.sum()
+
+    def _copy_bev_rows(self, slot: Tensor, bev: Tensor) -> None:
+        """``self.bev[slot] = bev``, as 8-byte words where each row's bytes allow it.
+
+        ``index_copy_`` moves a uint8 image byte by byte on the CPU (0.4 ms for 32 worlds' 64 x
+        64 x 4 images, a tenth of a rollout step); the same bytes as int64 words take a seventh of
+        that. The stored bytes are the same either way.
+        """
+        row_bytes = bev[0].numel()
+        if row_bytes % 8 == 0 and bev.is_contiguous():
+            words = self.bev.view(self.bev.shape[0], row_bytes).view(torch.int64)
+            words.index_copy_(0, slot, bev.view(bev.shape[0], row_bytes).view(torch.int64))
+        else:
+            self.bev.index_copy_(0, slot, bev)
 
     @torch.no_grad()
     def bootstrap(self, policy: PPOPolicy, next_value: Tensor, *, by_step: bool) -> int:

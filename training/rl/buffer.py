@@ -12,8 +12,9 @@ Filling ``next_value`` (the value the step bootstraps from), for step ``t``:
 
 Since ``info.final_observation`` equals the returned observation wherever no episode ended,
 ``V(features(info.final_observation))`` is a correct ``next_value`` for every world. The trainer
-skips that second encoder pass: it stores ``V(obs[t + 1])`` at every step and, after the rollout,
-overwrites the truncated entries with the values of their final observations, encoded once
+skips that second encoder pass, and the value pass too: ``V(obs[t + 1])`` is the value that step
+``t + 1`` stores (:meth:`RolloutBuffer.next_values_from_values`), and after the rollout the
+truncated entries are overwritten with the values of their final observations, encoded once
 (``bootstrap.TruncationStore``).
 """
 
@@ -137,13 +138,14 @@ class RolloutBuffer:
         reward: Tensor,
         terminated: Tensor,
         truncated: Tensor,
-        next_value: Tensor,
+        next_value: Tensor | None = None,
     ) -> None:
         """Store step ``step`` of all ``N`` worlds (shapes as the attributes without ``T``).
 
         ``step``: the row, an ``int`` or a 0-d int64 tensor on the buffer's device (a step counted
         on the device, as a rollout captured in a CUDA graph writes it: no host read).
-        ``next_value`` ``[N]``: see the module docstring (``V(final_observation)`` where truncated).
+        ``next_value`` ``[N]``: see the module docstring (``V(final_observation)`` where truncated);
+        None leaves the row to :meth:`next_values_from_values`.
         """
         row = step.view(1) if isinstance(step, Tensor) else torch.tensor([step], device=self.device)
         _write_row(self.z, row, z)
@@ -154,7 +156,17 @@ class RolloutBuffer:
         _write_row(self.reward, row, reward)
         _write_row(self.terminated, row, terminated)
         _write_row(self.truncated, row, truncated)
-        _write_row(self.next_value, row, next_value)
+        if next_value is not None:
+            _write_row(self.next_value, row, next_value)
+        self._advantages_ready = False
+
+    def next_values_from_values(self, last_next_value: Tensor) -> None:
+        """Fill ``next_value`` of a rollout stored in step order: ``V(obs[t + 1])`` is the value
+        stored at step ``t + 1``, and ``last_next_value`` ``[N]`` is ``V`` of the observation after
+        the last step. Where an episode ended, the entry is the next episode's first value: a
+        terminated one ignores it, a truncated one is overwritten (module docstring)."""
+        self.next_value[:-1].copy_(self.value[1:])
+        self.next_value[-1].copy_(last_next_value)
         self._advantages_ready = False
 
     def compute_advantages(self, gamma: float, gae_lambda: float) -> None:

@@ -139,24 +139,7 @@ def train_iteration(run: Run) -> dict[str, Any]:
     critic_only = iteration <= config.critic_warmup_iterations
     if episodes["nonfinite_inputs"] == 0:
         run.buffer.compute_advantages(config.gamma, config.gae_lambda)
-        # 3. PPO epochs on the cached features
-        stats = ppo_update(
-            run.policy,
-            run.optimizer,
-            run.buffer,
-            update_epochs=config.update_epochs,
-            minibatch_size=config.batch_size,
-            clip_epsilon=config.clip_epsilon,
-            value_coef=config.value_coef,
-            entropy_coef=config.entropy_coef,
-            max_grad_norm=config.max_grad_norm,
-            target_kl=config.target_kl,
-            residual_l2_coef=config.residual_l2_coef,
-            kl_coef=run.kl_coef,
-            critic_only=critic_only,
-            generator=run.batch_gen,
-            dist_ctx=run.ctx,
-        )
+        stats = update_policy(run, critic_only=critic_only)  # 3. PPO epochs on the cached features
     healthy = bool(stats) and stats["minibatch_updates"] > 0
     run.bad_iterations = 0 if healthy else run.bad_iterations + 1
 
@@ -178,6 +161,28 @@ def train_iteration(run: Run) -> dict[str, Any]:
     return record
 
 
+def update_policy(run: Run, *, critic_only: bool) -> dict[str, float]:
+    """:func:`ppo_update` on the run's buffer (advantages computed) with the run's settings."""
+    config = run.config
+    return ppo_update(
+        run.policy,
+        run.optimizer,
+        run.buffer,
+        update_epochs=config.update_epochs,
+        minibatch_size=config.batch_size,
+        clip_epsilon=config.clip_epsilon,
+        value_coef=config.value_coef,
+        entropy_coef=config.entropy_coef,
+        max_grad_norm=config.max_grad_norm,
+        target_kl=config.target_kl,
+        residual_l2_coef=config.residual_l2_coef,
+        kl_coef=run.kl_coef,
+        critic_only=critic_only,
+        generator=run.batch_gen,
+        dist_ctx=run.ctx,
+    )
+
+
 # ---------------------------------------------------------------------------------------- the rollout
 @torch.no_grad()
 def collect_rollout(
@@ -196,7 +201,8 @@ def collect_rollout(
     back to the host, on every device, so that ``cuda_graph`` can replay it as a CUDA graph
     (``cuda_graph.StepGraph``; CUDA worlds only). Non-finite rewards and observations are counted
     in ``tally.nonfinite``; the caller skips the update when any appeared. The truncated episodes'
-    final observations are encoded once, after the last step (``bootstrap.TruncationStore``).
+    final observations are encoded once, after the last step (``bootstrap.TruncationStore``), and
+    each step's ``V(next observation)`` is the next step's value (one value pass per step).
     """
     tally = EpisodeTally.zeros(env.device, env.num_envs, env.groups)
     truncations = TruncationStore.for_rollout(env, buffer.num_steps)
@@ -217,7 +223,6 @@ def collect_rollout(
             reward=result.reward * reward_scale,
             terminated=result.terminated,
             truncated=result.truncated,
-            next_value=policy.value(next_z, next_sft),  # V(final observation) where truncated: below
         )
         truncations.add(step, result.truncated, result.info.final_observation)
         tally.add(result)
@@ -230,6 +235,8 @@ def collect_rollout(
     run_step = StepGraph(rollout_step, env, generator) if cuda_graph else rollout_step
     for _ in range(buffer.num_steps):
         result = run_step()
+    # V(obs[t + 1]) is step t + 1's value, computed by its act; the last step's is computed here.
+    buffer.next_values_from_values(policy.value(z, sft_waypoints))
     # GAE bootstraps a truncated episode from V(its final observation): encoded now, in one pass.
     # Each step's truncated worlds are encoded together on the CPU, the batches the per-step pass
     # encoded, which keeps CPU runs bit for bit as they were (see bootstrap.TruncationStore).
