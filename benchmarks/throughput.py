@@ -11,6 +11,9 @@ For each ``--num-envs``, built from the real trainer (``training.rl.run.build_ru
   is part of the warm-up call);
 - rollout steps/s: ``trainer.collect_rollout`` (world, frozen encoder, heads, buffer writes); with
   ``--cuda-graph`` (CUDA only) its steps, and those of the training figure, replay a CUDA graph;
+- update steps/s: the PPO epochs alone (``trainer.update_policy`` on a full buffer), in env steps of
+  the rollout they learn from: with the default heads their matrix products cost about as much per
+  step as the encoder's (docs/benchmarks.md);
 - end-to-end training steps/s: ``trainer.train_iteration`` (rollout, GAE, PPO epochs on the cached
   features, the iteration's metrics);
 - peak memory: CUDA's peak allocated bytes, or the process's peak resident set on the CPU;
@@ -52,13 +55,14 @@ from training.common.errors import UserError, exit_on_user_error
 from training.envs.registry import check_compile_world
 from training.rl.config import PPOConfig
 from training.rl.run import Run, build_run
-from training.rl.trainer import collect_rollout, train_iteration
+from training.rl.trainer import collect_rollout, train_iteration, update_policy
 from training.sft.model import FROZEN_PRECISIONS, WaypointModel, load_sft_model
 
 ROW_KEYS = (
     "world_steps_per_s",
     "encoder_steps_per_s",
     "rollout_steps_per_s",
+    "update_steps_per_s",
     "train_steps_per_s",
     "world_ops_per_step",
     "peak_memory_bytes",
@@ -217,6 +221,17 @@ def rollout_rate(run: Run, settings: BenchSettings) -> float:
     return median_rate(rollout, run.buffer.size, settings.seconds, settings.device)
 
 
+def update_rate(run: Run, settings: BenchSettings) -> float:
+    """Steps/s of the PPO update alone: ``update_policy`` on the rollout in the run's buffer (the
+    last ``rollout_rate`` filled it), in env steps of that rollout."""
+    run.buffer.compute_advantages(run.config.gamma, run.config.gae_lambda)
+
+    def update() -> None:
+        update_policy(run, critic_only=False)
+
+    return median_rate(update, run.buffer.size, settings.seconds, settings.device)
+
+
 def train_rate(run: Run, settings: BenchSettings) -> float:
     """End-to-end training steps/s: ``train_iteration`` (rollout + GAE + PPO epochs + metrics)."""
 
@@ -237,6 +252,7 @@ def measure_size(settings: BenchSettings, sft_path: Path, num_envs: int, work_di
     ops = world_ops_per_step(num_envs, str(settings.device), compile_step=settings.compile_world)
     row["world_ops_per_step"], row["world_ops_per_step_mean"] = ops["max"], ops["mean"]
     row["rollout_steps_per_s"] = rollout_rate(run, settings)
+    row["update_steps_per_s"] = update_rate(run, settings)
     row["train_steps_per_s"] = train_rate(run, settings)
     row["peak_memory_bytes"] = peak_memory_bytes(settings.device)
     if settings.profile and num_envs == settings.num_envs[-1]:
@@ -495,7 +511,8 @@ def format_table(result: dict[str, Any]) -> str:
     lines = [
         f"device {result['device_name']}, torch {result['torch']}{graph}; "
         "env steps/s (median, upper bound of time)",
-        f"{'num_envs':>8} {'world':>10} {'encoder':>10} {'rollout':>10} {'train':>10} {'SB3 train':>10} "
+        f"{'num_envs':>8} {'world':>10} {'encoder':>10} {'rollout':>10} {'update':>10} {'train':>10} "
+        f"{'SB3 train':>10} "
         f"{'ratio':>7} {'ops/step':>9} {'peak MiB':>9}",
     ]
     for row in result["rows"]:
@@ -503,7 +520,8 @@ def format_table(result: dict[str, Any]) -> str:
         ratio = row.get("train_vs_sb3")
         lines.append(
             f"{row['num_envs']:>8} {row['world_steps_per_s']:>10.0f} {row['encoder_steps_per_s']:>10.0f} "
-            f"{row['rollout_steps_per_s']:>10.0f} {row['train_steps_per_s']:>10.0f} "
+            f"{row['rollout_steps_per_s']:>10.0f} {row['update_steps_per_s']:>10.0f} "
+            f"{row['train_steps_per_s']:>10.0f} "
             f"{'-' if sb3 is None else f'{sb3:.0f}':>10} {'-' if ratio is None else f'{ratio:.1f}x':>7} "
             f"{row['world_ops_per_step']:>9} {row['peak_memory_bytes'] / 2**20:>9.0f}"
         )

@@ -12,7 +12,8 @@ import pytest
 from benchmarks.throughput import main, parse_sizes
 from tests.cli_helpers import assert_one_line_error, run_cli
 
-REQUIRED = ("device", "num_envs", "world_steps_per_s", "rollout_steps_per_s", "train_steps_per_s")
+RATES = ("world_steps_per_s", "rollout_steps_per_s", "update_steps_per_s", "train_steps_per_s")
+REQUIRED = ("device", "num_envs", *RATES)
 TINY = ["--seconds", "0", "--rollout-steps", "4", "--minibatches", "2", "--update-epochs", "1"]
 
 
@@ -31,7 +32,7 @@ def test_tiny_run_reports_every_figure(
     assert result["device"] == "cpu" and result["num_envs"] == 3
     assert [row["num_envs"] for row in result["rows"]] == [2, 3]
     for row in result["rows"]:
-        for key in ("world_steps_per_s", "rollout_steps_per_s", "train_steps_per_s"):
+        for key in RATES:
             assert math.isfinite(row[key]) and row[key] > 0, (key, row)
         assert row["peak_memory_bytes"] > 0
     small, large = result["rows"]
@@ -46,7 +47,7 @@ def test_table_output(tiny_sft: Path, capsys: pytest.CaptureFixture[str]) -> Non
     argv = [*TINY, "--num-envs", "2", "--sb3-max-envs", "0", "--sft-checkpoint", str(tiny_sft)]
     code, out, err = run_cli(main, argv, capsys)
     assert code == 0, err
-    assert "num_envs" in out and "SFT training" in out and "MFLOP/step" in out
+    assert "num_envs" in out and "update" in out and "SFT training" in out and "MFLOP/step" in out
 
 
 @pytest.mark.parametrize(
