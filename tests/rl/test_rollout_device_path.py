@@ -416,6 +416,35 @@ def _store_of(results: list[StepResult], env: Any) -> TruncationStore:
     return store
 
 
+@pytest.mark.parametrize(
+    ("bev_shape", "contiguous"),
+    [((4, 8, 8), True), ((3, 5, 5), True), ((4, 8, 8), False)],
+    ids=["8-byte-rows", "odd-rows", "strided-images"],
+)
+def test_the_store_keeps_each_truncated_worlds_image_and_state(
+    bev_shape: tuple[int, int, int], contiguous: bool
+) -> None:
+    """Rows fill in step order, worlds in index order, whatever the image's size in bytes (copied
+    as 8-byte words when it allows) or layout; worlds that did not truncate leave no row."""
+    worlds, generator = 5, torch.Generator().manual_seed(0)
+    store = TruncationStore(4, worlds, bev_shape, STATE_DIM, torch.device("cpu"))
+    expected: list[tuple[Tensor, Tensor, int]] = []
+    for step, truncated_worlds in enumerate([[1, 3], [], [0]]):
+        images = torch.randint(0, 256, (worlds, *bev_shape), dtype=torch.uint8, generator=generator)
+        if not contiguous:
+            images = images.transpose(2, 3).contiguous().transpose(2, 3)  # same values, other strides
+        state = torch.randn(worlds, STATE_DIM, generator=generator)
+        truncated = torch.zeros(worlds, dtype=torch.bool)
+        truncated[truncated_worlds] = True
+        store.add(torch.tensor(step), truncated, Observation(images, state))
+        expected += [(images[w], state[w], step * worlds + w) for w in truncated_worlds]
+    assert int(store.count) == len(expected) == 3
+    for row, (image, state, position) in enumerate(expected):
+        assert torch.equal(store.bev[row], image)
+        assert torch.equal(store.state[row], state)
+        assert int(store.position[row]) == position
+
+
 def test_more_truncations_than_the_time_limit_allows_stop_the_rollout() -> None:
     """A world that truncates before its declared time limit overflows the store: the rollout
     fails with an error naming the cause instead of bootstrapping from missing values."""
