@@ -30,11 +30,12 @@ def _top_level_aten_ops(events: list) -> int:
     return sum(1 for e in events if e.name.startswith("aten::") and not inside_aten(e))
 
 
-def count_step_ops(env: ToyWaypointEnv, plan: torch.Tensor) -> int:
-    """Top-level aten ops of one ``env.step(plan)``."""
+def count_step_ops(env: ToyWaypointEnv, plan: torch.Tensor) -> tuple[int, bool]:
+    """Top-level aten ops of one ``env.step(plan)``, and whether that step refilled the scenario bank."""
+    bank = env.scenario_bank_start()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         env.step(plan)
-    return _top_level_aten_ops(prof.events())
+    return _top_level_aten_ops(prof.events()), env.scenario_bank_start() is not bank
 
 
 def world_ops_per_step(
@@ -56,9 +57,9 @@ def world_ops_per_step(
     for _ in range(steps):
         noise = torch.randn(num_envs, env.spec.num_waypoints, 2, generator=generator, device=env.device)
         plan = env.expert_waypoints() + 0.5 * noise
-        bank = env.scenario_bank_start()
-        counts.append(count_step_ops(env, plan))
-        refilled.append(env.scenario_bank_start() is not bank)
+        ops, refill = count_step_ops(env, plan)
+        counts.append(ops)
+        refilled.append(refill)
     return {
         "max": max(counts),
         "mean": sum(counts) / len(counts),
