@@ -15,6 +15,10 @@ Per-episode record (a dict of plain Python numbers):
     goal_reached, failure (collision or off-road) (0/1 ints), mean_abs_lateral_m (m), mean_abs_jerk (m/s^3),
     mean_abs_steer_rate (rad/s), nonfinite_actions (steps whose plan held a NaN/inf).
 
+Per-step errors (``ClosedLoopResult.step_errors``, one numpy array ``[T, 2]`` per episode, in the
+records' order): each policy step's ADE and FDE (NaN where the plan was not finite), for measures
+over the steps two policies both drive (``eval.metrics.add_shared_window_errors``).
+
 Trajectory (for the first ``record_trajectories`` episodes; numpy arrays, T = episode length):
     scenario_seed (int), ego_pose [T, 3] (x, y metres, yaw rad, world frame, at each observation
     the policy acted on; row 0 is NaN unless the env has an ``ego_pose()`` method),
@@ -63,6 +67,7 @@ class ClosedLoopResult:
 
     episodes: list[dict[str, Any]]
     trajectories: list[dict[str, Any]] = field(default_factory=list)
+    step_errors: list[np.ndarray] = field(default_factory=list)  # per episode, [T, 2]: ADE, FDE
     wall_time_s: float = 0.0
     env_steps: int = 0  # world-steps simulated, including those of episodes not counted
     nonfinite_actions: int = 0  # policy steps (within counted episodes) with a NaN/inf waypoint
@@ -109,12 +114,21 @@ class _Tally:
         self.fde_sum = torch.zeros(worlds, dtype=torch.float64, device=device)
         self.finite_steps = torch.zeros(worlds, dtype=torch.int64, device=device)
         self.nonfinite_steps = torch.zeros(worlds, dtype=torch.int64, device=device)
+        self.step_in_episode = torch.zeros(worlds, dtype=torch.int64, device=device)
+        self.max_steps = env.spec.max_episode_steps
+        # every counted episode's per-step ADE and FDE; row n takes the writes of the uncounted ones
+        self.step_errors = torch.full((n + 1, self.max_steps, 2), math.nan, device=device)
         self.finished = torch.zeros(n + 1, dtype=torch.bool, device=device)
         self.records: dict[str, Tensor] = {}
 
     def add_step(self, waypoints: Tensor, expert: Tensor) -> None:
         ade, fde = displacement_errors(waypoints, expert)
         finite = torch.isfinite(ade) & torch.isfinite(fde)
+        row = self.slot.clamp(max=self.n)
+        column = self.step_in_episode.clamp(max=self.max_steps - 1)
+        errors = torch.stack((ade, fde), dim=-1).to(torch.float32)
+        self.step_errors[row, column] = torch.where(finite.unsqueeze(-1), errors, math.nan)
+        self.step_in_episode += 1
         self.ade_sum += torch.where(finite, ade.to(torch.float64), 0.0)
         self.fde_sum += torch.where(finite, fde.to(torch.float64), 0.0)
         self.finite_steps += finite.to(torch.int64)
@@ -136,7 +150,14 @@ class _Tally:
                 self.records[name] = torch.zeros(self.n + 1, dtype=value.dtype, device=value.device)
             self.records[name].scatter_(0, target, value)
         self.finished.scatter_(0, target, done)
-        for running in (self.ade_sum, self.fde_sum, self.finite_steps, self.nonfinite_steps):
+        per_episode = (
+            self.ade_sum,
+            self.fde_sum,
+            self.finite_steps,
+            self.nonfinite_steps,
+            self.step_in_episode,
+        )
+        for running in per_episode:
             running.masked_fill_(done, 0)
         self.slot = torch.where(done, self.next_slot + torch.cumsum(done, 0) - 1, slot)
         self.next_slot = self.next_slot + done.sum()
@@ -163,6 +184,11 @@ class _Tally:
             record["nonfinite_actions"] = int(columns["nonfinite_actions"][j])
             episodes.append(record)
         return episodes
+
+    def step_error_arrays(self, episodes: list[dict[str, Any]]) -> list[np.ndarray]:
+        """Each episode's per-step ADE and FDE, ``[length, 2]`` float64."""
+        errors = self.step_errors[: self.n].cpu().numpy().astype(np.float64)
+        return [errors[j, : episode["length"]] for j, episode in enumerate(episodes)]
 
 
 class _Recording:
@@ -260,6 +286,7 @@ def run_closed_loop(
     return ClosedLoopResult(
         episodes=episodes,
         trajectories=recording.trajectories(episodes),
+        step_errors=tally.step_error_arrays(episodes),
         wall_time_s=time.perf_counter() - start,
         env_steps=env_steps,
         nonfinite_actions=sum(e["nonfinite_actions"] for e in episodes),

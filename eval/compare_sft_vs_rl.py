@@ -24,7 +24,7 @@ import torch
 
 from eval.animation import VIDEO_FORMATS, animate_worst_scenarios, video_suffix
 from eval.closed_loop import MAX_WORLDS, ClosedLoopResult, collisions_closed_by, run_closed_loop
-from eval.metrics import compare_paired, summarise
+from eval.metrics import add_shared_window_errors, compare_paired, summarise
 from eval.plots import plot_ade_distribution, plot_episodes, plot_metric_bars, plot_training_curves
 from eval.report import format_table, write_report
 from training.common.cli import config_field, console_script, parse_config, require
@@ -250,6 +250,7 @@ def compare(config: CompareConfig) -> dict[str, Any]:
             sft_collisions = collisions_closed_by(env.collision_reports(), sft.episodes)
             rl = drive(env, lambda obs: policy.deterministic_waypoints(obs.bev, obs.state), config)
             rl_collisions = collisions_closed_by(env.collision_reports(), rl.episodes)
+        add_shared_window_errors((sft.episodes, sft.step_errors), (rl.episodes, rl.step_errors))
         rows = compare_paired(sft.episodes, rl.episodes, num_resamples=config.bootstrap_resamples, seed=0)
         plots = make_plots(out_dir, config, rows, sft, rl, env)
     finally:

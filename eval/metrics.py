@@ -96,6 +96,9 @@ class MetricSpec:
     unit: str  # "m", "m/s^3", "" for dimensionless
     lower_is_better: bool
     label: str  # human-readable name for tables and plots
+    # measured only for two policies on the same scenarios (``add_shared_window_errors``): left out
+    # of summaries and comparisons whose episodes do not carry it
+    paired_only: bool = False
 
     @property
     def label_with_unit(self) -> str:
@@ -105,6 +108,8 @@ class MetricSpec:
 METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("ade", "ade", "m", True, "ADE"),
     MetricSpec("fde", "fde", "m", True, "FDE"),
+    MetricSpec("ade_shared", "ade_shared", "m", True, "ADE, steps both drive", paired_only=True),
+    MetricSpec("fde_shared", "fde_shared", "m", True, "FDE, steps both drive", paired_only=True),
     MetricSpec("episode_return", "episode_return", "", False, "Episode return"),
     MetricSpec("route_completion", "route_completion", "", False, "Route completion"),
     MetricSpec("goal_rate", "goal_reached", "", False, "Goal rate"),
@@ -124,6 +129,11 @@ def _column(episodes: Sequence[Mapping[str, Any]], key: str) -> np.ndarray:
     return np.asarray([math.nan if v is None else float(v) for v in values], dtype=np.float64)
 
 
+def _measured(metrics: Sequence[MetricSpec], episodes: Sequence[Mapping[str, Any]]) -> list[MetricSpec]:
+    """``metrics`` less the paired-only ones that no episode carries."""
+    return [spec for spec in metrics if not spec.paired_only or any(spec.key in e for e in episodes)]
+
+
 def _mean(values: np.ndarray) -> float:
     finite = values[np.isfinite(values)]
     return float(finite.mean()) if finite.size else math.nan
@@ -137,7 +147,8 @@ def summarise(
     Non-finite values (e.g. the ADE of an episode whose every action was NaN) are left out of
     the mean. Also reports ``num_episodes`` and the mean episode ``length`` (policy steps).
     """
-    summary: dict[str, float] = {spec.name: _mean(_column(episodes, spec.key)) for spec in metrics}
+    measured = _measured(metrics, episodes)
+    summary: dict[str, float] = {spec.name: _mean(_column(episodes, spec.key)) for spec in measured}
     summary["length"] = _mean(_column(episodes, "length"))
     summary["num_episodes"] = float(len(episodes))
     return summary
@@ -177,7 +188,7 @@ def compare_paired(
     """
     sft_paired, rl_paired = _pair_episodes(sft_eps, rl_eps)
     rows: list[dict[str, Any]] = []
-    for spec in metrics:
+    for spec in _measured(metrics, [*sft_paired, *rl_paired]):
         sft_values = _column(sft_paired, spec.key)
         rl_values = _column(rl_paired, spec.key)
         diff, low, high = paired_bootstrap_ci(sft_values, rl_values, num_resamples, confidence, seed)
@@ -205,3 +216,45 @@ def compare_paired(
             }
         )
     return rows
+
+
+def shared_window_means(first: np.ndarray, second: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-column means of two per-step series ``[T1, C]`` and ``[T2, C]`` over their first
+    ``min(T1, T2)`` steps; non-finite steps are left out (a column with none finite: NaN)."""
+    steps = min(len(first), len(second))
+    return _finite_column_means(first[:steps]), _finite_column_means(second[:steps])
+
+
+def _finite_column_means(series: np.ndarray) -> np.ndarray:
+    finite = np.isfinite(series)
+    total = np.where(finite, series, 0.0).sum(axis=0)
+    count = finite.sum(axis=0)
+    return np.where(count > 0, total / np.maximum(count, 1), math.nan)
+
+
+def add_shared_window_errors(
+    first: tuple[Sequence[dict[str, Any]], Sequence[np.ndarray]],
+    second: tuple[Sequence[dict[str, Any]], Sequence[np.ndarray]],
+) -> None:
+    """Give every episode of two policies on the same scenarios ``ade_shared`` and ``fde_shared``:
+    its mean ADE and FDE over the first steps that both policies drove in that scenario.
+
+    Each argument is ``(episodes, step_errors)`` as :func:`eval.closed_loop.run_closed_loop`
+    returns them (per-step ``[T, 2]`` ADE and FDE). Why: an episode's ADE averages over the states
+    its policy reached, and states later in a route (junctions, traffic) are harder to plan in, so
+    a policy that drives further before failing scores a higher whole-episode ADE with plans that
+    are no worse. Over the shared steps both policies are judged on the same stretch of time of
+    the same scenario. Episodes are paired by ``scenario_seed``; the records are updated in place.
+    """
+    (first_eps, first_steps), (second_eps, second_steps) = first, second
+    second_by_seed = {
+        int(e["scenario_seed"]): (e, steps) for e, steps in zip(second_eps, second_steps, strict=True)
+    }
+    first_seeds = {int(e["scenario_seed"]) for e in first_eps}
+    if first_seeds != set(second_by_seed) or len(first_eps) != len(first_steps):
+        raise ValueError("shared-window errors need both policies' episodes on the same scenario seeds")
+    for episode, steps in zip(first_eps, first_steps, strict=True):
+        other, other_steps = second_by_seed[int(episode["scenario_seed"])]
+        mine, theirs = shared_window_means(steps, other_steps)
+        for record, means in ((episode, mine), (other, theirs)):
+            record["ade_shared"], record["fde_shared"] = float(means[0]), float(means[1])

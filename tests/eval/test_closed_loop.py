@@ -117,6 +117,28 @@ def test_nan_actions_are_counted_and_passed_on(fake):
     assert ep["ade"] == pytest.approx(2.0)
 
 
+def test_per_step_errors_of_every_episode(fake):
+    """The offset policy misses the expert by 1 + t metres at episode step t; steps of episodes that
+    other worlds played before must not leak in, and a NaN plan is a NaN step."""
+
+    def nan_policy(obs):
+        plan = fake.offset_policy(obs)
+        plan[(obs.state[:, 0] == 1) & (obs.state[:, 1] == 1)] = float("nan")
+        return plan
+
+    result = run_closed_loop(fake.Env(num_envs=2), nan_policy, seed=0, num_episodes=9)
+    assert len(result.step_errors) == 9
+    for episode, errors in zip(result.episodes, result.step_errors, strict=True):
+        expected = 1.0 + np.arange(episode["length"], dtype=np.float64)
+        if episode["scenario_seed"] == 1:
+            expected[1] = np.nan
+        np.testing.assert_allclose(errors[:, 0], expected)
+        np.testing.assert_allclose(errors[:, 1], expected)
+    one_batch = run_closed_loop(fake.Env(num_envs=9), nan_policy, seed=0, num_episodes=9)
+    for a, b in zip(one_batch.step_errors, result.step_errors, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_env_that_never_ends_is_an_error(fake):
     class Endless(fake.Env):
         def step(self, waypoints):

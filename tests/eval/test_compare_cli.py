@@ -25,7 +25,7 @@ from training.sft.model import load_sft_model
 
 SUMMARY_KEYS = ("ade", "fde", "episode_return", "route_completion", "collision_rate", "off_road_rate")
 EPISODE_KEYS = ("scenario_seed", "ade", "fde", "episode_return", "route_completion", "collision", "off_road")
-ZERO_METRICS = ("ade", "fde", "route_completion", "collision_rate")
+ZERO_METRICS = ("ade", "fde", "ade_shared", "fde_shared", "route_completion", "collision_rate")
 EPISODES = 6
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 WALL_TIME_KEYS = ("sft_wall_time_s", "rl_wall_time_s")

@@ -4,7 +4,15 @@ import numpy as np
 import pytest
 import torch
 
-from eval.metrics import METRICS, compare_paired, displacement_errors, paired_bootstrap_ci, summarise
+from eval.metrics import (
+    METRICS,
+    add_shared_window_errors,
+    compare_paired,
+    displacement_errors,
+    paired_bootstrap_ci,
+    shared_window_means,
+    summarise,
+)
 
 
 def test_displacement_errors_hand_computed():
@@ -79,3 +87,40 @@ def test_compare_paired_pairs_by_seed_and_flags_improvement():
 def test_compare_paired_rejects_mismatched_scenarios():
     with pytest.raises(ValueError):
         compare_paired([_episode(0, 1.0)], [_episode(1, 1.0)])
+
+
+def test_shared_window_means_cover_the_steps_both_drove():
+    longer = np.array([[1.0, 2.0], [3.0, np.nan], [10.0, 10.0]])
+    shorter = np.array([[2.0, 4.0], [2.0, 4.0]])
+    mine, theirs = shared_window_means(longer, shorter)
+    np.testing.assert_allclose(mine, [2.0, 2.0])  # steps 0-1; the NaN step is left out
+    np.testing.assert_allclose(theirs, [2.0, 4.0])
+    mine, _ = shared_window_means(np.array([[np.nan, 1.0]]), shorter)
+    assert math.isnan(mine[0]) and mine[1] == 1.0
+
+
+def test_shared_window_errors_pair_by_scenario_and_enter_the_comparison():
+    """SFT fails after 2 steps, RL drives on into harder states: its whole-episode ADE rises, its
+    ADE over the steps both drove does not."""
+    sft = [{"scenario_seed": 5, "ade": 1.0}, {"scenario_seed": 6, "ade": 2.0}]
+    rl = [{"scenario_seed": 6, "ade": 2.0}, {"scenario_seed": 5, "ade": 4.0}]
+    sft_steps = [np.array([[1.0, 1.5], [1.0, 1.5]]), np.array([[2.0, 3.0]])]
+    rl_steps = [np.array([[2.0, 3.0]]), np.array([[0.5, 1.0], [0.5, 1.0], [11.0, 20.0]])]
+    add_shared_window_errors((sft, sft_steps), (rl, rl_steps))
+    assert (sft[0]["ade_shared"], sft[0]["fde_shared"]) == (1.0, 1.5)
+    assert (rl[1]["ade_shared"], rl[1]["fde_shared"]) == (0.5, 1.0)
+    assert rl[0]["ade_shared"] == sft[1]["ade_shared"] == 2.0
+    rows = {row["metric"]: row for row in compare_paired(sft, rl, num_resamples=200)}
+    assert rows["ade"]["difference"] == pytest.approx(1.5)
+    assert rows["ade_shared"]["difference"] == pytest.approx(-0.25)
+    with pytest.raises(ValueError, match="same scenario seeds"):
+        add_shared_window_errors((sft, sft_steps), ([{"scenario_seed": 7}, rl[1]], rl_steps))
+
+
+def test_paired_only_metrics_are_left_out_where_no_episode_has_them():
+    episodes = [{"scenario_seed": 0, "ade": 1.0}]
+    assert "ade_shared" not in summarise(episodes)
+    assert "ade_shared" not in {
+        row["metric"] for row in compare_paired(episodes, episodes, num_resamples=100)
+    }
+    assert "fde" in summarise(episodes)  # a metric that is not paired-only stays, as NaN

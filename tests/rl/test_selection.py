@@ -38,6 +38,20 @@ def test_a_candidate_must_not_be_worse_than_sft_on_any_guarded_metric(changes, a
     assert not_worse(_record(**changes), SFT) is admissible
 
 
+def test_ade_is_guarded_over_the_steps_both_policies_drove() -> None:
+    """Driving further raises the whole-episode ADE; the guard holds the candidate's ADE over the
+    steps SFT also drove (``ade_shared``) against SFT's over the same steps (``sft_ade_shared``)."""
+    sft = {**SFT, "ade_shared": 0.40, "sft_ade_shared": 0.40}
+    further = {**sft, "failure_rate": 0.1, "ade": 0.60, "ade_shared": 0.38, "sft_ade_shared": 0.39}
+    assert not_worse(further, sft)
+    assert not not_worse({**further, "ade_shared": 0.395}, sft)  # against SFT's 0.39 on its windows
+    # a record without SFT's shared value (a resumed older run) is guarded on the whole-episode ADE
+    assert not not_worse({key: v for key, v in further.items() if key != "sft_ade_shared"}, sft)
+    mix = {**sft, "toy/ade": 0.3, "toy/ade_shared": 0.3, "toy/sft_ade_shared": 0.3}
+    assert not not_worse({**further, "toy/ade": 0.3, "toy/ade_shared": 0.31, "toy/sft_ade_shared": 0.3}, mix)
+    assert not_worse({**further, "toy/ade": 0.5, "toy/ade_shared": 0.29, "toy/sft_ade_shared": 0.3}, mix)
+
+
 def test_in_a_mix_a_candidate_must_not_be_worse_in_any_environment() -> None:
     """Means that improve can hide one environment that got worse: each environment is guarded."""
     sft = {**SFT, "toy/failure_rate": 0.4, "metadrive/failure_rate": 0.0, "metadrive/ade": 2.4}
@@ -64,7 +78,7 @@ def test_ranking_puts_safety_first_then_route_completion_then_ade() -> None:
 
 def test_selection_keeps_sft_until_a_candidate_is_admissible_and_better() -> None:
     heads = {"w": torch.zeros(1)}
-    selection = PolicySelection.start(SFT, heads)
+    selection = PolicySelection.start(SFT, heads, {})
     assert not selection.consider(10, _record(failure_rate=0.0, mean_abs_jerk=1.2), {"w": torch.ones(1)})
     assert selection.iteration == 0 and torch.equal(selection.heads["w"], torch.zeros(1))
     assert selection.consider(20, _record(failure_rate=0.1, ade=0.35), {"w": torch.full((1,), 2.0)})
@@ -79,8 +93,8 @@ def test_selection_keeps_sft_until_a_candidate_is_admissible_and_better() -> Non
 def _scripted_evaluations(monkeypatch: pytest.MonkeyPatch, script: dict[int, dict[str, float]]) -> None:
     """Replace the development evaluation by scripted records per iteration."""
 
-    def evaluate(policy, envs, config, iteration, env_steps):
-        return {"iteration": iteration, "env_steps": env_steps, **script[iteration]}
+    def evaluate(policy, envs, config, iteration, env_steps, sft_step_ade=None):
+        return {"iteration": iteration, "env_steps": env_steps, **script[iteration]}, {}
 
     monkeypatch.setattr(trainer_module, "evaluate", evaluate)
 
@@ -161,3 +175,17 @@ def test_a_run_killed_between_its_last_checkpoint_and_final_pt_writes_final_pt_o
     assert final["selected_iteration"] == saved["final.pt"]["selected_iteration"] == 2
     for name, tensor in saved["final.pt"]["heads"].items():
         assert torch.equal(final["heads"][name], tensor)
+
+
+def test_a_run_measures_shared_window_ade_against_its_sft_episodes(tiny_run) -> None:
+    """Iteration 0 is the SFT policy: over its own episodes the shared window is the whole episode.
+    The checkpoint keeps SFT's per-step ADE, one series per development episode, for a resume."""
+    rl_dir = tiny_run["rl_dir"]
+    evals = json.loads((rl_dir / "eval_metrics.json").read_text())
+    assert evals[0]["ade_shared"] == evals[0]["sft_ade_shared"] == pytest.approx(evals[0]["ade"], rel=1e-5)
+    assert all("ade_shared" in record and "sft_ade_shared" in record for record in evals)
+    config = json.loads((rl_dir / "config.json").read_text())
+    selection = torch.load(rl_dir / "checkpoint_iter_2.pt", weights_only=True)["selection"]
+    (series,) = selection["sft_step_ade"].values()
+    assert len(series) == config["eval_episodes"]
+    assert all(s.dtype == torch.float32 and s.ndim == 1 and len(s) >= 1 for s in series)

@@ -8,7 +8,10 @@ it started from. So a run keeps, among the policies its development evaluation h
 1. **admissible**: not worse than SFT (iteration 0) on any of the safety and quality metrics
    (collision + off-road rate, route completion, ADE, jerk), measured on the same development
    scenarios, in every environment of a mix; jerk, the noisiest of them, within ``GUARD_TOLERANCE``
-   (5%) of SFT's;
+   (5%) of SFT's. ADE is compared over the steps both policies drove in each scenario
+   (``ade_shared`` against ``sft_ade_shared``, see ``evaluation.py``): a policy that stays on the road
+   longer meets junctions and traffic that SFT never reached, and its whole-episode ADE rises with
+   plans that are no worse;
 2. among those, the **safest** (fewest collisions and off-road exits), then the one that
    completes most of the route (compared at ``ROUTE_COMPLETION_RESOLUTION``), then the lowest ADE.
 
@@ -29,9 +32,14 @@ from torch import Tensor
 GUARDED_METRICS: dict[str, bool] = {
     "failure_rate": True,
     "route_completion": False,
-    "ade": True,
+    "ade_shared": True,
     "mean_abs_jerk": True,
 }
+# Guarded metrics measured on windows that depend on the candidate: the candidate's record brings
+# SFT's value under this prefix (``sft_ade_shared``). A record without it (a run resumed from a
+# checkpoint older than the shared window) is guarded on the whole-episode metric instead.
+SFT_PREFIX = "sft_"
+WHOLE_EPISODE: dict[str, str] = {"ade_shared": "ade"}
 # Relative slack per guarded metric (0: none). Mean |jerk| over 50 development episodes moves by a
 # few percent between evaluations of the same quality (measured: 0.95-1.10 for policies within
 # 1 cm of ADE), so a strict bound rejected the best policies on noise alone.
@@ -45,23 +53,41 @@ def not_worse(candidate: Mapping[str, float], baseline: Mapping[str, float]) -> 
     its ``GUARD_TOLERANCE``): the means and, for a mix of environments, each environment's own
     (``<env>/<metric>``), so that gains in one environment never buy losses in another."""
     for key, metric in _guarded_keys(baseline):
-        difference = candidate[key] - baseline[key]
+        value, reference = _guarded_values(key, metric, candidate, baseline)
+        difference = value - reference
         if math.isnan(difference):  # NaN: nothing to go on, refuse
             return False
         worse_by = difference if GUARDED_METRICS[metric] else -difference
-        if worse_by > GUARD_TOLERANCE.get(metric, 0.0) * abs(baseline[key]):
+        if worse_by > GUARD_TOLERANCE.get(metric, 0.0) * abs(reference):
             return False
     return True
 
 
 def _guarded_keys(record: Mapping[str, Any]) -> list[tuple[str, str]]:
-    """``(key, metric)`` of every guarded metric in an evaluation record, per environment too."""
-    keys = [(metric, metric) for metric in GUARDED_METRICS]
-    for key in record:
-        env, _, metric = key.rpartition("/")
-        if env and metric in GUARDED_METRICS:
-            keys.append((key, metric))
-    return keys
+    """``(key, metric)`` of every guarded metric in an evaluation record (or its whole-episode
+    stand-in), for the means and each environment of a mix (``<env>/<metric>``)."""
+    envs = dict.fromkeys(key.rpartition("/")[0] for key in record if "/" in key)
+    prefixes = ["", *(f"{env}/" for env in envs)]
+    return [
+        (f"{prefix}{metric}", metric)
+        for prefix in prefixes
+        for metric in GUARDED_METRICS
+        if f"{prefix}{metric}" in record or f"{prefix}{WHOLE_EPISODE.get(metric)}" in record
+    ]
+
+
+def _guarded_values(
+    key: str, metric: str, candidate: Mapping[str, Any], baseline: Mapping[str, Any]
+) -> tuple[float, float]:
+    """The candidate's value of a guarded metric and SFT's value to hold it against."""
+    if metric not in WHOLE_EPISODE:
+        return candidate[key], baseline[key]
+    prefix = key[: len(key) - len(metric)]
+    sft_key = f"{prefix}{SFT_PREFIX}{metric}"
+    if key in candidate and sft_key in candidate:
+        return candidate[key], candidate[sft_key]
+    whole = f"{prefix}{WHOLE_EPISODE[metric]}"
+    return candidate[whole], baseline[whole]
 
 
 def ranks_above(candidate: Mapping[str, float], incumbent: Mapping[str, float]) -> bool:
@@ -93,12 +119,17 @@ class PolicySelection:
     iteration: int
     record: dict[str, Any]
     heads: dict[str, Tensor]
+    # the SFT policy's per-step ADE in each development episode, per environment: what later
+    # evaluations measure their shared-window ADE against (empty in checkpoints that predate it)
+    sft_step_ade: dict[str, list[Tensor]] = dataclasses.field(default_factory=dict)
 
     @classmethod
-    def start(cls, baseline: dict[str, Any], heads: dict[str, Tensor]) -> PolicySelection:
+    def start(
+        cls, baseline: dict[str, Any], heads: dict[str, Tensor], sft_step_ade: dict[str, list[Tensor]]
+    ) -> PolicySelection:
         """Iteration 0 (the SFT policy, zero residual) is the first candidate."""
         baseline = without_timings(baseline)
-        return cls(baseline=baseline, iteration=0, record=dict(baseline), heads=heads)
+        return cls(baseline, 0, dict(baseline), heads, sft_step_ade)
 
     def consider(self, iteration: int, record: dict[str, Any], heads: dict[str, Tensor]) -> bool:
         """Keep the candidate if it is admissible and ranks strictly better; returns whether it was kept.
@@ -116,4 +147,6 @@ class PolicySelection:
 
     @classmethod
     def from_state_dict(cls, state: Mapping[str, Any]) -> PolicySelection:
-        return cls(**{field.name: state[field.name] for field in dataclasses.fields(cls)})
+        return cls(
+            **{field.name: state[field.name] for field in dataclasses.fields(cls) if field.name in state}
+        )

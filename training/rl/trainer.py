@@ -407,8 +407,9 @@ def start_fresh(run: Run) -> None:
     """Write ``config.json``, evaluate the SFT baseline (iteration 0) and reset the worlds."""
     if run.ctx.is_main:
         write_run_config(run)
-        run.eval_records = [evaluate(run.policy, run.eval_envs, run.config, 0, 0)]
-        run.selection = PolicySelection.start(run.eval_records[0], run.policy.heads_state_dict())
+        record, sft_step_ade = evaluate(run.policy, run.eval_envs, run.config, 0, 0)
+        run.eval_records = [record]
+        run.selection = PolicySelection.start(record, run.policy.heads_state_dict(), sft_step_ade)
     run.obs = run.env.reset(seed=run.train_seed_start)
 
 
@@ -418,7 +419,8 @@ class TrainingDiverged(UserError):
 
 def evaluate_and_select(run: Run) -> dict[str, Any]:
     """Evaluate on the development scenarios and offer the policy to the selection (rank 0)."""
-    record = evaluate(run.policy, run.eval_envs, run.config, run.iteration, run.env_steps)
+    sft_step_ade = run.selection.sft_step_ade if run.selection is not None else {}
+    record, _ = evaluate(run.policy, run.eval_envs, run.config, run.iteration, run.env_steps, sft_step_ade)
     if run.selection is not None:
         run.selection.consider(run.iteration, record, run.policy.heads_state_dict())
         record["selected_iteration"] = run.selection.iteration
