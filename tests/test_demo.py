@@ -64,10 +64,11 @@ def test_metadrive_demo_sizes_each_stage_and_compares_from_the_given_seed(
     assert value(stages["sft_main"], "--episodes-per-batch") == "2"
     ppo = stages["ppo_main"]
     assert contains_in_order(ppo, ("--num-iterations", "100", "--batch-size", "64", "--lr", "3e-4"))
-    assert value(ppo, "--num-envs") == "2" and value(ppo, "--reward") == "progress"
+    assert value(ppo, "--num-envs") == "2" and value(ppo, "--reward") == "comfort"
+    assert value(ppo, "--gamma") == "0.95"  # MetaDrive's discount per second at our 0.5 s step
     assert value(ppo, "--kl-target") == "0.2"  # what every documented MetaDrive run used
     # the selection decides on 40 development episodes (10 chose a policy worse on the test range)
-    assert value(ppo, "--eval-episodes") == "40" and value(ppo, "--eval-every") == "50"
+    assert value(ppo, "--eval-episodes") == "40" and value(ppo, "--eval-every") == "25"
     assert value(ppo, "--sft-checkpoint") == str(tmp_path / "sft_waypoint_bc_torch_v0" / "model.pt")
     compare = stages["compare_main"]
     assert value(compare, "--seed") == str(seed) and value(compare, "--episodes") == "100"

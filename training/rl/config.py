@@ -133,8 +133,8 @@ class PPOConfig(SimulatorFlags):
     )
     reward: str = config_field(
         "shaped",
-        "reward: shaped (progress, speed, lane keeping, plan terms, infractions) or progress "
-        "(route progress and infractions only)",
+        "reward: shaped (progress, speed, lane keeping, plan terms, comfort, infractions), progress "
+        "(route progress and infractions only) or comfort (progress plus the jerk and steering-rate terms)",
     )
     collision_penalty: float | None = config_field(
         None, "reward lost for a collision (default: the environment's, 10 in every one here)"

@@ -70,9 +70,11 @@ class RewardWeights:
 
 # Reward presets (``--reward``). ``shaped``: every term above. ``progress``: route progress and the
 # infractions only, in the spirit of CaRL (simple rewards scale better with the batch and leave
-# no plan-shaping term that encodes how the expert drives).
+# no plan-shaping term that encodes how the expert drives). ``comfort``: ``progress`` plus the
+# comfort terms (jerk and steering rate), which the never-worse selection guards.
 SHAPING_TERMS = ("speed", "lateral", "heading", "plan_lateral", "plan_speed", "jerk", "steer_rate")
-REWARD_PRESETS = ("shaped", "progress")
+COMFORT_TERMS = ("jerk", "steer_rate")
+REWARD_PRESETS = ("shaped", "progress", "comfort")
 
 
 def run_reward(weights: RewardWeights, options: EnvOptions) -> RewardWeights:
@@ -85,14 +87,16 @@ def run_reward(weights: RewardWeights, options: EnvOptions) -> RewardWeights:
 
 
 def reward_preset(weights: RewardWeights, preset: str) -> RewardWeights:
-    """``weights`` for ``preset``: unchanged for ``shaped``; shaping terms at 0 for ``progress``.
+    """``weights`` for ``preset``: unchanged for ``shaped``; shaping terms at 0 for ``progress``, all
+    but the comfort terms for ``comfort``.
 
     Works on any ``RewardWeights`` subclass (CARLA adds infraction terms, which stay)."""
     if preset not in REWARD_PRESETS:
         raise ValueError(f"unknown reward preset {preset!r} (known: {', '.join(REWARD_PRESETS)})")
     if preset == "shaped":
         return weights
-    return replace(weights, **dict.fromkeys(SHAPING_TERMS, 0.0))
+    kept = COMFORT_TERMS if preset == "comfort" else ()
+    return replace(weights, **dict.fromkeys((t for t in SHAPING_TERMS if t not in kept), 0.0))
 
 
 @dataclass(frozen=True)
