@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import shutil
@@ -292,3 +293,20 @@ def test_a_rollout_buffer_too_large_for_memory_is_one_line(tiny_run, tmp_path: P
     flags[flags.index("--rollout-steps") + 1] = str(10**9)
     code, _, err = run_cli(ppo_main, flags, capsys)
     assert_one_line_error(code, err, "--rollout-steps 1000000000", "does not fit")
+
+
+def test_a_checkpoint_from_before_the_shared_window_resumes_on_whole_episode_ade(
+    reference: Path, tiny_run, tmp_path: Path, capsys
+) -> None:
+    """A checkpoint that keeps no SFT per-step ADE: the run finishes, and its later evaluations carry
+    no shared-window values, so the selection guards the whole-episode ADE."""
+    out_dir = _interrupted_copy(reference, tmp_path / "old_checkpoint")
+    checkpoint = torch.load(out_dir / "checkpoint_iter_3.pt", weights_only=True)
+    del checkpoint["selection"]["sft_step_ade"]
+    torch.save(checkpoint, out_dir / "checkpoint_iter_3.pt")
+    code, _, err = run_cli(ppo_main, [*_flags(tiny_run["sft"], out_dir), "--resume"], capsys)
+    assert code == 0, err
+    evals = json.loads((out_dir / "eval_metrics.json").read_text())
+    assert "ade_shared" in evals[0] and [r["iteration"] for r in evals] == [0, 2, 4, 5]
+    assert all("ade_shared" not in r and "sft_ade_shared" not in r for r in evals if r["iteration"] > 3)
+    assert all(math.isfinite(r["ade"]) for r in evals)
