@@ -72,7 +72,7 @@ def _guarded_keys(record: Mapping[str, Any]) -> list[tuple[str, str]]:
         (f"{prefix}{metric}", metric)
         for prefix in prefixes
         for metric in GUARDED_METRICS
-        if f"{prefix}{metric}" in record or f"{prefix}{WHOLE_EPISODE.get(metric)}" in record
+        if f"{prefix}{metric}" in record or f"{prefix}{WHOLE_EPISODE.get(metric, metric)}" in record
     ]
 
 
