@@ -222,14 +222,20 @@ def shared_window_means(first: np.ndarray, second: np.ndarray) -> tuple[np.ndarr
     """Per-column means of two per-step series ``[T1, C]`` and ``[T2, C]`` over their first
     ``min(T1, T2)`` steps; non-finite steps are left out (a column with none finite: NaN)."""
     steps = min(len(first), len(second))
-    return _finite_column_means(first[:steps]), _finite_column_means(second[:steps])
+    return _column_means(first[:steps]), _column_means(second[:steps])
 
 
-def _finite_column_means(series: np.ndarray) -> np.ndarray:
-    finite = np.isfinite(series)
-    total = np.where(finite, series, 0.0).sum(axis=0)
-    count = finite.sum(axis=0)
-    return np.where(count > 0, total / np.maximum(count, 1), math.nan)
+def _column_means(series: np.ndarray) -> np.ndarray:
+    return np.array([_mean(column) for column in series.T])
+
+
+def mean_shared_window(first: Sequence[np.ndarray], second: Sequence[np.ndarray]) -> tuple[float, float]:
+    """Means over episodes of two policies' per-step series (one ``[T]`` array per episode, the
+    episodes of both in the same scenario order), each episode's taken over the steps both drove."""
+    if len(first) != len(second):
+        raise ValueError(f"{len(first)} episodes against {len(second)}")
+    pairs = [shared_window_means(a[:, None], b[:, None]) for a, b in zip(first, second, strict=True)]
+    return _mean(np.array([a[0] for a, _ in pairs])), _mean(np.array([b[0] for _, b in pairs]))
 
 
 def add_shared_window_errors(

@@ -14,13 +14,13 @@ with plans that are no worse (``eval.metrics.add_shared_window_errors``).
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 from eval.closed_loop import run_closed_loop
-from eval.metrics import shared_window_means, summarise
+from eval.metrics import mean_shared_window, summarise
 from training.envs.protocol import BatchedWaypointEnv
 from training.rl.config import PPOConfig
 from training.rl.policy import PPOPolicy
@@ -44,6 +44,15 @@ EVAL_METRICS = (
 SHARED_METRICS = ("ade_shared", "sft_ade_shared")
 
 
+class EnvEvaluation(NamedTuple):
+    """One environment's evaluation: its metrics and the per-step ADE of each of its episodes."""
+
+    metrics: dict[str, float]
+    episodes: int
+    wall_time_s: float
+    step_ade: list[Tensor]  # one float32 series per episode, in scenario-seed order
+
+
 def evaluate(
     policy: PPOPolicy,
     envs: dict[str, BatchedWaypointEnv],
@@ -61,27 +70,24 @@ def evaluate(
     """
     with policy.deployed():  # full scale and bound, exactly as final.pt will drive
         per_env = {name: _evaluate_env(policy, env, config) for name, env in envs.items()}
-    metrics = {name: results[0] for name, results in per_env.items()}
-    step_ade = {name: results[3] for name, results in per_env.items()}
-    for name, own in step_ade.items():
-        sft = own if sft_step_ade is None else sft_step_ade.get(name)
+    for name, result in per_env.items():
+        sft = result.step_ade if sft_step_ade is None else sft_step_ade.get(name)
         if sft is not None:
-            metrics[name] |= dict(zip(SHARED_METRICS, shared_window_ade(own, sft), strict=True))
+            shared = mean_shared_window([a.numpy() for a in result.step_ade], [b.numpy() for b in sft])
+            result.metrics.update(zip(SHARED_METRICS, shared, strict=True))
     record: dict[str, Any] = {"iteration": iteration, "env_steps": env_steps}
     for key in (*EVAL_METRICS, *SHARED_METRICS):
-        if all(key in values for values in metrics.values()):
-            record[key] = sum(values[key] for values in metrics.values()) / len(metrics)
-    record["episodes"] = sum(count for _, count, _, _ in per_env.values())
-    record["wall_time_s"] = sum(wall for _, _, wall, _ in per_env.values())
-    if len(metrics) > 1:
-        for name, values in metrics.items():
-            record |= {f"{name}/{key}": value for key, value in values.items()}
-    return record, step_ade
+        if all(key in result.metrics for result in per_env.values()):
+            record[key] = sum(result.metrics[key] for result in per_env.values()) / len(per_env)
+    record["episodes"] = sum(result.episodes for result in per_env.values())
+    record["wall_time_s"] = sum(result.wall_time_s for result in per_env.values())
+    if len(per_env) > 1:
+        for name, result in per_env.items():
+            record |= {f"{name}/{key}": value for key, value in result.metrics.items()}
+    return record, {name: result.step_ade for name, result in per_env.items()}
 
 
-def _evaluate_env(
-    policy: PPOPolicy, env: BatchedWaypointEnv, config: PPOConfig
-) -> tuple[dict[str, float], int, float, list[Tensor]]:
+def _evaluate_env(policy: PPOPolicy, env: BatchedWaypointEnv, config: PPOConfig) -> EnvEvaluation:
     """Deterministic closed-loop metrics on the fixed held-out scenarios of one environment, and
     the per-step ADE series of its episodes."""
     result = run_closed_loop(
@@ -93,20 +99,4 @@ def _evaluate_env(
     summary = summarise(result.episodes)
     metrics = {key: summary.get(key, math.nan) for key in EVAL_METRICS}
     step_ade = [torch.from_numpy(errors[:, 0]).to(torch.float32) for errors in result.step_errors]
-    return metrics, len(result.episodes), result.wall_time_s, step_ade
-
-
-def shared_window_ade(own: list[Tensor], sft: list[Tensor]) -> tuple[float, float]:
-    """Mean over episodes of the policy's and the SFT policy's ADE over the steps both drove in
-    each scenario; both lists hold one per-step ADE series per episode, in scenario-seed order."""
-    if len(own) != len(sft):
-        raise ValueError(f"{len(own)} episodes against the SFT policy's {len(sft)}")
-    pairs = [
-        shared_window_means(a[:, None].numpy(), b[:, None].numpy()) for a, b in zip(own, sft, strict=True)
-    ]
-    return _mean([mine[0] for mine, _ in pairs]), _mean([theirs[0] for _, theirs in pairs])
-
-
-def _mean(values: list[float]) -> float:
-    finite = [float(v) for v in values if math.isfinite(v)]
-    return sum(finite) / len(finite) if finite else math.nan
+    return EnvEvaluation(metrics, len(result.episodes), result.wall_time_s, step_ade)
