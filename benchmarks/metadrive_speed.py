@@ -19,15 +19,22 @@ adapter). MetaDrive allows one engine per process, so each lives in a process of
   waiting for each other: what two worlds can get from this machine's cores (its rate counts both).
 - ``adapter``: the batched env of ``make_env("metadrive", 1)`` (one world's worker process, and the
   spare that prepares the next scenario while the world steps), driven by the expert plans it returns.
-- ``adapter_2workers``: ``make_env("metadrive", 2)``; its rate counts the policy steps of both worlds.
-- ``adapter_in_place``, ``adapter_2workers_in_place``: the same without the spare (a finished world
-  resets in its own worker while the others wait).
+- ``adapter_2workers``: two worlds that step apart (``MetaDriveWaypointEnv(2, asynchronous=True)``, what
+  ``--async-worlds`` trains with): each world is sent its next expert plan as soon as its step is back
+  and plays its own seeds (world ``i``: ``seed + i``, ``seed + i + 2``, ...); its rate counts the policy
+  steps of both worlds.
+- ``adapter_2workers_lockstep``: ``make_env("metadrive", 2)``, the worlds stepping together (every step
+  waits for the slower world) with the spare: what training without ``--async-worlds`` and the
+  evaluations use.
+- ``adapter_in_place``, ``adapter_2workers_in_place``: one world and two in lockstep without the spare (a
+  finished world resets in its own worker while the others wait).
 
 With ``--episodes N`` every measurement plays scenarios ``seed .. seed + N - 1`` to their end instead of
 ``--steps`` steps (the batched env counts only those episodes' steps and times until the last of them
 ends; raw MetaDrive replays them): one and two worlds then do the same work (in ``--steps`` windows two
 worlds cover other scenarios than one, and a scenario's cost per step varies twofold), and two worlds pay
-for their lockstep tail.
+for their tail (worlds that step apart: the world that finishes its share of the scenarios first
+idles until the other is done).
 
 Every round runs them all, one after the other, ``--repeats`` rounds; the figures are medians over
 rounds, and a ratio is the median of the ratios within a round (on shared cores the load drifts
@@ -86,6 +93,7 @@ MEASUREMENTS = (
     "adapter_inprocess_x2",
     "adapter",
     "adapter_2workers",
+    "adapter_2workers_lockstep",
     "adapter_in_place",
     "adapter_2workers_in_place",
 )
@@ -102,6 +110,7 @@ def main(argv: list[str] | None = None) -> None:
         concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as second_world_process,
         concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as raw_process,
         _batched(settings, 1) as one_worker,
+        _batched(settings, 2, asynchronous=True) as two_apart,
         _batched(settings, 2) as two_workers,
         _batched(settings, 1, spare_world=False) as one_in_place,
         _batched(settings, 2, spare_world=False) as two_in_place,
@@ -117,7 +126,8 @@ def main(argv: list[str] | None = None) -> None:
             ]
             measured["adapter_inprocess_x2"] = _together([future.result() for future in side_by_side])
             measured["adapter"] = measure_batched(settings, one_worker)
-            measured["adapter_2workers"] = measure_batched(settings, two_workers)
+            measured["adapter_2workers"] = measure_batched(settings, two_apart)
+            measured["adapter_2workers_lockstep"] = measure_batched(settings, two_workers)
             measured["adapter_in_place"] = measure_batched(settings, one_in_place)
             measured["adapter_2workers_in_place"] = measure_batched(settings, two_in_place)
             rounds.append({name: _rates(measured[name]) for name in MEASUREMENTS})
@@ -141,10 +151,15 @@ def _summary(
         "adapter_vs_raw": ("adapter", "raw", "policy_steps_per_s"),
         "adapter_inprocess_vs_raw": ("adapter_inprocess", "raw", "policy_steps_per_s"),
         "two_workers_vs_one": ("adapter_2workers", "adapter", "policy_steps_per_s"),
+        "two_workers_lockstep_vs_one": ("adapter_2workers_lockstep", "adapter", "policy_steps_per_s"),
         # what two worlds that never wait for each other get from the machine: the ceiling of the above
         "two_inprocess_vs_one": ("adapter_inprocess_x2", "adapter_inprocess", "policy_steps_per_s"),
         "spare_gain_1_world": ("adapter", "adapter_in_place", "policy_steps_per_s"),
-        "spare_gain_2_worlds": ("adapter_2workers", "adapter_2workers_in_place", "policy_steps_per_s"),
+        "spare_gain_2_worlds": (
+            "adapter_2workers_lockstep",
+            "adapter_2workers_in_place",
+            "policy_steps_per_s",
+        ),
         # CPU cost: raw's CPU per step over the adapter's (1 = the adapter adds nothing)
         "cpu_adapter_vs_raw": ("raw", "adapter", "cpu_ms_per_policy_step"),
     }
@@ -227,7 +242,8 @@ def _table(result: dict[str, Any]) -> str:
         lines.append(f"{name:<26} {rate:>15.2f} {steps:>6.0f} {secs:>8.1f} {cpu:>12.1f}")
     lines.append(
         f"adapter / raw: {result['adapter_vs_raw']:.2f} (CPU cost: {result['cpu_adapter_vs_raw']:.2f})   "
-        f"2 workers / 1: {result['two_workers_vs_one']:.2f} (two worlds side by side: "
+        f"2 workers / 1: {result['two_workers_vs_one']:.2f} (in lockstep: "
+        f"{result['two_workers_lockstep_vs_one']:.2f}; two worlds side by side: "
         f"{result['two_inprocess_vs_one']:.2f})   spare: x{result['spare_gain_1_world']:.2f} (1 world), "
         f"x{result['spare_gain_2_worlds']:.2f} (2 worlds)"
     )
@@ -359,12 +375,13 @@ def _together(measured: list[dict[str, Any]]) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def _batched(
-    settings: SpeedSettings, num_worlds: int, spare_world: bool = True
+    settings: SpeedSettings, num_worlds: int, spare_world: bool = True, asynchronous: bool = False
 ) -> Iterator[MetaDriveWaypointEnv]:
     """The batched env ``make_env("metadrive", num_worlds)`` builds, on the measurement's config (or the
-    same without its spare worker), closed on the way out."""
+    same without its spare worker, or with its worlds stepping apart), closed on the way out."""
     set_cpu_threads(1)
-    env = MetaDriveWaypointEnv(num_worlds, "cpu", _world_config(settings), spare_world=spare_world)
+    config = _world_config(settings)
+    env = MetaDriveWaypointEnv(num_worlds, "cpu", config, spare_world=spare_world, asynchronous=asynchronous)
     try:
         yield env
     finally:
@@ -378,7 +395,9 @@ def measure_batched(settings: SpeedSettings, env: MetaDriveWaypointEnv) -> dict[
     pids = env.worker_pids()
     cpu_start = time.process_time() + sum(_process_cpu_seconds(pid) for pid in pids)
     steps, start = 0, time.perf_counter()
-    if settings.episodes:
+    if env.asynchronous:
+        steps = _play_apart(env, settings, start)
+    elif settings.episodes:
         steps = _play_scenarios(env, settings.seed, settings.episodes)
     else:
         for _ in range(settings.steps):  # per world, as the in-process measurements
@@ -401,6 +420,38 @@ def _play_scenarios(env: MetaDriveWaypointEnv, first_seed: int, count: int) -> i
             if seed in remaining:
                 remaining.discard(seed)
                 steps += int(episode.length[world])
+    return steps
+
+
+def _play_apart(env: MetaDriveWaypointEnv, settings: SpeedSettings, start: float) -> int:
+    """Worlds that step apart, each sent its expert's plan as soon as its step is back: ``settings.steps``
+    steps each, or (``settings.episodes``) until the scenarios ``seed .. seed + episodes - 1`` have all
+    ended (each world plays its own; one that has finished its share stops). The steps counted."""
+    last_seed = settings.seed + settings.episodes - 1
+    taken = [0] * env.num_envs
+
+    def wanted(world: int) -> bool:
+        if settings.episodes:
+            return int(env.scenario_seed[world]) <= last_seed
+        return taken[world] < settings.steps and not settings.out_of_time(start)
+
+    def send(worlds: list[int]) -> set[int]:
+        worlds = [w for w in worlds if wanted(w)]
+        if worlds:
+            env.send(worlds, env.expert_waypoints()[worlds])
+        return set(worlds)
+
+    in_flight, steps = send(list(range(env.num_envs))), 0
+    while in_flight:
+        stepped = env.recv()
+        episode = stepped.result.info.episode
+        for row, world in enumerate(stepped.worlds):
+            taken[world] += 1
+            if not settings.episodes:
+                steps += 1
+            elif episode.done[row] and int(episode.scenario_seed[row]) <= last_seed:
+                steps += int(episode.length[row])
+        in_flight = in_flight.difference(stepped.worlds) | send(stepped.worlds)
     return steps
 
 

@@ -156,3 +156,68 @@ def test_the_spare_world_changes_no_batch() -> None:
     ):
         assert torch.equal(bev, bev0) and torch.equal(state, state0) and torch.equal(reward, reward0)
         assert done == done0 and seeds == seeds0
+
+
+def _per_world(trace: list[tuple[int, tuple]]) -> dict[int, list[tuple]]:
+    worlds: dict[int, list[tuple]] = {0: [], 1: []}
+    for world, row in trace:
+        worlds[world].append(row)
+    return worlds
+
+
+def _swerving_plans(batched: MetaDriveWaypointEnv, worlds: list[int]) -> torch.Tensor:
+    swerve = torch.tensor([[1.0 * (k + 1), 2.0 * (k + 1)] for k in range(8)])
+    plans = batched.expert_waypoints()[worlds].clone()
+    plans[[i for i, w in enumerate(worlds) if w == 1]] = swerve
+    return plans
+
+
+def _rows(result, row: int) -> tuple:
+    episode = result.info.episode
+    done = bool(episode.done[row])
+    return (
+        result.obs.bev[row],
+        result.obs.state[row],
+        float(result.reward[row]),
+        done,
+        int(episode.scenario_seed[row]) if done else None,
+    )
+
+
+def test_worlds_stepping_apart_play_their_own_seeds_whatever_the_order() -> None:
+    """World 1 leaves the road early, world 0 follows its expert. Stepped together, or one world
+    running many steps ahead of the other: each world's observations, rewards and ends are the
+    same, and world ``i`` plays seeds ``SEED + i``, ``SEED + i + 2``, ..."""
+    config = MetaDriveWorldConfig(difficulty=0.0, max_episode_steps=6)
+    steps = 13
+    with MetaDriveWaypointEnv(2, "cpu", config, asynchronous=True) as batched:
+        assert len(batched.worker_pids()) == 2, "no spare worker"
+        batched.reset(seed=SEED)
+        together = []
+        for _ in range(steps):
+            result = batched.step(_swerving_plans(batched, [0, 1]))
+            together += [(world, _rows(result, world)) for world in (0, 1)]
+        batched.reset(seed=SEED)
+        apart = []
+        for world in [0] * steps + [1] * steps:  # world 0 all its steps first, then world 1
+            batched.send([world], _swerving_plans(batched, [world]))
+            stepped = batched.recv()
+            assert stepped.worlds == [world]
+            apart.append((world, _rows(stepped.result, 0)))
+        with pytest.raises(RuntimeError, match="no world stepping"):
+            batched.recv()
+        batched.send([0], _swerving_plans(batched, [0]))
+        with pytest.raises(RuntimeError, match="sent twice"):
+            batched.send([0], _swerving_plans(batched, [0]))
+        with pytest.raises(RuntimeError, match="still stepping"):
+            batched.reset(seed=SEED)
+        batched.recv()
+    together, apart = _per_world(together), _per_world(apart)
+    for world in (0, 1):
+        ended = [row[4] for row in together[world] if row[3]]
+        assert ended == [SEED + world + 2 * k for k in range(len(ended))] and len(ended) >= 2
+        for (bev, state, reward, done, seed), (bev0, state0, reward0, done0, seed0) in zip(
+            apart[world], together[world], strict=True
+        ):
+            assert torch.equal(bev, bev0) and torch.equal(state, state0)
+            assert (reward, done, seed) == (reward0, done0, seed0)

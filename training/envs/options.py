@@ -27,6 +27,9 @@ class EnvOptions:
     collision_penalty: float | None = None  # None: the environment's own weight
     off_road_penalty: float | None = None
     compile_world: bool = False  # toy world: each step one compiled graph (``--compile-world``)
+    asynchronous: bool = (
+        False  # worlds that step apart (``send``/``recv``), MetaDrive only (``--async-worlds``)
+    )
 
 
 def for_process(options: EnvOptions, rank: int, worlds_per_process: int) -> EnvOptions:

@@ -38,6 +38,12 @@ and reads its answer instead of probing with ``hasattr``:
 * ``route_xy_for_seeds(seeds)``: the route centre lines of scenarios, for drawing; ``None``: unknown.
 * ``groups``: a mix of environments names each one's slice of the batch (per-environment
   metrics); ``None``: one environment.
+* ``asynchronous`` with ``send(worlds, waypoints)`` / ``recv()``: worlds that step apart. ``send``
+  starts some worlds stepping and returns at once; ``recv`` waits for at least one and returns
+  every world done by then with its rows of a ``StepResult`` (``WorldsStepped``), so a fast world
+  never waits for a slow one (a simulator with a process per world). ``step`` still steps all.
+  Scenario seeds then follow each world: world ``i`` plays ``seed + i``, ``seed + i + N``,
+  ``seed + i + 2N``, ... (the order worlds finish in would depend on timing). ``False``: no.
 * ``collision_reports()``: for the episodes finished so far that ended in a collision, by scenario
   seed, what the ego touched and which of the two was moving into the other (MetaDrive, whose
   traffic never yields); ``None``: not offered.
@@ -66,6 +72,7 @@ __all__ = [
     "Observation",
     "StepInfo",
     "StepResult",
+    "WorldsStepped",
 ]
 
 
@@ -168,6 +175,13 @@ class StepResult(NamedTuple):
     info: StepInfo
 
 
+class WorldsStepped(NamedTuple):
+    """What ``recv`` returns: the worlds that stepped (ascending indices) and their rows, in that order."""
+
+    worlds: list[int]
+    result: StepResult
+
+
 @runtime_checkable
 class BatchedWaypointEnv(Protocol):
     """A batch of ``num_envs`` driving worlds that execute waypoint plans.
@@ -181,6 +195,8 @@ class BatchedWaypointEnv(Protocol):
     spec: EnvSpec
     # Optional: a mix's slice of the batch per environment name (``MixedEnv``); None: one environment.
     groups: dict[str, slice] | None = None
+    # Optional: worlds that step apart through ``send`` / ``recv``; False: ``step`` only.
+    asynchronous: bool = False
 
     def reset(self, seed: int | None = None) -> Observation:
         """Start a fresh episode in every world; world ``i`` gets scenario seed ``seed + i``."""
@@ -217,6 +233,14 @@ class BatchedWaypointEnv(Protocol):
     def ego_pose(self) -> Tensor | None:
         """Ego poses ``[N, 3]`` (x, y in metres, yaw in rad, world frame); ``None``: unknown."""
         return None
+
+    def send(self, worlds: Sequence[int], waypoints: Tensor) -> None:
+        """Start stepping ``worlds`` with plans ``[len(worlds), K, 2]``, no wait (``asynchronous`` only)."""
+        raise NotImplementedError(f"{type(self).__name__} steps its worlds together: use step()")
+
+    def recv(self) -> WorldsStepped:
+        """The worlds sent that have stepped by now (waits for one at least; ``asynchronous`` only)."""
+        raise NotImplementedError(f"{type(self).__name__} steps its worlds together: use step()")
 
     def collision_reports(self) -> dict[int, dict[str, Any]] | None:
         """Each collision of the episodes finished so far (the latest episode of a seed), by

@@ -78,6 +78,15 @@ class TruncationStore:
         self.position.index_copy_(0, slot, step * self.num_envs + self._world)
         self.count += truncated.sum()
 
+    def add_world(self, step: int, world: int, final_bev: Tensor, final_state: Tensor) -> None:
+        """Append one truncated world's final observation (``[C, H, W]``, ``[S]``), for worlds that
+        step apart: rows then arrive in no set order, and :meth:`bootstrap` sorts them."""
+        slot = min(int(self.count), self.capacity)
+        self.bev[slot] = final_bev
+        self.state[slot] = final_state.to(self.state.dtype)
+        self.position[slot] = step * self.num_envs + world
+        self.count += 1
+
     def _copy_bev_rows(self, slot: Tensor, bev: Tensor) -> None:
         """``self.bev[slot] = bev``, as 8-byte words where each row's bytes allow it.
 
@@ -114,12 +123,19 @@ class TruncationStore:
             )
         if count == 0:
             return 0
+        # in step order, worlds in index order (rows added by ``add`` are already; ``add_world``'s not)
+        order = torch.argsort(self.position[:count], stable=True)
+        position, bevs, states = (
+            self.position[:count][order],
+            self.bev[:count][order],
+            self.state[:count][order],
+        )
         sizes = [count]
         if by_step:
-            steps = (self.position[:count] // self.num_envs).tolist()
+            steps = (position // self.num_envs).tolist()
             sizes = [len(list(group)) for _, group in groupby(steps)]
         values = []
-        for bev, state in zip(self.bev[:count].split(sizes), self.state[:count].split(sizes), strict=True):
+        for bev, state in zip(bevs.split(sizes), states.split(sizes), strict=True):
             values.append(policy.value(*policy.features(bev, state)))
-        next_value.view(-1).index_copy_(0, self.position[:count], torch.cat(values))
+        next_value.view(-1).index_copy_(0, position, torch.cat(values))
         return count

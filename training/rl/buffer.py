@@ -139,25 +139,35 @@ class RolloutBuffer:
         terminated: Tensor,
         truncated: Tensor,
         next_value: Tensor | None = None,
+        world: int | None = None,
     ) -> None:
-        """Store step ``step`` of all ``N`` worlds (shapes as the attributes without ``T``).
+        """Store step ``step`` of all ``N`` worlds (shapes as the attributes without ``T``), or with
+        ``world`` of that world alone (shapes without ``T`` and ``N``; worlds that step apart).
 
         ``step``: the row, an ``int`` or a 0-d int64 tensor on the buffer's device (a step counted
         on the device, as a rollout captured in a CUDA graph writes it: no host read).
         ``next_value`` ``[N]``: see the module docstring (``V(final_observation)`` where truncated);
         None leaves the row to :meth:`next_values_from_values`.
         """
-        row = step.view(1) if isinstance(step, Tensor) else torch.tensor([step], device=self.device)
-        _write_row(self.z, row, z)
-        _write_row(self.sft_waypoints, row, sft_waypoints)
-        _write_row(self.delta, row, delta)
-        _write_row(self.log_prob, row, log_prob)
-        _write_row(self.value, row, value)
-        _write_row(self.reward, row, reward)
-        _write_row(self.terminated, row, terminated)
-        _write_row(self.truncated, row, truncated)
+        fields = [
+            (self.z, z),
+            (self.sft_waypoints, sft_waypoints),
+            (self.delta, delta),
+            (self.log_prob, log_prob),
+            (self.value, value),
+            (self.reward, reward),
+            (self.terminated, terminated),
+            (self.truncated, truncated),
+        ]
         if next_value is not None:
-            _write_row(self.next_value, row, next_value)
+            fields.append((self.next_value, next_value))
+        if world is not None:
+            for storage, entry in fields:
+                storage[int(step), world] = entry
+        else:
+            row = step.view(1) if isinstance(step, Tensor) else torch.tensor([step], device=self.device)
+            for storage, entry in fields:
+                _write_row(storage, row, entry)
         self._advantages_ready = False
 
     def next_values_from_values(self, last_next_value: Tensor) -> None:

@@ -176,6 +176,12 @@ class PPOConfig(SimulatorFlags):
         "about 1,000; about 35 s to compile on a 2-core CPU; CPU only, not yet run on a GPU; observations "
         "within the tolerance of docs/benchmarks.md; evaluation worlds stay eager)",
     )
+    async_worlds: bool = config_field(
+        False,
+        "--env metadrive: the training worlds step apart, none waiting for a slower one (each world "
+        "contributes --rollout-steps steps to a rollout and plays its own seeds: seed + i, + N, + 2N, ...; "
+        "no spare worker; evaluation worlds still step together)",
+    )
     num_threads: int = config_field(
         1, "torch CPU threads (the world's many small ops run fastest on 1; 0: torch's default)"
     )
@@ -288,6 +294,10 @@ class PPOConfig(SimulatorFlags):
         self.env_mix()  # raises on a malformed --env / --env-weights
         self.validate_simulator_flags()
         self._validate_cuda_graph()
+        require(
+            not self.async_worlds or self.env.strip() == "metadrive",
+            f"--async-worlds needs --env metadrive (worlds in processes of their own), got --env {self.env}",
+        )
         if self.compile_world:
             check_compile_world(
                 [name for name, _ in self.env_mix()], resolve_device(self.device), self.device

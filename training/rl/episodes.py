@@ -42,7 +42,22 @@ class EpisodeTally:
         sums = torch.zeros(len(_TALLY_FIELDS), len(names), device=device)
         return cls(sums, group, names, torch.zeros((), device=device))
 
-    def add(self, result: StepResult) -> None:
+    @classmethod
+    def per_world(cls, device: torch.device, num_envs: int) -> EpisodeTally:
+        """A tally with one column per world (worlds that step apart add their rows in their own
+        order; :meth:`absorb` then sums the columns in world order, whatever the timing was)."""
+        sums = torch.zeros(len(_TALLY_FIELDS), num_envs, device=device)
+        group = torch.arange(num_envs, device=device)
+        return cls(sums, group, tuple(str(i) for i in range(num_envs)), torch.zeros((), device=device))
+
+    def absorb(self, worlds: EpisodeTally) -> None:
+        """Add a :meth:`per_world` tally of this tally's worlds."""
+        self.sums.index_add_(1, self.group, worlds.sums)
+        self.nonfinite += worlds.nonfinite
+
+    def add(self, result: StepResult, worlds: torch.Tensor | None = None) -> None:
+        """Add the episodes that ended in ``result``: all worlds', or the rows of ``worlds`` (indices)."""
+        group = self.group if worlds is None else self.group[worlds]
         ep = result.info.episode
         done = ep.done.float()
         values = torch.stack(
@@ -55,7 +70,7 @@ class EpisodeTally:
                 done * ep.goal_reached.float(),
             ]
         )
-        self.sums.index_add_(1, self.group, values)
+        self.sums.index_add_(1, group, values)
 
     def all_reduce(self, ctx: DistContext) -> None:
         """Sum the tallies of every process (one collective per iteration)."""

@@ -381,6 +381,7 @@ class PPOPolicy(nn.Module):
         sft_waypoints: Tensor,
         deterministic: bool = False,
         generator: torch.Generator | None = None,
+        noise: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Choose a delta for a rollout step (no gradients).
 
@@ -388,13 +389,15 @@ class PPOPolicy(nn.Module):
             delta ``[N, K, 2]`` (metres, the raw sample; store it in the buffer and apply it with
             :meth:`final_waypoints`, which clips it), its ``log_prob`` ``[N]`` summed over
             ``K`` and both axes, and ``value`` ``[N]``. With ``deterministic`` the delta is the mean.
-            ``generator`` (on the tensors' device) makes sampling reproducible.
+            ``generator`` (on the tensors' device) makes sampling reproducible; ``noise`` ``[N, K, 2]``
+            (standard normal) replaces the draw.
         """
         dist = self.distribution(z, sft_waypoints)
         if deterministic:
             delta = dist.mean
         else:
-            noise = torch.randn(dist.mean.shape, generator=generator, device=z.device, dtype=z.dtype)
+            if noise is None:
+                noise = torch.randn(dist.mean.shape, generator=generator, device=z.device, dtype=z.dtype)
             delta = dist.mean + dist.stddev * noise
         log_prob = sum_over_waypoints(dist.log_prob(delta))
         return delta, log_prob, self.value(z, sft_waypoints)

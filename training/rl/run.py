@@ -221,7 +221,9 @@ def build_run(config: PPOConfig, ctx: DistContext | None = None) -> Run:
     options = for_process(
         config.env_options(config.difficulty), ctx.rank, config.num_envs + config.num_eval_worlds
     )
-    env = make_env_mix(config.env_mix(), device, options)
+    env = make_env_mix(
+        config.env_mix(), device, dataclasses.replace(options, asynchronous=config.async_worlds)
+    )
     try:
         sft_model = sft_source.for_env(env.spec)  # the model's shapes against the environment's
         curriculum = _build_curriculum(config, env)

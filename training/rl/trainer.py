@@ -7,6 +7,7 @@ update with this file, ``policy.py`` (heads, distribution, the KL to SFT) and ``
 loss terms). Next door: ``buffer.py`` (storage and GAE), ``bootstrap.py`` (the truncated
 episodes' values, encoded once per rollout), ``cuda_graph.py`` (the rollout step replayed as a
 CUDA graph, ``--cuda-graph``), ``run.py`` (the run's state, files, checkpoints and resuming),
+``rollout_apart.py`` (the rollout of worlds that step apart, ``--async-worlds``),
 ``evaluation.py`` (the development evaluation), ``episodes.py`` (the rollout's episode tally) and
 ``run_log.py`` (metrics files, TensorBoard, console).
 """
@@ -32,6 +33,7 @@ from training.rl.episodes import EpisodeTally
 from training.rl.evaluation import evaluate
 from training.rl.losses import explained_variance, ppo_loss, residual_l2_penalty
 from training.rl.policy import Exploration, PPOPolicy
+from training.rl.rollout_apart import collect_rollout_apart
 from training.rl.run import Run, build_run, latest_checkpoint, resume_from, write_run_config
 from training.rl.run_log import RunLog
 from training.rl.selection import PolicySelection
@@ -121,15 +123,20 @@ def train_iteration(run: Run) -> dict[str, Any]:
     run.policy.exploration = Exploration(scale, scale if config.warmup_bound else 1.0)
 
     # 1. rollout with the current policy (every process its own worlds), tallies summed over processes
-    run.obs, tally = collect_rollout(
-        run.policy,
-        run.env,
-        run.buffer,
-        run.obs,
-        run.sample_gen,
-        config.reward_scale,
-        cuda_graph=config.cuda_graph,
-    )
+    if run.env.asynchronous:  # worlds that step apart (rollout_apart.py)
+        run.obs, tally = collect_rollout_apart(
+            run.policy, run.env, run.buffer, run.obs, run.sample_gen, config.reward_scale
+        )
+    else:
+        run.obs, tally = collect_rollout(
+            run.policy,
+            run.env,
+            run.buffer,
+            run.obs,
+            run.sample_gen,
+            config.reward_scale,
+            cuda_graph=config.cuda_graph,
+        )
     tally.all_reduce(run.ctx)
     run.env_steps += run.ctx.world_size * config.num_envs * config.rollout_steps
     episodes = tally.means()

@@ -29,7 +29,8 @@ def make_metadrive_env(
     """``num_envs`` MetaDrive worlds, one worker process each (MetaDrive: one engine per process).
 
     ``options.sim_workers``: 0 starts one worker per world; a smaller positive number cannot hold
-    the worlds and is refused; a larger one is capped at ``num_envs``.
+    the worlds and is refused; a larger one is capped at ``num_envs``. ``options.asynchronous``: the
+    worlds step apart (``MetaDriveWaypointEnv``).
     """
     if 0 < options.sim_workers < num_envs:
         raise UserError(
@@ -40,4 +41,4 @@ def make_metadrive_env(
     if options.difficulty is not None:
         config = MetaDriveWorldConfig(difficulty=options.difficulty)
     config = dataclasses.replace(config, reward=run_reward(config.reward, options))
-    return MetaDriveWaypointEnv(num_envs, device, config)
+    return MetaDriveWaypointEnv(num_envs, device, config, asynchronous=options.asynchronous)

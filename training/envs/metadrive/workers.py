@@ -14,7 +14,7 @@ import contextlib
 import multiprocessing as mp
 import signal
 import time
-from multiprocessing.connection import Connection
+from multiprocessing.connection import Connection, wait
 from typing import Any
 
 from training.common.errors import UserError
@@ -52,12 +52,24 @@ def _serve(conn: Connection, config: MetaDriveWorldConfig) -> None:
             if command == "close":
                 return
             try:
-                handler = world.reset if command == "reset" else world.step
-                conn.send(("ok", handler(argument)))
+                conn.send(("ok", _handle(world, command, argument)))
             except Exception as error:
                 conn.send(("error", f"{command} failed: {_one_line(error)}"))
     finally:
         world.close()
+
+
+def _handle(world: Any, command: str, argument: Any) -> Any:
+    """``reset`` (argument: seed), ``step`` (a plan) or ``step_then_reset`` (a plan and the seed to
+    reset to if the episode ends: one round trip for a world that steps on its own)."""
+    if command == "reset":
+        return world.reset(argument)
+    if command == "step":
+        return world.step(argument)
+    plan, next_seed = argument
+    stepped = world.step(plan)
+    ended = stepped.terminated or stepped.truncated
+    return stepped, world.reset(next_seed) if ended else None
 
 
 class WorldPool:
@@ -107,6 +119,21 @@ class WorldPool:
     def collect(self, index: int) -> Any:
         """The answer of world ``index`` to the command last started there (waits for it)."""
         return self._receive(index)
+
+    def ready(self, indices: list[int]) -> list[int]:
+        """The workers among ``indices`` whose answers have arrived, in index order; waits for one at
+        least (a dead or silent worker raises as in :meth:`collect`)."""
+        by_connection = {self._connections[i]: i for i in indices}
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            arrived = wait(list(by_connection), timeout=_POLL_S)
+            if arrived:
+                return sorted(by_connection[c] for c in arrived)  # type: ignore[index]
+            for index in indices:
+                if not self._processes[index].is_alive() and not self._connections[index].poll(0):
+                    raise UserError(self._died(index))
+            if time.monotonic() > deadline:
+                raise UserError(f"MetaDrive workers {indices} did not answer within {self.timeout_s:.0f} s")
 
     def _died(self, index: int) -> str:
         process = self._processes[index]
