@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip(
     "metadrive", reason="the metadrive extra is not installed (pip install -e '.[metadrive]')"
@@ -106,6 +107,33 @@ def test_sft_then_rl_then_compare_in_metadrive(
     assert record["toy/episodes"] + record["metadrive/episodes"] == record["episodes"]
     final_eval = json.loads((mix_dir / "eval_metrics.json").read_text())[-1]
     assert {"toy/route_completion", "metadrive/route_completion"} <= set(final_eval)
+
+    # worlds that step apart, twice: the same run bit for bit, whatever the timing was
+    runs = []
+    for name in ("apart", "apart_again"):
+        code, _, err = run_cli(
+            train_ppo_delta_waypoint.main,
+            [
+                *common, "--sft-checkpoint", str(sft_dir / "model.pt"), "--out-dir", str(tmp_path / name),
+                "--async-worlds", "--no-select-policy", "--num-iterations", "2", "--num-envs", "2",
+                "--rollout-steps", str(EPISODE_STEPS + 2), "--batch-size", "8", "--eval-episodes", "1",
+                "--critic-warmup-iterations", "0",
+            ],
+            capsys,
+        )  # fmt: skip
+        assert code == 0, err
+        records = json.loads((tmp_path / name / "train_metrics.json").read_text())
+        heads = torch.load(tmp_path / name / "final.pt", weights_only=True)["heads"]
+        runs.append((records, heads))
+    (records, heads), (records_again, heads_again) = runs
+    assert records[-1]["env_steps"] == 2 * 2 * (EPISODE_STEPS + 2)
+    assert records[0]["episodes"] >= 2  # every world finished an episode within its rollout steps
+    assert heads.keys() == heads_again.keys() and all(torch.equal(heads[k], heads_again[k]) for k in heads)
+
+    def untimed(runs: list[dict]) -> list[str]:
+        return [json.dumps({k: v for k, v in r.items() if k != "steps_per_s"}, sort_keys=True) for r in runs]
+
+    assert untimed(records) == untimed(records_again)
 
     code, out, err = run_cli(
         compare_sft_vs_rl.main,

@@ -169,7 +169,7 @@ class MetaDriveWaypointEnv(BatchedWaypointEnv):
         for world, (step, first_frame) in zip(worlds, answers, strict=True):
             if first_frame is not None:  # the episode ended and the world reset to its next seed
                 self.scenario_seed[world] += self.num_envs
-            self._frames[world] = first_frame or step.frame
+            self._frames[world] = step.frame if first_frame is None else first_frame
             frames.append(self._frames[world])
         return self._result(steps, frames, played)
 
