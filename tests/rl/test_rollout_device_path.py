@@ -304,7 +304,6 @@ def per_step_rollout(
             next_value=next_value,
         )
         tally.add(result)
-        tally.nonfinite += (~torch.isfinite(result.reward)).sum() + (~torch.isfinite(result.obs.state)).sum()
         obs, z, sft_waypoints = result.obs, next_z, next_sft
     return obs, tally
 

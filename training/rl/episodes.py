@@ -56,7 +56,9 @@ class EpisodeTally:
         self.nonfinite += worlds.nonfinite
 
     def add(self, result: StepResult, worlds: torch.Tensor | None = None) -> None:
-        """Add the episodes that ended in ``result``: all worlds', or the rows of ``worlds`` (indices)."""
+        """Add the episodes that ended in ``result`` (all worlds', or the rows of ``worlds``, indices)
+        and count its non-finite rewards and observed states."""
+        self.nonfinite += (~torch.isfinite(result.reward)).sum() + (~torch.isfinite(result.obs.state)).sum()
         group = self.group if worlds is None else self.group[worlds]
         ep = result.info.episode
         done = ep.done.float()

@@ -99,9 +99,6 @@ def collect_rollout_apart(
         stepped = env.recv()
         result = stepped.result
         worlds_tally.add(result, torch.tensor(stepped.worlds, device=env.device))
-        worlds_tally.nonfinite += (~torch.isfinite(result.reward)).sum() + (
-            ~torch.isfinite(result.obs.state)
-        ).sum()
         for row, world in enumerate(stepped.worlds):
             record(world, row, result)
         unfinished = [world for world in stepped.worlds if steps[world] < num_steps]

@@ -233,7 +233,6 @@ def collect_rollout(
         )
         truncations.add(step, result.truncated, result.info.final_observation)
         tally.add(result)
-        tally.nonfinite += (~torch.isfinite(result.reward)).sum() + (~torch.isfinite(result.obs.state)).sum()
         z.copy_(next_z)
         sft_waypoints.copy_(next_sft)
         step.add_(1)
