@@ -107,6 +107,18 @@ def test_a_dead_worker_is_one_clear_error_and_close_stops_the_rest() -> None:
     batched.close()  # idempotent
 
 
+def test_a_world_stepping_apart_whose_worker_dies_is_one_clear_error() -> None:
+    config = MetaDriveWorldConfig(difficulty=0.0, max_episode_steps=2)
+    with MetaDriveWaypointEnv(2, "cpu", config, asynchronous=True) as batched:
+        batched.reset(seed=0)
+        os.kill(batched.worker_pids()[1], signal.SIGKILL)
+        plan = batched.expert_waypoints()[[1]]
+        with pytest.raises(UserError, match=r"MetaDrive worker 1 died \(exit code -9\)") as error:
+            batched.send([1], plan)  # raises here if the worker is already gone, else in recv()
+            batched.recv()
+        assert "\n" not in str(error.value)
+
+
 def test_closing_keeps_no_entry_per_possible_seed() -> None:
     """MetaDrive's own ``clear_stored_maps`` (called on close) refills one dict entry per possible
     seed: 2^32 here, tens of GB. The adapter's map manager clears without refilling."""
