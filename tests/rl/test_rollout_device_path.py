@@ -349,6 +349,7 @@ class Recording:
     def __init__(self, env: ToyWaypointEnv) -> None:
         self.env = env
         self.num_envs, self.device, self.spec, self.groups = env.num_envs, env.device, env.spec, env.groups
+        self.asynchronous = env.asynchronous
         self.results: list[StepResult] = []
 
     def step(self, waypoints: Tensor) -> StepResult:

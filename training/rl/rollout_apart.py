@@ -30,15 +30,14 @@ class _NoiseRows:
     """The exploration noise ``[N, K, 2]`` of each step, drawn from ``generator`` in step order."""
 
     def __init__(self, shape: tuple[int, ...], generator: torch.Generator, like: Tensor) -> None:
-        self.shape, self.generator, self.like = shape, generator, like
+        self.shape, self.generator = shape, generator
+        self.device, self.dtype = like.device, like.dtype
         self.steps: list[Tensor] = []
 
     def row(self, step: int, world: int) -> Tensor:
         while len(self.steps) <= step:
-            like = self.like
-            self.steps.append(
-                torch.randn(self.shape, generator=self.generator, device=like.device, dtype=like.dtype)
-            )
+            draw = torch.randn(self.shape, generator=self.generator, device=self.device, dtype=self.dtype)
+            self.steps.append(draw)
         return self.steps[step][world : world + 1]
 
 

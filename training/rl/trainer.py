@@ -123,20 +123,15 @@ def train_iteration(run: Run) -> dict[str, Any]:
     run.policy.exploration = Exploration(scale, scale if config.warmup_bound else 1.0)
 
     # 1. rollout with the current policy (every process its own worlds), tallies summed over processes
-    if run.env.asynchronous:  # worlds that step apart (rollout_apart.py)
-        run.obs, tally = collect_rollout_apart(
-            run.policy, run.env, run.buffer, run.obs, run.sample_gen, config.reward_scale
-        )
-    else:
-        run.obs, tally = collect_rollout(
-            run.policy,
-            run.env,
-            run.buffer,
-            run.obs,
-            run.sample_gen,
-            config.reward_scale,
-            cuda_graph=config.cuda_graph,
-        )
+    run.obs, tally = collect_rollout(
+        run.policy,
+        run.env,
+        run.buffer,
+        run.obs,
+        run.sample_gen,
+        config.reward_scale,
+        cuda_graph=config.cuda_graph,
+    )
     tally.all_reduce(run.ctx)
     run.env_steps += run.ctx.world_size * config.num_envs * config.rollout_steps
     episodes = tally.means()
@@ -210,7 +205,12 @@ def collect_rollout(
     in ``tally.nonfinite``; the caller skips the update when any appeared. The truncated episodes'
     final observations are encoded once, after the last step (``bootstrap.TruncationStore``), and
     each step's ``V(next observation)`` is the next step's value (one value pass per step).
+
+    Worlds that step apart (``env.asynchronous``) are rolled out by ``rollout_apart.py`` instead,
+    each at its own pace (no CUDA graph: their simulators step on the host).
     """
+    if env.asynchronous:
+        return collect_rollout_apart(policy, env, buffer, obs, generator, reward_scale)
     tally = EpisodeTally.zeros(env.device, env.num_envs, env.groups)
     truncations = TruncationStore.for_rollout(env, buffer.num_steps)
     z, sft_waypoints = (features.clone() for features in policy.features(obs.bev, obs.state))
