@@ -140,8 +140,8 @@ def test_the_update_scores_with_the_policy_and_penalises_its_kl_to_sft(
     scored: list[torch.Tensor] = []
     evaluate_actions = policy.evaluate_actions
 
-    def recording(z, sft_waypoints, delta):
-        scores = evaluate_actions(z, sft_waypoints, delta)
+    def recording(z, sft_waypoints, delta, std=None):
+        scores = evaluate_actions(z, sft_waypoints, delta, std)
         scored.append(policy.kl_to_sft(scores.mean_delta).mean().detach())
         return scores
 

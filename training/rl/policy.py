@@ -360,15 +360,18 @@ class PPOPolicy(nn.Module):
         """``KL(policy || SFT reference)`` per plan ``[N]`` (nats) for mean deltas ``[N, K, 2]`` (m)."""
         return kl_to_reference(mean_delta, self.std(), self.reference_std())
 
-    def distribution(self, z: Tensor, sft_waypoints: Tensor) -> Normal:
+    def distribution(self, z: Tensor, sft_waypoints: Tensor, std: Tensor | None = None) -> Normal:
         """Per-coordinate ``Normal`` over the delta, batch shape ``[N, K, 2]`` (metres).
 
-        Sum ``log_prob`` and ``entropy`` over the last two dimensions for per-plan values
-        (:func:`sum_over_waypoints`). Arguments are not validated (``validate_args=False``): a
-        NaN mean yields NaN log-probs, which the update skips, instead of an exception mid-rollout.
+        ``std`` ``[K, 2]`` defaults to :meth:`std`; the update passes it in so that its compiled
+        loss (``--compile-update``) reads no exploration schedule. Sum ``log_prob`` and ``entropy``
+        over the last two dimensions for per-plan values (:func:`sum_over_waypoints`). Arguments
+        are not validated (``validate_args=False``): a NaN mean yields NaN log-probs, which the
+        update skips, instead of an exception mid-rollout.
         """
         mean = self.delta_head(z, sft_waypoints)
-        return Normal(mean, self.std().expand_as(mean), validate_args=False)
+        std = self.std() if std is None else std
+        return Normal(mean, std.expand_as(mean), validate_args=False)
 
     def value(self, z: Tensor, sft_waypoints: Tensor) -> Tensor:
         """Critic ``[N]``."""
@@ -402,9 +405,12 @@ class PPOPolicy(nn.Module):
         log_prob = sum_over_waypoints(dist.log_prob(delta))
         return delta, log_prob, self.value(z, sft_waypoints)
 
-    def evaluate_actions(self, z: Tensor, sft_waypoints: Tensor, delta: Tensor) -> ActionScores:
-        """Log-prob, entropy, value and mean delta of stored deltas ``[N, K, 2]``, with gradients."""
-        dist = self.distribution(z, sft_waypoints)
+    def evaluate_actions(
+        self, z: Tensor, sft_waypoints: Tensor, delta: Tensor, std: Tensor | None = None
+    ) -> ActionScores:
+        """Log-prob, entropy, value and mean delta of stored deltas ``[N, K, 2]``, with gradients
+        (``std`` as in :meth:`distribution`)."""
+        dist = self.distribution(z, sft_waypoints, std)
         log_prob = sum_over_waypoints(dist.log_prob(delta))
         entropy = sum_over_waypoints(dist.entropy())
         return ActionScores(log_prob, entropy, self.value(z, sft_waypoints), dist.mean)

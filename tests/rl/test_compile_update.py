@@ -1,0 +1,159 @@
+"""``--compile-update``: each minibatch's loss and its backward run as compiled graphs.
+
+The compiled loss must compute the eager loss (to rounding), take every value that changes
+during a run (the adaptive KL coefficient, the exploration schedule) as an input rather than
+compile it in, and be refused where it has never run.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import torch
+
+from tests.cli_helpers import run_cli
+from tests.rl.test_ppo_update import SETTINGS, _bandit_buffer, _flat_params
+from tests.rl.test_trainer_cli import TINY
+from training.common.errors import UserError
+from training.rl import train_ppo_delta_waypoint, trainer
+from training.rl.config import PPOConfig
+from training.rl.policy import Exploration, PPOPolicy
+from training.rl.trainer import (
+    LossTerms,
+    MinibatchStds,
+    compiled_minibatch_loss,
+    minibatch_loss,
+    ppo_update,
+)
+
+
+@pytest.fixture(autouse=True)
+def fresh_compile_cache() -> None:
+    """Each test compiles its own graphs: another test's policy must not fill the recompile limit."""
+    torch._dynamo.reset()
+
+
+def _terms(critic_only: bool) -> LossTerms:
+    return LossTerms(
+        clip_epsilon=0.2,
+        value_coef=0.5,
+        entropy_coef=0.01,
+        normalize_advantages=True,
+        value_clip=0.2,
+        residual_l2_coef=0.1,
+        kl_penalty=True,
+        critic_only=critic_only,
+    )
+
+
+def _loss_and_gradients(policy: PPOPolicy, loss_fn, batch, kl_coef, terms) -> tuple[dict, list]:
+    stds = MinibatchStds(policy.std(), policy.std(), policy.reference_std())
+    policy.zero_grad(set_to_none=True)
+    loss, stats = loss_fn(policy, batch, stds, kl_coef, terms)
+    loss.backward()
+    grads = [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in policy.trainable_parameters()]
+    return {"loss": loss.detach(), **stats}, grads
+
+
+@pytest.mark.parametrize("critic_only", [False, True])
+def test_the_compiled_loss_and_its_gradients_are_the_eager_ones(policy: PPOPolicy, critic_only: bool) -> None:
+    with torch.no_grad():
+        policy.delta_head.net[-1].bias.fill_(0.1)  # a residual: the L2 and KL terms are not 0
+        policy.log_std.add_(0.3)  # and the std has moved from the reference's
+    batch = next(_bandit_buffer(policy).minibatches(32, torch.Generator().manual_seed(0)))
+    terms = _terms(critic_only)
+    eager, eager_grads = _loss_and_gradients(policy, minibatch_loss, batch, 0.5, terms)
+    compiled, compiled_grads = _loss_and_gradients(
+        policy, compiled_minibatch_loss(), batch, torch.tensor(0.5), terms
+    )
+    assert eager.keys() == compiled.keys()
+    for name in eager:
+        torch.testing.assert_close(compiled[name], eager[name], rtol=1e-5, atol=1e-6, msg=name)
+    for got, expected in zip(compiled_grads, eager_grads, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+    actor_grads = compiled_grads[: len(list(policy.delta_head.parameters()))] + compiled_grads[-1:]
+    assert all(g.abs().sum() == 0 for g in actor_grads) == critic_only
+
+
+def test_a_compiled_update_moves_the_policy_as_the_eager_one_does(policy: PPOPolicy) -> None:
+    buffer = _bandit_buffer(policy)
+    initial = policy.heads_state_dict()
+    results = []
+    for compile_loss in (False, True):
+        policy.load_heads_state_dict(initial)
+        optimizer = torch.optim.Adam(policy.trainable_parameters(), lr=1e-3)
+        stats = ppo_update(
+            policy, optimizer, buffer, kl_coef=0.3, residual_l2_coef=0.1, compile_loss=compile_loss,
+            generator=torch.Generator().manual_seed(7), **SETTINGS,
+        )  # fmt: skip
+        results.append((stats, _flat_params(policy)))
+    (eager_stats, eager_params), (compiled_stats, compiled_params) = results
+    assert not torch.equal(eager_params, _flat_params_of(initial, policy))  # the update did move it
+    torch.testing.assert_close(compiled_params, eager_params, rtol=1e-4, atol=1e-6)
+    assert compiled_stats.keys() == eager_stats.keys()
+    for name, value in eager_stats.items():
+        assert compiled_stats[name] == pytest.approx(value, rel=1e-4, abs=1e-6), name
+
+
+def _flat_params_of(state: dict[str, torch.Tensor], policy: PPOPolicy) -> torch.Tensor:
+    saved = policy.heads_state_dict()
+    policy.load_heads_state_dict(state)
+    flat = _flat_params(policy)
+    policy.load_heads_state_dict(saved)
+    return flat
+
+
+def test_a_new_kl_coefficient_or_exploration_scale_needs_no_new_graph(policy: PPOPolicy) -> None:
+    buffer = _bandit_buffer(policy)
+    optimizer = torch.optim.Adam(policy.trainable_parameters(), lr=1e-3)
+    settings = {**SETTINGS, "update_epochs": 1}
+    ppo_update(policy, optimizer, buffer, kl_coef=0.3, compile_loss=True, **settings)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for kl_coef, scale in ((0.6, 1.0), (0.15, 0.5), (0.3, 0.25)):
+            policy.exploration = Exploration(scale, scale)
+            before = _flat_params(policy)
+            stats = ppo_update(policy, optimizer, buffer, kl_coef=kl_coef, compile_loss=True, **settings)
+            assert stats["minibatch_updates"] > 0
+            assert not torch.equal(_flat_params(policy), before)
+
+
+def test_a_run_with_a_compiled_update_trains_and_saves(
+    tiny_run: dict[str, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    losses_computed = []
+
+    def counting_loss(*args):
+        losses_computed.append(1)
+        return compiled_minibatch_loss()(*args)
+
+    monkeypatch.setattr(trainer, "compiled_minibatch_loss", lambda: counting_loss)
+    out = tmp_path / "run"
+    argv = ["--sft-checkpoint", str(tiny_run["sft"]), "--out-dir", str(out), *TINY, "--compile-update"]
+    code, _, err = run_cli(train_ppo_delta_waypoint.main, argv, capsys)
+    assert code == 0, err
+    assert len(losses_computed) > 0  # every minibatch of the run went through the compiled loss
+    assert json.loads((out / "config.json").read_text())["compile_update"] is True
+    records = json.loads((out / "train_metrics.json").read_text())
+    assert [row["iteration"] for row in records] == [1, 2]
+    assert all(row["minibatch_updates"] > 0 for row in records)
+    assert (out / "final.pt").exists()
+
+
+def test_compile_update_is_refused_off_the_cpu() -> None:
+    config = PPOConfig(
+        sft_checkpoint="model.pt", num_envs=2, batch_size=64, compile_update=True, device="cuda"
+    )
+    with (
+        mock.patch("torch.cuda.is_available", return_value=True),
+        pytest.raises(UserError, match=r"--compile-update: .*CPU only"),
+    ):
+        config.validate()
+    PPOConfig(
+        sft_checkpoint="model.pt", num_envs=2, batch_size=64, compile_update=True, device="cpu"
+    ).validate()
