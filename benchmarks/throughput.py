@@ -1,7 +1,7 @@
 """Throughput of the toy world, the rollout and residual PPO training, beside Stable-Baselines3.
 
     python -m benchmarks.throughput [--device cpu] [--num-envs 8,32,128] [--seconds 2] [--json] [--cuda-graph]
-        [--compile-world]
+        [--compile-world] [--compile-update]
 
 For each ``--num-envs``, built from the real trainer (``training.rl.run.build_run``):
 
@@ -13,7 +13,8 @@ For each ``--num-envs``, built from the real trainer (``training.rl.run.build_ru
   ``--cuda-graph`` (CUDA only) its steps, and those of the training figure, replay a CUDA graph;
 - update steps/s: the PPO epochs alone (``trainer.update_policy`` on a full buffer), in env steps of
   the rollout they learn from: with the default heads their matrix products cost about as much per
-  step as the encoder's (docs/benchmarks.md);
+  step as the encoder's (docs/benchmarks.md); with ``--compile-update`` each minibatch's loss and
+  backward are compiled graphs, as the trainer's flag makes them;
 - end-to-end training steps/s: ``trainer.train_iteration`` (rollout, GAE, PPO epochs on the cached
   features, the iteration's metrics);
 - peak memory: CUDA's peak allocated bytes, or the process's peak resident set on the CPU;
@@ -87,6 +88,7 @@ class BenchSettings:
     profile: bool = False
     cuda_graph: bool = False  # replay each rollout step as a CUDA graph (``--cuda-graph``)
     compile_world: bool = False  # each world step one compiled graph (``--compile-world``)
+    compile_update: bool = False  # each minibatch's loss and backward compiled (``--compile-update``)
 
     def batch_size(self, num_envs: int) -> int:
         """PPO minibatch size: a rollout split into ``minibatches`` (at least one transition)."""
@@ -158,6 +160,7 @@ def build_bench_run(settings: BenchSettings, sft_path: Path, num_envs: int, out_
         device=str(settings.device),
         cuda_graph=settings.cuda_graph,
         compile_world=settings.compile_world,
+        compile_update=settings.compile_update,
         progress=False,
         overwrite=True,
     )
@@ -408,8 +411,8 @@ def run_benchmark(settings: BenchSettings, work_dir: Path) -> dict[str, Any]:
             row["train_vs_sb3"] = row["train_steps_per_s"] / row["sb3_train_steps_per_s"]
         rows.append(row)
 
-    # counted under a torch dispatch mode, which a compiled world step cannot run in
-    eager = dataclasses.replace(settings, compile_world=False)
+    # counted under a torch dispatch mode, which compiled graphs cannot run in
+    eager = dataclasses.replace(settings, compile_world=False, compile_update=False)
     probe = build_bench_run(eager, sft_path, settings.num_envs[0], work_dir / "probe")
     model = probe.policy.sft_model
     result: dict[str, Any] = {
@@ -425,6 +428,7 @@ def run_benchmark(settings: BenchSettings, work_dir: Path) -> dict[str, Any]:
         "compile_encoder": settings.compile_encoder,
         "cuda_graph": settings.cuda_graph,
         "compile_world": settings.compile_world,
+        "compile_update": settings.compile_update,
         "sft_train_samples_per_s": sft_samples_per_s(model, probe, settings),
         **encoder_cost(model, probe),
         **half_precision_error_m(model, probe),
@@ -470,6 +474,11 @@ def parse_settings(argv: list[str] | None) -> tuple[BenchSettings, bool]:
         help="run each world step as one compiled graph, as the trainer's --compile-world does",
     )
     parser.add_argument(
+        "--compile-update",
+        action="store_true",
+        help="compile each PPO minibatch's loss and backward, as the trainer's --compile-update does",
+    )
+    parser.add_argument(
         "--profile",
         action="store_true",
         help="print a cProfile of one training iteration (largest size) to stderr",
@@ -501,13 +510,19 @@ def parse_settings(argv: list[str] | None) -> tuple[BenchSettings, bool]:
         profile=args.profile,
         cuda_graph=args.cuda_graph,
         compile_world=args.compile_world,
+        compile_update=args.compile_update,
     )
     return settings, args.json
 
 
 def format_table(result: dict[str, Any]) -> str:
     """The human-readable report: one line per size, then the once-per-run figures."""
-    graph = ", rollout step as a CUDA graph" if result["cuda_graph"] else ""
+    flags = [
+        ("cuda_graph", "rollout step as a CUDA graph"),
+        ("compile_world", "compiled world"),
+        ("compile_update", "compiled update"),
+    ]
+    graph = "".join(f", {words}" for key, words in flags if result[key])
     lines = [
         f"device {result['device_name']}, torch {result['torch']}{graph}; "
         "env steps/s (median, upper bound of time)",

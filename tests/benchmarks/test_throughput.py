@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.throughput import main, parse_sizes
+from benchmarks.throughput import format_table, main, parse_sizes
 from tests.cli_helpers import assert_one_line_error, run_cli
 
 RATES = ("world_steps_per_s", "rollout_steps_per_s", "update_steps_per_s", "train_steps_per_s")
@@ -70,3 +70,14 @@ def test_bad_flags_are_one_line_errors(
 
 def test_parse_sizes() -> None:
     assert parse_sizes("16, 64,256") == [16, 64, 256]
+
+
+def test_a_compiled_update_is_measured_and_named(tiny_sft: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = [*TINY, "--num-envs", "2", "--sb3-max-envs", "0", "--sft-checkpoint", str(tiny_sft)]
+    code, out, err = run_cli(main, [*argv, "--compile-update", "--json"], capsys)
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["compile_update"] is True and result["compile_world"] is False
+    assert math.isfinite(result["update_steps_per_s"]) and result["update_steps_per_s"] > 0
+    assert ", compiled update;" in format_table(result).splitlines()[0]
+    assert "compiled" not in format_table({**result, "compile_update": False}).splitlines()[0]
