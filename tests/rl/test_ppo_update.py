@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from tests.rl.conftest import FEATURE_DIM, NUM_WAYPOINTS, make_observation
@@ -96,15 +97,20 @@ def test_target_kl_stops_the_update_at_the_first_minibatch_beyond_it(policy: PPO
     assert relaxed["early_stopped"] == 0.0 and relaxed["epochs"] == 10.0
 
 
-def test_non_finite_loss_skips_the_step_and_leaves_parameters_unchanged(policy: PPOPolicy) -> None:
+@pytest.mark.parametrize("compile_loss", [False, True], ids=["eager", "compiled"])
+def test_non_finite_loss_skips_the_step_and_leaves_parameters_unchanged(
+    policy: PPOPolicy, compile_loss: bool
+) -> None:
+    torch._dynamo.reset()  # other tests' graphs (other sizes, loss terms) count towards the recompile limit
     buffer = _bandit_buffer(policy)
     optimizer = torch.optim.Adam(policy.trainable_parameters(), lr=1e-2)
     generator = torch.Generator().manual_seed(0)
-    ppo_update(policy, optimizer, buffer, generator=generator, **SETTINGS)  # Adam now has momentum
+    settings = {**SETTINGS, "compile_loss": compile_loss}
+    ppo_update(policy, optimizer, buffer, generator=generator, **settings)  # Adam now has momentum
 
     before = _flat_params(policy)
     buffer.returns[1, 3] = float("nan")  # poisons the value loss of every minibatch it lands in
-    settings = {**SETTINGS, "minibatch_size": NUM_STEPS * NUM_ENVS, "update_epochs": 2}
+    settings |= {"minibatch_size": NUM_STEPS * NUM_ENVS, "update_epochs": 2}
     stats = ppo_update(policy, optimizer, buffer, generator=generator, **settings)
     assert stats["skipped_updates"] == 2.0
     assert stats["minibatch_updates"] == 0.0

@@ -377,6 +377,11 @@ def ppo_update(
     return result
 
 
+# Graphs one process may compile for the loss (dynamo's default is 8, past which the loss would
+# quietly run eagerly): a process that trains several runs (a sweep, the tests) builds more.
+_LOSS_GRAPHS_PER_PROCESS = 64
+
+
 class LossTerms(NamedTuple):
     """What one update's minibatch loss adds up, fixed for the whole update (see :func:`ppo_loss`)."""
 
@@ -448,7 +453,8 @@ def compiled_minibatch_loss() -> Callable[..., tuple[Tensor, dict[str, Tensor]]]
     per set of :class:`LossTerms` (a run has at most a few); what changes between iterations comes
     in as tensors (:class:`MinibatchStds`, the KL coefficient).
     """
-    return torch.compile(minibatch_loss, dynamic=False)
+    compiled = torch.compile(minibatch_loss, dynamic=False)
+    return torch._dynamo.config.patch(recompile_limit=_LOSS_GRAPHS_PER_PROCESS)(compiled)
 
 
 # ---------------------------------------------------------------------------------------- run helpers
