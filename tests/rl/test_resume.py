@@ -310,3 +310,21 @@ def test_a_checkpoint_from_before_the_shared_window_resumes_on_whole_episode_ade
     assert "ade_shared" in evals[0] and [r["iteration"] for r in evals] == [0, 2, 4, 5]
     assert all("ade_shared" not in r and "sft_ade_shared" not in r for r in evals if r["iteration"] > 3)
     assert all(math.isfinite(r["ade"]) for r in evals)
+
+
+def test_a_run_from_before_a_setting_existed_resumes_with_it_at_its_default(
+    reference: Path, tiny_run, tmp_path: Path, capsys
+) -> None:
+    """Settings added since a run started (here ``--compile-update`` and ``--async-worlds``) were at
+    their defaults in it: it resumes as it is, and refuses the new setting turned on."""
+    out_dir = _interrupted_copy(reference, tmp_path / "old_run")
+    checkpoint = torch.load(out_dir / "checkpoint_iter_3.pt", weights_only=True)
+    for name in ("compile_update", "async_worlds"):
+        del checkpoint["config"][name]
+    torch.save(checkpoint, out_dir / "checkpoint_iter_3.pt")
+    flags = [*_flags(tiny_run["sft"], out_dir), "--resume"]
+    code, _, err = run_cli(ppo_main, [*flags, "--compile-update"], capsys)
+    assert_one_line_error(code, err, "other settings (compile_update)")
+    code, _, err = run_cli(ppo_main, flags, capsys)
+    assert code == 0, err
+    _assert_same_run(reference, out_dir)

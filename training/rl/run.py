@@ -294,10 +294,21 @@ def _build_eval_envs(
     return make_envs([(name, config.num_eval_worlds) for name, _ in config.env_mix()], device, eager)
 
 
+def _with_later_defaults(saved_config: dict[str, Any]) -> dict[str, Any]:
+    """A saved run's settings, with every setting added since it started at its default: a run from
+    before, say, ``--compile-update`` existed ran as its default does, and resumes so."""
+    defaults = {
+        field.name: field.default
+        for field in dataclasses.fields(PPOConfig)
+        if field.default is not dataclasses.MISSING
+    }
+    return {**defaults, **saved_config}
+
+
 def resume_from(run: Run, path: Path) -> None:
     """Restore the run saved in ``path``; metrics files keep each iteration up to it exactly once."""
     checkpoint = load_rl_checkpoint(path)
-    saved = {k: v for k, v in checkpoint["config"].items() if k not in _RESUME_FREE}
+    saved = {k: v for k, v in _with_later_defaults(checkpoint["config"]).items() if k not in _RESUME_FREE}
     current = {k: v for k, v in dataclasses.asdict(run.config).items() if k not in _RESUME_FREE}
     changed = sorted(k for k in current if saved.get(k) != current[k])
     if changed:
