@@ -257,6 +257,9 @@ def measure_size(settings: BenchSettings, sft_path: Path, num_envs: int, work_di
     row["rollout_steps_per_s"] = rollout_rate(run, settings)
     row["update_steps_per_s"] = update_rate(run, settings)
     row["train_steps_per_s"] = train_rate(run, settings)
+    # the encoder runs once per step: the CPU's ceiling for both (docs/benchmarks.md)
+    row["world_vs_encoder"] = row["world_steps_per_s"] / row["encoder_steps_per_s"]
+    row["train_vs_encoder"] = row["train_steps_per_s"] / row["encoder_steps_per_s"]
     row["peak_memory_bytes"] = peak_memory_bytes(settings.device)
     if settings.profile and num_envs == settings.num_envs[-1]:
         print(profile_iteration(run), file=sys.stderr)
@@ -527,7 +530,7 @@ def format_table(result: dict[str, Any]) -> str:
         f"device {result['device_name']}, torch {result['torch']}{graph}; "
         "env steps/s (median, upper bound of time)",
         f"{'num_envs':>8} {'world':>10} {'encoder':>10} {'rollout':>10} {'update':>10} {'train':>10} "
-        f"{'SB3 train':>10} "
+        f"{'train/enc':>9} {'SB3 train':>10} "
         f"{'ratio':>7} {'ops/step':>9} {'peak MiB':>9}",
     ]
     for row in result["rows"]:
@@ -536,7 +539,7 @@ def format_table(result: dict[str, Any]) -> str:
         lines.append(
             f"{row['num_envs']:>8} {row['world_steps_per_s']:>10.0f} {row['encoder_steps_per_s']:>10.0f} "
             f"{row['rollout_steps_per_s']:>10.0f} {row['update_steps_per_s']:>10.0f} "
-            f"{row['train_steps_per_s']:>10.0f} "
+            f"{row['train_steps_per_s']:>10.0f} {row['train_vs_encoder']:>9.0%} "
             f"{'-' if sb3 is None else f'{sb3:.0f}':>10} {'-' if ratio is None else f'{ratio:.1f}x':>7} "
             f"{row['world_ops_per_step']:>9} {row['peak_memory_bytes'] / 2**20:>9.0f}"
         )

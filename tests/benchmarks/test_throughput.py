@@ -35,6 +35,8 @@ def test_tiny_run_reports_every_figure(
         for key in RATES:
             assert math.isfinite(row[key]) and row[key] > 0, (key, row)
         assert row["peak_memory_bytes"] > 0
+        assert row["train_vs_encoder"] == row["train_steps_per_s"] / row["encoder_steps_per_s"]
+        assert row["world_vs_encoder"] == row["world_steps_per_s"] / row["encoder_steps_per_s"]
     small, large = result["rows"]
     assert small["sb3_train_steps_per_s"] > 0 and small["train_vs_sb3"] > 0
     assert "sb3_train_steps_per_s" not in large  # above --sb3-max-envs
@@ -48,6 +50,7 @@ def test_table_output(tiny_sft: Path, capsys: pytest.CaptureFixture[str]) -> Non
     code, out, err = run_cli(main, argv, capsys)
     assert code == 0, err
     assert "num_envs" in out and "update" in out and "SFT training" in out and "MFLOP/step" in out
+    assert "train/enc" in out and "%" in out.splitlines()[2]
 
 
 @pytest.mark.parametrize(
