@@ -84,3 +84,11 @@ def test_a_compiled_update_is_measured_and_named(tiny_sft: Path, capsys: pytest.
     assert math.isfinite(result["update_steps_per_s"]) and result["update_steps_per_s"] > 0
     assert ", compiled update;" in format_table(result).splitlines()[0]
     assert "compiled" not in format_table({**result, "compile_update": False}).splitlines()[0]
+
+
+def test_compile_update_without_a_cpp_compiler_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    from torch._inductor import config as inductor_config
+
+    with inductor_config.patch({"cpp.cxx": (None, "no-such-compiler-here")}):
+        code, _, err = run_cli(main, [*TINY, "--sb3-max-envs", "0", "--compile-update"], capsys)
+    assert_one_line_error(code, err, "--compile-update: torch.compile needs a C++ compiler")

@@ -14,7 +14,7 @@ from unittest import mock
 import pytest
 import torch
 
-from tests.cli_helpers import run_cli
+from tests.cli_helpers import assert_one_line_error, run_cli
 from tests.rl.test_ppo_update import SETTINGS, _bandit_buffer, _flat_params
 from tests.rl.test_trainer_cli import TINY
 from training.common.errors import UserError
@@ -161,3 +161,19 @@ def test_compile_update_is_refused_off_the_cpu() -> None:
     PPOConfig(
         sft_checkpoint="model.pt", num_envs=2, batch_size=64, compile_update=True, device="cpu"
     ).validate()
+
+
+def test_without_a_cpp_compiler_either_compile_flag_is_one_line(
+    tiny_run: dict[str, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from torch._inductor import config as inductor_config
+
+    base = ["--sft-checkpoint", str(tiny_run["sft"]), "--out-dir", str(tmp_path / "run"), *TINY]
+    with inductor_config.patch({"cpp.cxx": (None, "no-such-compiler-here")}):
+        for flag in ("--compile-update", "--compile-world"):
+            code, _, err = run_cli(train_ppo_delta_waypoint.main, [*base, flag], capsys)
+            assert_one_line_error(code, err, f"{flag}: torch.compile needs a C++ compiler")
+            assert "no-such-compiler-here" in err
+    assert not (tmp_path / "run").exists()  # refused before anything was written

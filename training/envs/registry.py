@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from training.common.device import check_cpu_compiler
 from training.common.errors import UserError
 from training.envs.options import EnvOptions
 from training.envs.protocol import BatchedWaypointEnv
@@ -48,6 +49,7 @@ def check_compile_world(env_names: Sequence[str], device: torch.device, device_f
         )
     if device.type != "cpu":
         raise UserError(f"--compile-world: {COMPILE_ON_CPU_ONLY} (--device {device_flag})")
+    check_cpu_compiler("--compile-world")
 
 
 def make_env(
