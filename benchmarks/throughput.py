@@ -51,7 +51,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.op_count import world_ops_per_step
-from training.common.device import check_cpu_compiler, resolve_device, set_cpu_threads
+from training.common.compiling import check_cpu_compiler
+from training.common.device import resolve_device, set_cpu_threads
 from training.common.errors import UserError, exit_on_user_error
 from training.envs.registry import check_compile_world
 from training.rl.config import PPOConfig

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-
 import torch
 
 from training.common.errors import UserError
@@ -34,23 +32,3 @@ def set_cpu_threads(num_threads: int) -> None:
     """
     if num_threads:
         torch.set_num_threads(num_threads)
-
-
-def check_cpu_compiler(flag: str) -> None:
-    """``torch.compile`` on the CPU builds C++ kernels: without a compiler, say so in one line now
-    rather than fail in a traceback at the first compiled call (``flag`` names what asked for it).
-
-    Looks where torch's inductor looks (``torch._inductor.config.cpp.cxx``: ``$CXX`` or ``g++``);
-    where that setting is missing (another torch version) it leaves the check to torch.
-    """
-    try:
-        from torch._inductor import config as inductor_config
-
-        candidates = [name for name in inductor_config.cpp.cxx if name]
-    except (ImportError, AttributeError, TypeError):
-        return
-    if candidates and not any(shutil.which(name) for name in candidates):
-        raise UserError(
-            f"{flag}: torch.compile needs a C++ compiler on the CPU and found none "
-            f"({' or '.join(candidates)}; set CXX or install g++)"
-        )

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from training.common.device import check_cpu_compiler
+from training.common.compiling import check_cpu_compiler
 from training.common.errors import UserError
 from training.envs.options import EnvOptions
 from training.envs.protocol import BatchedWaypointEnv

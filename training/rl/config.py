@@ -9,7 +9,8 @@ from typing import Any
 
 from eval.closed_loop import MAX_WORLDS
 from training.common.cli import config_field, require
-from training.common.device import check_cpu_compiler, resolve_device
+from training.common.compiling import check_cpu_compiler
+from training.common.device import resolve_device
 from training.common.errors import UserError
 from training.common.seeds import DEV_SEED_START, RL_TRAIN_SEED_START, TEST_SEED_START
 from training.envs.capacity import announce, describe, is_process_backed, machine_capacity

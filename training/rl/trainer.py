@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from training.common.compiling import with_graph_limit
 from training.common.errors import EXIT_USER_ERROR, UserError
 from training.envs.capacity import announce
 from training.envs.protocol import BatchedWaypointEnv, Observation, StepResult
@@ -453,8 +454,7 @@ def compiled_minibatch_loss() -> Callable[..., tuple[Tensor, dict[str, Tensor]]]
     per set of :class:`LossTerms` (a run has at most a few); what changes between iterations comes
     in as tensors (:class:`MinibatchStds`, the KL coefficient).
     """
-    compiled = torch.compile(minibatch_loss, dynamic=False)
-    return torch._dynamo.config.patch(recompile_limit=_LOSS_GRAPHS_PER_PROCESS)(compiled)
+    return with_graph_limit(torch.compile(minibatch_loss, dynamic=False), _LOSS_GRAPHS_PER_PROCESS)
 
 
 # ---------------------------------------------------------------------------------------- run helpers

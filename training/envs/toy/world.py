@@ -15,6 +15,7 @@ from typing import NamedTuple
 
 import torch
 
+from training.common.compiling import with_graph_limit
 from training.envs.protocol import BatchedWaypointEnv, EpisodeStats, Observation, StepInfo, StepResult
 from training.envs.toy.config import COMPILE_ON_CPU_ONLY, ToyWorldConfig, shared_layout_spec
 from training.envs.toy.dynamics import (
@@ -210,7 +211,7 @@ class ToyWaypointEnv(BatchedWaypointEnv):
         self._render_layout = render_layout(cfg, self.device, cfg.max_vehicles, cfg.max_obstacles)
         if compile_step:
             compiled = torch.compile(self._advance, fullgraph=True, dynamic=False)
-            self._advance = torch._dynamo.config.patch(recompile_limit=_STEP_GRAPHS_PER_PROCESS)(compiled)
+            self._advance = with_graph_limit(compiled, _STEP_GRAPHS_PER_PROCESS)
 
     def _new_bank(self, first_seed: torch.Tensor | None = None) -> None:
         """A scenario bank for the current config, filled from ``first_seed`` if given (else on

@@ -1,0 +1,40 @@
+"""What the ``torch.compile`` flags (``--compile-world``, ``--compile-update``) share."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from training.common.errors import UserError
+
+
+def check_cpu_compiler(flag: str) -> None:
+    """``torch.compile`` on the CPU builds C++ kernels: without a compiler, say so in one line now
+    rather than fail in a traceback at the first compiled call (``flag`` names what asked for it).
+
+    Looks where torch's inductor looks (``torch._inductor.config.cpp.cxx``: ``$CXX`` or ``g++``);
+    where that setting is missing (another torch version) it leaves the check to torch.
+    """
+    try:
+        from torch._inductor import config as inductor_config
+
+        candidates = [name for name in inductor_config.cpp.cxx if name]
+    except (ImportError, AttributeError, TypeError):
+        return
+    if candidates and not any(shutil.which(name) for name in candidates):
+        raise UserError(
+            f"{flag}: torch.compile needs a C++ compiler on the CPU and found none "
+            f"({' or '.join(candidates)}; set CXX or install g++)"
+        )
+
+
+def with_graph_limit(compiled: Callable[..., Any], graphs: int) -> Callable[..., Any]:
+    """``compiled`` allowed ``graphs`` graphs per process instead of dynamo's default 8, past which
+    it would run eagerly (or raise, with ``fullgraph``). The setting was ``cache_size_limit`` before
+    torch named it ``recompile_limit``."""
+    config = torch._dynamo.config
+    key = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    return config.patch(**{key: graphs})(compiled)
