@@ -235,3 +235,14 @@ def test_the_trainer_leaves_the_job_as_finished_only_when_the_run_returned(
     else:
         assert trainer.train_ppo(config) == {"done": True}
     assert left == [not fails] and closed == ["env", "env"]
+
+
+def test_averaging_gradients_gives_none_to_a_parameter_that_had_none(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The actor in the critic warm-up: it must keep no gradient, so that Adam skips it (a zero gradient
+    would count a step for it) as it does in one process."""
+    monkeypatch.setattr(dist, "all_reduce", lambda tensor, *args, **kwargs: tensor.mul_(2))  # 2 equal ranks
+    params = _params()  # the second has no gradient
+    params[0].grad = torch.arange(6.0).view(2, 3)
+    DistContext(rank=0, world_size=2).average_gradients(params)
+    assert torch.equal(params[0].grad, torch.arange(6.0).view(2, 3))
+    assert params[1].grad is None

@@ -77,17 +77,25 @@ class DistContext:
         return bool(value.item() > 0.5)
 
     def average_gradients(self, params: list[torch.nn.Parameter]) -> None:
-        """Replace each gradient by its mean over processes (one flat all-reduce)."""
+        """Replace each gradient by its mean over processes (one flat all-reduce).
+
+        A parameter without a gradient keeps none, as in one process: in the critic warm-up the
+        actor has none on every process alike, and the optimiser must skip it (a zero gradient
+        would still count an Adam step for it and change its later bias correction).
+        """
         if not self.enabled:
             return
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = self._on_backend(torch.cat([g.reshape(-1) for g in grads]))
+        with_grad = [p for p in params if p.grad is not None]
+        if not with_grad:
+            return
+        flat = self._on_backend(torch.cat([p.grad.reshape(-1) for p in with_grad]))
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)
         flat /= self.world_size
         offset = 0
-        for p, g in zip(params, grads, strict=True):
-            p.grad = flat[offset : offset + g.numel()].view_as(g).to(g.device, copy=True)
-            offset += g.numel()
+        for p in with_grad:
+            grad = p.grad
+            p.grad = flat[offset : offset + grad.numel()].view_as(grad).to(grad.device, copy=True)
+            offset += grad.numel()
 
     def parameters_in_sync(self, params: list[torch.nn.Parameter]) -> bool:
         """Whether every process holds the same parameters (a checksum reduced with min and max)."""
