@@ -328,3 +328,15 @@ def test_a_run_from_before_a_setting_existed_resumes_with_it_at_its_default(
     code, _, err = run_cli(ppo_main, flags, capsys)
     assert code == 0, err
     _assert_same_run(reference, out_dir)
+
+
+def test_a_run_from_before_a_setting_that_changes_behaviour_is_refused(
+    reference: Path, tiny_run, tmp_path: Path, capsys
+) -> None:
+    """A run from before ``--select-policy`` kept its last iteration: it is not resumed as if it selected."""
+    out_dir = _interrupted_copy(reference, tmp_path / "older_run")
+    checkpoint = torch.load(out_dir / "checkpoint_iter_3.pt", weights_only=True)
+    del checkpoint["config"]["select_policy"]
+    torch.save(checkpoint, out_dir / "checkpoint_iter_3.pt")
+    code, _, err = run_cli(ppo_main, [*_flags(tiny_run["sft"], out_dir), "--resume"], capsys)
+    assert_one_line_error(code, err, "other settings (select_policy)")

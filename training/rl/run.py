@@ -294,15 +294,15 @@ def _build_eval_envs(
     return make_envs([(name, config.num_eval_worlds) for name, _ in config.env_mix()], device, eager)
 
 
+# Settings added after runs were already being checkpointed, with the value that is exactly how those
+# runs ran. A setting whose default changed what a run does (``select_policy``, say) is not here: a run
+# from before it is refused, not resumed under a behaviour it never had.
+_ADDED_AS_BEFORE = {"async_worlds": False, "compile_update": False}
+
+
 def _with_later_defaults(saved_config: dict[str, Any]) -> dict[str, Any]:
-    """A saved run's settings, with every setting added since it started at its default: a run from
-    before, say, ``--compile-update`` existed ran as its default does, and resumes so."""
-    defaults = {
-        field.name: field.default
-        for field in dataclasses.fields(PPOConfig)
-        if field.default is not dataclasses.MISSING
-    }
-    return {**defaults, **saved_config}
+    """A saved run's settings, with the settings of ``_ADDED_AS_BEFORE`` that it predates filled in."""
+    return {**_ADDED_AS_BEFORE, **saved_config}
 
 
 def resume_from(run: Run, path: Path) -> None:
