@@ -66,6 +66,8 @@ ROW_KEYS = (
     "rollout_steps_per_s",
     "update_steps_per_s",
     "train_steps_per_s",
+    "world_vs_encoder",
+    "train_vs_encoder",
     "world_ops_per_step",
     "peak_memory_bytes",
 )

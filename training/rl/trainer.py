@@ -400,8 +400,10 @@ class MinibatchStds(NamedTuple):
     """The policy's stds ``[K, 2]`` for one minibatch, computed outside :func:`minibatch_loss`.
 
     They follow the exploration schedule, a Python number that a compiled loss would otherwise
-    have to be recompiled for. The distribution and the KL each get their own ``policy.std()``,
-    as the update always computed them, so that the log-std's gradient is summed in the same order.
+    have to be recompiled for. The distribution and the KL each get their own ``policy.std()``, as
+    the update always computed them: with one shared node their two gradients would be added before
+    going back through the std's ``mul``, ``exp`` and ``clamp`` instead of after, which rounds
+    differently (eager runs stay bit for bit what they were).
     """
 
     delta: Tensor  # the rollout policy's std, with gradients to log_std
@@ -413,7 +415,8 @@ def minibatch_loss(
     policy: PPOPolicy, batch: Minibatch, stds: MinibatchStds, kl_coef: Tensor | float, terms: LossTerms
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """One minibatch's PPO loss (:func:`ppo_loss`, plus the residual L2 and the KL to SFT) and its
-    detached statistics. A pure function of its inputs, so that ``torch.compile`` can take it whole."""
+    detached statistics. A pure function of its inputs, so that ``torch.compile`` can take it whole;
+    compiled, ``kl_coef`` must be a tensor (a float would be compiled in, one graph per value)."""
     new_log_prob, entropy, new_value, mean_delta = policy.evaluate_actions(
         batch.z, batch.sft_waypoints, batch.delta, stds.delta
     )
@@ -454,7 +457,9 @@ def compiled_minibatch_loss() -> Callable[..., tuple[Tensor, dict[str, Tensor]]]
     per set of :class:`LossTerms` (a run has at most a few); what changes between iterations comes
     in as tensors (:class:`MinibatchStds`, the KL coefficient).
     """
-    return with_graph_limit(torch.compile(minibatch_loss, dynamic=False), _LOSS_GRAPHS_PER_PROCESS)
+    return with_graph_limit(
+        torch.compile(minibatch_loss, fullgraph=True, dynamic=False), _LOSS_GRAPHS_PER_PROCESS
+    )
 
 
 # ---------------------------------------------------------------------------------------- run helpers
