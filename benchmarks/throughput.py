@@ -56,6 +56,7 @@ from training.common.device import resolve_device, set_cpu_threads
 from training.common.errors import UserError, exit_on_user_error
 from training.envs.registry import check_compile_world
 from training.rl.config import PPOConfig
+from training.rl.policy import PolicySettings
 from training.rl.run import Run, build_run
 from training.rl.trainer import collect_rollout, train_iteration, update_policy
 from training.sft.model import FROZEN_PRECISIONS, WaypointModel, load_sft_model
@@ -92,6 +93,7 @@ class BenchSettings:
     cuda_graph: bool = False  # replay each rollout step as a CUDA graph (``--cuda-graph``)
     compile_world: bool = False  # each world step one compiled graph (``--compile-world``)
     compile_update: bool = False  # each minibatch's loss and backward compiled (``--compile-update``)
+    hidden_size: int = PolicySettings.hidden_size  # the heads' width (``--hidden-size``), ours and SB3's
 
     def batch_size(self, num_envs: int) -> int:
         """PPO minibatch size: a rollout split into ``minibatches`` (at least one transition)."""
@@ -164,6 +166,7 @@ def build_bench_run(settings: BenchSettings, sft_path: Path, num_envs: int, out_
         cuda_graph=settings.cuda_graph,
         compile_world=settings.compile_world,
         compile_update=settings.compile_update,
+        hidden_size=settings.hidden_size,
         progress=False,
         overwrite=True,
     )
@@ -391,6 +394,7 @@ def sb3_row(sft_path: Path, settings: BenchSettings, num_envs: int) -> dict[str,
         rollout_steps=settings.rollout_steps,
         batch_size=settings.batch_size(num_envs),
         update_epochs=settings.update_epochs,
+        hidden_size=settings.hidden_size,
     )
     result = measure_sb3(load_sft_model(sft_path), sb3_settings, rollouts=1)
     return {
@@ -435,6 +439,7 @@ def run_benchmark(settings: BenchSettings, work_dir: Path) -> dict[str, Any]:
         "cuda_graph": settings.cuda_graph,
         "compile_world": settings.compile_world,
         "compile_update": settings.compile_update,
+        "hidden_size": settings.hidden_size,
         "sft_train_samples_per_s": sft_samples_per_s(model, probe, settings),
         **encoder_cost(model, probe),
         **half_precision_error_m(model, probe),
@@ -485,6 +490,12 @@ def parse_settings(argv: list[str] | None) -> tuple[BenchSettings, bool]:
         help="compile each PPO minibatch's loss and backward, as the trainer's --compile-update does",
     )
     parser.add_argument(
+        "--hidden-size",
+        type=int,
+        default=PolicySettings.hidden_size,
+        help="width of the delta and value heads' two hidden layers (the trainer's --hidden-size)",
+    )
+    parser.add_argument(
         "--profile",
         action="store_true",
         help="print a cProfile of one training iteration (largest size) to stderr",
@@ -493,7 +504,7 @@ def parse_settings(argv: list[str] | None) -> tuple[BenchSettings, bool]:
     args = parser.parse_args(argv)
     if not (math.isfinite(args.seconds) and args.seconds >= 0):
         raise UserError(f"--seconds must be >= 0, got {args.seconds}")
-    for flag in ("rollout_steps", "minibatches", "update_epochs"):
+    for flag in ("rollout_steps", "minibatches", "update_epochs", "hidden_size"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.sb3_max_envs < 0:
@@ -521,6 +532,7 @@ def parse_settings(argv: list[str] | None) -> tuple[BenchSettings, bool]:
         cuda_graph=args.cuda_graph,
         compile_world=args.compile_world,
         compile_update=args.compile_update,
+        hidden_size=args.hidden_size,
     )
     return settings, args.json
 
@@ -534,7 +546,7 @@ def format_table(result: dict[str, Any]) -> str:
     ]
     graph = "".join(f", {words}" for key, words in flags if result[key])
     lines = [
-        f"device {result['device_name']}, torch {result['torch']}{graph}; "
+        f"device {result['device_name']}, torch {result['torch']}, heads 2 x {result['hidden_size']}{graph}; "
         "env steps/s (median, upper bound of time)",
         f"{'num_envs':>8} {'world':>10} {'encoder':>10} {'rollout':>10} {'update':>10} {'train':>10} "
         f"{'train/enc':>9} {'SB3 train':>10} "

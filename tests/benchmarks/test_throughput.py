@@ -47,6 +47,18 @@ def test_tiny_run_reports_every_figure(
     assert 0 <= result["fp16_waypoint_error_m"] < 0.05 and 0 <= result["bf16_waypoint_error_m"] < 0.5
 
 
+def test_the_heads_width_reaches_the_trainer(tiny_sft: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    flops = {}
+    for width in (256, 32):
+        argv = [*TINY, "--num-envs", "2", "--sb3-max-envs", "0", "--sft-checkpoint", str(tiny_sft)]
+        code, out, err = run_cli(main, [*argv, "--hidden-size", str(width), "--json"], capsys)
+        assert code == 0, err
+        result = json.loads(out)
+        assert result["hidden_size"] == width and f"heads 2 x {width};" in format_table(result)
+        flops[width] = result["train_flops_per_step"] - result["encoder_flops_per_step"]
+    assert flops[32] < flops[256] / 2  # narrower heads, fewer FLOPs per step
+
+
 def test_table_output(tiny_sft: Path, capsys: pytest.CaptureFixture[str]) -> None:
     argv = [*TINY, "--num-envs", "2", "--sb3-max-envs", "0", "--sft-checkpoint", str(tiny_sft)]
     code, out, err = run_cli(main, argv, capsys)
@@ -62,6 +74,7 @@ def test_table_output(tiny_sft: Path, capsys: pytest.CaptureFixture[str]) -> Non
         (["--num-envs", "0"], "sizes >= 1"),
         (["--seconds", "-1"], "--seconds"),
         (["--minibatches", "0"], "--minibatches"),
+        (["--hidden-size", "0"], "--hidden-size"),
         (["--device", "tpu"], "tpu"),
         (["--sft-checkpoint", "/nonexistent/model.pt"], "/nonexistent/model.pt"),
     ],
