@@ -29,3 +29,19 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     )
     train_ppo(config)
     return {"sft": sft, "rl_dir": root / "rl", "root": root}
+
+
+@pytest.fixture
+def compiled_loss_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts the minibatch losses computed by the compiled loss (``--compile-update``): one entry each."""
+    from training.rl import trainer
+
+    calls: list[int] = []
+    compiled = trainer.compiled_minibatch_loss
+
+    def counting_loss(*args):
+        calls.append(1)
+        return compiled()(*args)
+
+    monkeypatch.setattr(trainer, "compiled_minibatch_loss", lambda: counting_loss)
+    return calls

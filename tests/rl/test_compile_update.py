@@ -18,7 +18,7 @@ from tests.cli_helpers import assert_one_line_error, run_cli
 from tests.rl.test_ppo_update import SETTINGS, _bandit_buffer, _flat_params
 from tests.rl.test_trainer_cli import TINY
 from training.common.errors import UserError
-from training.rl import train_ppo_delta_waypoint, trainer
+from training.rl import train_ppo_delta_waypoint
 from training.rl.config import PPOConfig
 from training.rl.policy import Exploration, PPOPolicy
 from training.rl.trainer import (
@@ -128,15 +128,8 @@ def test_a_run_with_a_compiled_update_trains_and_saves(
     tiny_run: dict[str, Path],
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
+    compiled_loss_calls: list[int],
 ) -> None:
-    losses_computed = []
-
-    def counting_loss(*args):
-        losses_computed.append(1)
-        return compiled_minibatch_loss()(*args)
-
-    monkeypatch.setattr(trainer, "compiled_minibatch_loss", lambda: counting_loss)
     out = tmp_path / "run"
     argv = ["--sft-checkpoint", str(tiny_run["sft"]), "--out-dir", str(out), *TINY, "--compile-update"]
     code, _, err = run_cli(train_ppo_delta_waypoint.main, argv, capsys)
@@ -144,7 +137,7 @@ def test_a_run_with_a_compiled_update_trains_and_saves(
     records = json.loads((out / "train_metrics.json").read_text())
     # every minibatch of the run went through the compiled loss (an early stop computes one more loss)
     expected = sum(r["minibatch_updates"] + r["skipped_updates"] + r["early_stopped"] for r in records)
-    assert len(losses_computed) == expected > 0
+    assert len(compiled_loss_calls) == expected > 0
     assert json.loads((out / "config.json").read_text())["compile_update"] is True
     assert [row["iteration"] for row in records] == [1, 2]
     assert all(row["minibatch_updates"] > 0 for row in records)
