@@ -51,7 +51,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.op_count import world_ops_per_step
-from training.common.compiling import check_cpu_compiler
+from training.common.compiling import check_compile_update
 from training.common.device import resolve_device, set_cpu_threads
 from training.common.errors import UserError, exit_on_user_error
 from training.envs.registry import check_compile_world
@@ -513,9 +513,7 @@ def parse_settings(argv: list[str] | None) -> tuple[BenchSettings, bool]:
     if args.compile_world:
         check_compile_world(["toy"], device, args.device)
     if args.compile_update:
-        if device.type != "cpu":
-            raise UserError(f"--compile-update runs on the CPU only (--device {args.device})")
-        check_cpu_compiler("--compile-update")
+        check_compile_update(device, args.device)
     if args.cuda_graph and device.type != "cuda":
         raise UserError(f"--cuda-graph needs a CUDA device (--device {args.device} gives {device.type})")
     settings = BenchSettings(

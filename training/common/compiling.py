@@ -31,6 +31,17 @@ def check_cpu_compiler(flag: str) -> None:
         )
 
 
+def check_compile_update(device: torch.device, device_flag: str) -> None:
+    """``--compile-update`` compiles the PPO loss on the CPU only (``device_flag``: the ``--device``
+    that ``device`` was resolved from), with a C++ compiler at hand."""
+    if device.type != "cpu":
+        raise UserError(
+            "--compile-update: the compiled update runs on the CPU only: it has not yet been run on a GPU "
+            f"(--device {device_flag})"
+        )
+    check_cpu_compiler("--compile-update")
+
+
 def with_graph_limit(compiled: Callable[..., Any], graphs: int) -> Callable[..., Any]:
     """``compiled`` allowed ``graphs`` graphs per process instead of dynamo's default 8, past which
     it would run eagerly (or raise, with ``fullgraph``). The setting was ``cache_size_limit`` before

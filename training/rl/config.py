@@ -9,7 +9,7 @@ from typing import Any
 
 from eval.closed_loop import MAX_WORLDS
 from training.common.cli import config_field, require
-from training.common.compiling import check_cpu_compiler
+from training.common.compiling import check_compile_update
 from training.common.device import resolve_device
 from training.common.errors import UserError
 from training.common.seeds import DEV_SEED_START, RL_TRAIN_SEED_START, TEST_SEED_START
@@ -310,12 +310,7 @@ class PPOConfig(SimulatorFlags):
                 [name for name, _ in self.env_mix()], resolve_device(self.device), self.device
             )
         if self.compile_update:
-            require(
-                resolve_device(self.device).type == "cpu",
-                f"--compile-update: the compiled update runs on the CPU only: it has not yet been run on "
-                f"a GPU (--device {self.device})",
-            )
-            check_cpu_compiler("--compile-update")
+            check_compile_update(resolve_device(self.device), self.device)
 
     def _validate_kl_and_exploration(self) -> None:
         require(_non_negative(self.kl_coef), f"--kl-coef must be >= 0, got {self.kl_coef}")
