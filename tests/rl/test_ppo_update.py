@@ -138,8 +138,8 @@ def test_critic_only_warm_up_leaves_the_actor_unchanged(policy: PPOPolicy) -> No
 def test_the_update_scores_with_the_policy_and_penalises_its_kl_to_sft(
     policy: PPOPolicy, monkeypatch
 ) -> None:
-    """The update has no distribution code of its own: it asks the policy for log-probs and for the
-    stds of the KL, so its kl_to_reference is the policy's kl_to_sft of the minibatch's mean delta."""
+    """The update has no distribution code of its own: it asks the policy for log-probs and the KL,
+    so its kl_to_reference is the policy's kl_to_sft of the minibatch's mean delta."""
     with torch.no_grad():
         policy.delta_head.net[-1].bias.fill_(0.2)  # a residual: the KL to SFT is not 0
     buffer = _bandit_buffer(policy)

@@ -356,9 +356,17 @@ class PPOPolicy(nn.Module):
         starting std times the exploration schedule's noise scale, so the KL starts at 0."""
         return self.initial_std * self.exploration.noise_scale
 
-    def kl_to_sft(self, mean_delta: Tensor) -> Tensor:
-        """``KL(policy || SFT reference)`` per plan ``[N]`` (nats) for mean deltas ``[N, K, 2]`` (m)."""
-        return kl_to_reference(mean_delta, self.std(), self.reference_std())
+    def kl_to_sft(
+        self, mean_delta: Tensor, std: Tensor | None = None, reference_std: Tensor | None = None
+    ) -> Tensor:
+        """``KL(policy || SFT reference)`` per plan ``[N]`` (nats) for mean deltas ``[N, K, 2]`` (m).
+
+        ``std`` and ``reference_std`` default to :meth:`std` and :meth:`reference_std`; the update
+        passes them in, as it does to :meth:`distribution`.
+        """
+        std = self.std() if std is None else std
+        reference_std = self.reference_std() if reference_std is None else reference_std
+        return kl_to_reference(mean_delta, std, reference_std)
 
     def distribution(self, z: Tensor, sft_waypoints: Tensor, std: Tensor | None = None) -> Normal:
         """Per-coordinate ``Normal`` over the delta, batch shape ``[N, K, 2]`` (metres).

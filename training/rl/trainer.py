@@ -34,7 +34,7 @@ from training.rl.cuda_graph import StepGraph
 from training.rl.distributed import DistContext, init_distributed, shutdown
 from training.rl.episodes import EpisodeTally
 from training.rl.evaluation import evaluate
-from training.rl.losses import explained_variance, kl_to_reference, ppo_loss, residual_l2_penalty
+from training.rl.losses import explained_variance, ppo_loss, residual_l2_penalty
 from training.rl.policy import Exploration, PPOPolicy
 from training.rl.rollout_apart import collect_rollout_apart
 from training.rl.run import Run, build_run, latest_checkpoint, resume_from, write_run_config
@@ -325,6 +325,7 @@ def ppo_update(
     # Compiled: the adaptive KL coefficient is a tensor input, so a new value needs no new graph.
     loss_of_minibatch = compiled_minibatch_loss() if compile_loss else minibatch_loss
     kl_weight = torch.tensor(kl_coef, device=buffer.device) if compile_loss else kl_coef
+    reference_std = policy.reference_std()  # no gradient, the same all update
     clip_norm = float("inf") if max_grad_norm is None else max_grad_norm
 
     history: dict[str, list[Tensor]] = defaultdict(list)
@@ -335,7 +336,7 @@ def ppo_update(
     for _epoch in range(update_epochs):
         epochs_run += 1
         for batch in buffer.minibatches(minibatch_size, generator):
-            stds = MinibatchStds(policy.std(), policy.std(), policy.reference_std())
+            stds = MinibatchStds(policy.std(), policy.std(), reference_std)
             loss, stats = loss_of_minibatch(policy, batch, stds, kl_weight, terms)
 
             # Approx-KL early stop before the step (Stable-Baselines3): once this minibatch shows the
@@ -438,7 +439,7 @@ def minibatch_loss(
         value_clip=terms.value_clip,
     )
     residual_l2 = residual_l2_penalty(mean_delta)
-    kl_ref = kl_to_reference(mean_delta, stds.kl, stds.reference).mean()
+    kl_ref = policy.kl_to_sft(mean_delta, stds.kl, stds.reference).mean()
     if not terms.critic_only:
         if terms.residual_l2_coef > 0:
             loss = loss + terms.residual_l2_coef * residual_l2
