@@ -32,16 +32,24 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 @pytest.fixture
-def compiled_loss_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Counts the minibatch losses computed by the compiled loss (``--compile-update``): one entry each."""
-    from training.rl import trainer
+def compiled_step_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Counts the minibatches that ``--compile-update`` stepped: ``"step"`` for each compiled whole
+    step (one process), ``"loss"`` for each loss compiled alone (torchrun)."""
+    from training.rl import minibatch
 
-    calls: list[int] = []
-    compiled = trainer.compiled_minibatch_loss
+    calls: list[str] = []
 
-    def counting_loss(*args):
-        calls.append(1)
-        return compiled()(*args)
+    def counting(kind: str, compiled):
+        def call(*args):
+            calls.append(kind)
+            return compiled()(*args)
 
-    monkeypatch.setattr(trainer, "compiled_minibatch_loss", lambda: counting_loss)
+        return lambda: call
+
+    monkeypatch.setattr(
+        minibatch, "compiled_minibatch_step", counting("step", minibatch.compiled_minibatch_step)
+    )
+    monkeypatch.setattr(
+        minibatch, "compiled_minibatch_loss", counting("loss", minibatch.compiled_minibatch_loss)
+    )
     return calls

@@ -1,8 +1,9 @@
-"""``--compile-update``: each minibatch's loss and its backward run as compiled graphs.
+"""``--compile-update``: each minibatch's whole step (one process), or its loss (torchrun), compiled.
 
-The compiled loss must compute the eager loss (to rounding), take every value that changes
-during a run (the adaptive KL coefficient, the exploration schedule) as an input rather than
-compile it in, and be refused where it has never run.
+The compiled step must take the eager step (to rounding): the same loss, gradients, clip, NaN
+guard and Adam, in torch.optim.Adam's own state; take every value that changes during a run (the
+adaptive KL coefficient, the exploration schedule, the learning rate) as an input rather than
+compile it in; and be refused where it has never run.
 """
 
 from __future__ import annotations
@@ -20,14 +21,18 @@ from tests.rl.test_trainer_cli import TINY
 from training.common.errors import UserError
 from training.rl import train_ppo_delta_waypoint
 from training.rl.config import PPOConfig
-from training.rl.policy import Exploration, PPOPolicy
-from training.rl.trainer import (
+from training.rl.distributed import DistContext
+from training.rl.minibatch import (
+    CompiledSteps,
+    EagerSteps,
     LossTerms,
     MinibatchStds,
     compiled_minibatch_loss,
     minibatch_loss,
-    ppo_update,
+    minibatch_steps,
 )
+from training.rl.policy import Exploration, PPOPolicy
+from training.rl.trainer import ppo_update
 
 
 @pytest.fixture(autouse=True)
@@ -82,7 +87,16 @@ def test_the_compiled_loss_and_its_gradients_are_the_eager_ones(policy: PPOPolic
             torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
 
 
-def test_a_compiled_update_moves_the_policy_as_the_eager_one_does(policy: PPOPolicy) -> None:
+def _adam_state(optimizer: torch.optim.Optimizer) -> list[dict[str, torch.Tensor]]:
+    return [
+        {k: v.clone() for k, v in optimizer.state[p].items()} for p in optimizer.param_groups[0]["params"]
+    ]
+
+
+@pytest.mark.parametrize("critic_only", [False, True])
+def test_a_compiled_update_moves_the_policy_as_the_eager_one_does(
+    policy: PPOPolicy, critic_only: bool
+) -> None:
     buffer = _bandit_buffer(policy)
     initial = policy.heads_state_dict()
     results = []
@@ -91,15 +105,66 @@ def test_a_compiled_update_moves_the_policy_as_the_eager_one_does(policy: PPOPol
         optimizer = torch.optim.Adam(policy.trainable_parameters(), lr=1e-3)
         stats = ppo_update(
             policy, optimizer, buffer, kl_coef=0.3, residual_l2_coef=0.1, compile_loss=compile_loss,
-            generator=torch.Generator().manual_seed(7), **SETTINGS,
+            critic_only=critic_only, generator=torch.Generator().manual_seed(7), **SETTINGS,
         )  # fmt: skip
-        results.append((stats, _flat_params(policy)))
-    (eager_stats, eager_params), (compiled_stats, compiled_params) = results
+        results.append((stats, _flat_params(policy), _adam_state(optimizer)))
+    (eager_stats, eager_params, eager_adam), (compiled_stats, compiled_params, compiled_adam) = results
     assert not torch.equal(eager_params, _flat_params_of(initial, policy))  # the update did move it
     torch.testing.assert_close(compiled_params, eager_params, rtol=1e-4, atol=1e-6)
     assert compiled_stats.keys() == eager_stats.keys()
     for name, value in eager_stats.items():
         assert compiled_stats[name] == pytest.approx(value, rel=1e-4, abs=1e-6), name
+    # Adam's state is torch's own, in torch's layout: the warm-up creates none for the actor
+    for eager_state, compiled_state in zip(eager_adam, compiled_adam, strict=True):
+        assert eager_state.keys() == compiled_state.keys()
+        for key, value in eager_state.items():
+            assert compiled_state[key].dtype == value.dtype and compiled_state[key].shape == value.shape
+            torch.testing.assert_close(compiled_state[key], value, rtol=1e-4, atol=1e-6)
+    actor_states = eager_adam[: len(list(policy.delta_head.parameters()))] + eager_adam[-1:]
+    assert all(not state for state in actor_states) == critic_only
+
+
+def test_an_eager_update_carries_on_from_a_compiled_one(policy: PPOPolicy) -> None:
+    """The compiled step keeps Adam's moments and step count where torch.optim.Adam keeps them."""
+    buffer = _bandit_buffer(policy)
+    initial = policy.heads_state_dict()
+    finals = []
+    for first in (False, True):
+        policy.load_heads_state_dict(initial)
+        optimizer = torch.optim.Adam(policy.trainable_parameters(), lr=1e-3)
+        for compile_loss in (first, False):
+            generator = torch.Generator().manual_seed(3)
+            ppo_update(policy, optimizer, buffer, compile_loss=compile_loss, generator=generator, **SETTINGS)
+        assert all(float(optimizer.state[p]["step"]) == 32 for p in policy.trainable_parameters())
+        finals.append(_flat_params(policy))
+    torch.testing.assert_close(finals[1], finals[0], rtol=1e-4, atol=1e-6)
+
+
+def test_the_compiled_step_is_for_one_process_and_a_plain_adam(policy: PPOPolicy) -> None:
+    """Under torchrun the gradients are averaged between backward and step: the loss alone is
+    compiled. An optimizer that is not a plain Adam takes its own step."""
+    buffer = _bandit_buffer(policy)
+    params = policy.trainable_parameters()
+    kwargs = dict(kl_coef=0.0, max_grad_norm=1.0, kl_stop=None)
+
+    def steps(optimizer: torch.optim.Optimizer, ctx: DistContext, compile_update: bool = True):
+        return minibatch_steps(
+            policy, optimizer, buffer.flat(), _terms(False), ctx=ctx, compile_update=compile_update, **kwargs
+        )
+
+    one, two = DistContext(), DistContext(rank=0, world_size=2)
+    assert isinstance(steps(torch.optim.Adam(params), one), CompiledSteps)
+    assert isinstance(steps(torch.optim.Adam(params), one, compile_update=False), EagerSteps)
+    torchrun = steps(torch.optim.Adam(params), two)
+    assert isinstance(torchrun, EagerSteps) and torchrun.loss_of_minibatch is compiled_minibatch_loss()
+    for other in (
+        torch.optim.Adam(params, weight_decay=0.1),
+        torch.optim.Adam(params, amsgrad=True),
+        torch.optim.AdamW(params),
+        torch.optim.SGD(params, lr=0.1),
+        torch.optim.Adam(params[:-1]),
+    ):
+        assert isinstance(steps(other, one), EagerSteps), other
 
 
 def _flat_params_of(state: dict[str, torch.Tensor], policy: PPOPolicy) -> torch.Tensor:
@@ -110,14 +175,17 @@ def _flat_params_of(state: dict[str, torch.Tensor], policy: PPOPolicy) -> torch.
     return flat
 
 
-def test_a_new_kl_coefficient_or_exploration_scale_needs_no_new_graph(policy: PPOPolicy) -> None:
+def test_a_new_kl_coefficient_exploration_scale_or_learning_rate_needs_no_new_graph(
+    policy: PPOPolicy,
+) -> None:
     buffer = _bandit_buffer(policy)
     optimizer = torch.optim.Adam(policy.trainable_parameters(), lr=1e-3)
     settings = {**SETTINGS, "update_epochs": 1}
     ppo_update(policy, optimizer, buffer, kl_coef=0.3, compile_loss=True, **settings)
     with torch._dynamo.config.patch(error_on_recompile=True):
-        for kl_coef, scale in ((0.6, 1.0), (0.15, 0.5), (0.3, 0.25)):
+        for kl_coef, scale, lr in ((0.6, 1.0, 5e-4), (0.15, 0.5, 2e-4), (0.3, 0.25, 1e-4)):
             policy.exploration = Exploration(scale, scale)
+            optimizer.param_groups[0]["lr"] = lr  # annealed
             before = _flat_params(policy)
             stats = ppo_update(policy, optimizer, buffer, kl_coef=kl_coef, compile_loss=True, **settings)
             assert stats["minibatch_updates"] > 0
@@ -128,16 +196,16 @@ def test_a_run_with_a_compiled_update_trains_and_saves(
     tiny_run: dict[str, Path],
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
-    compiled_loss_calls: list[int],
+    compiled_step_calls: list[str],
 ) -> None:
     out = tmp_path / "run"
     argv = ["--sft-checkpoint", str(tiny_run["sft"]), "--out-dir", str(out), *TINY, "--compile-update"]
     code, _, err = run_cli(train_ppo_delta_waypoint.main, argv, capsys)
     assert code == 0, err
     records = json.loads((out / "train_metrics.json").read_text())
-    # every minibatch of the run went through the compiled loss (an early stop computes one more loss)
+    # every minibatch of the run was one compiled step (an early stop takes one more, not applied)
     expected = sum(r["minibatch_updates"] + r["skipped_updates"] + r["early_stopped"] for r in records)
-    assert len(compiled_loss_calls) == expected > 0
+    assert compiled_step_calls == ["step"] * int(expected) and expected > 0
     assert json.loads((out / "config.json").read_text())["compile_update"] is True
     assert [row["iteration"] for row in records] == [1, 2]
     assert all(row["minibatch_updates"] > 0 for row in records)

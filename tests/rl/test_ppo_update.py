@@ -78,10 +78,20 @@ def test_update_is_deterministic(policy: PPOPolicy) -> None:
     assert torch.equal(results[0][1], results[1][1])
 
 
-def test_target_kl_stops_the_update_at_the_first_minibatch_beyond_it(policy: PPOPolicy) -> None:
+@pytest.fixture(params=[False, True], ids=["eager", "compiled"])
+def compile_loss(request: pytest.FixtureRequest) -> bool:
+    """The eager update, then ``--compile-update``'s (one compiled graph per minibatch step)."""
+    if request.param:
+        torch._dynamo.reset()  # graphs of other tests (other sizes, terms) count towards the recompile limit
+    return request.param
+
+
+def test_target_kl_stops_the_update_at_the_first_minibatch_beyond_it(
+    policy: PPOPolicy, compile_loss: bool
+) -> None:
     buffer = _bandit_buffer(policy)
     optimizer = torch.optim.Adam(policy.trainable_parameters(), lr=1e-2)
-    settings = {**SETTINGS, "update_epochs": 10}
+    settings = {**SETTINGS, "update_epochs": 10, "compile_loss": compile_loss}
     stats = ppo_update(
         policy, optimizer, buffer, target_kl=1e-9, generator=torch.Generator().manual_seed(0), **settings
     )
@@ -90,6 +100,7 @@ def test_target_kl_stops_the_update_at_the_first_minibatch_beyond_it(policy: PPO
     # The first minibatch sees the rollout policy itself (KL 0) and steps; the next one has moved
     # beyond 1.5 x target_kl and stops the update before its own step.
     assert stats["minibatch_updates"] == 1.0
+    assert all(float(optimizer.state[p]["step"]) == 1 for p in policy.trainable_parameters())
 
     relaxed = ppo_update(
         policy, optimizer, buffer, target_kl=1e9, generator=torch.Generator().manual_seed(0), **settings
@@ -97,11 +108,9 @@ def test_target_kl_stops_the_update_at_the_first_minibatch_beyond_it(policy: PPO
     assert relaxed["early_stopped"] == 0.0 and relaxed["epochs"] == 10.0
 
 
-@pytest.mark.parametrize("compile_loss", [False, True], ids=["eager", "compiled"])
 def test_non_finite_loss_skips_the_step_and_leaves_parameters_unchanged(
     policy: PPOPolicy, compile_loss: bool
 ) -> None:
-    torch._dynamo.reset()  # other tests' graphs (other sizes, loss terms) count towards the recompile limit
     buffer = _bandit_buffer(policy)
     optimizer = torch.optim.Adam(policy.trainable_parameters(), lr=1e-2)
     generator = torch.Generator().manual_seed(0)
@@ -109,6 +118,9 @@ def test_non_finite_loss_skips_the_step_and_leaves_parameters_unchanged(
     ppo_update(policy, optimizer, buffer, generator=generator, **settings)  # Adam now has momentum
 
     before = _flat_params(policy)
+    adam_before = [
+        {k: v.clone() for k, v in optimizer.state[p].items()} for p in policy.trainable_parameters()
+    ]
     buffer.returns[1, 3] = float("nan")  # poisons the value loss of every minibatch it lands in
     settings |= {"minibatch_size": NUM_STEPS * NUM_ENVS, "update_epochs": 2}
     stats = ppo_update(policy, optimizer, buffer, generator=generator, **settings)
@@ -116,23 +128,29 @@ def test_non_finite_loss_skips_the_step_and_leaves_parameters_unchanged(
     assert stats["minibatch_updates"] == 0.0
     assert torch.equal(_flat_params(policy), before)
     assert all(p.grad is None for p in policy.trainable_parameters())
+    for param, state in zip(policy.trainable_parameters(), adam_before, strict=True):  # nor Adam's state
+        for key, value in state.items():
+            assert torch.equal(optimizer.state[param][key], value), key
 
 
-def test_critic_only_warm_up_leaves_the_actor_unchanged(policy: PPOPolicy) -> None:
+def test_critic_only_warm_up_leaves_the_actor_unchanged(policy: PPOPolicy, compile_loss: bool) -> None:
     buffer = _bandit_buffer(policy)
     actor_before = [p.detach().clone() for p in [*policy.delta_head.parameters(), policy.log_std]]
     critic_before = torch.cat([p.detach().flatten() for p in policy.value_head.parameters()])
     optimizer = torch.optim.Adam(policy.trainable_parameters(), lr=1e-2)
     stats = ppo_update(
         policy, optimizer, buffer, critic_only=True, residual_l2_coef=1.0, target_kl=1e-9,
-        generator=torch.Generator().manual_seed(0), **SETTINGS,
+        compile_loss=compile_loss, generator=torch.Generator().manual_seed(0), **SETTINGS,
     )  # fmt: skip
+    assert all(not optimizer.state[p] for p in [*policy.delta_head.parameters(), policy.log_std])
     for p, old in zip([*policy.delta_head.parameters(), policy.log_std], actor_before, strict=True):
         assert torch.equal(p, old)
     assert not torch.equal(
         torch.cat([p.detach().flatten() for p in policy.value_head.parameters()]), critic_before
     )
-    assert stats["approx_kl"] == 0.0 and stats["early_stopped"] == 0.0
+    # the actor did not move: no KL (compiled: to rounding) and no early stop
+    assert stats["approx_kl"] == pytest.approx(0.0, abs=0.0 if not compile_loss else 1e-8)
+    assert stats["early_stopped"] == 0.0
 
 
 def test_the_update_scores_with_the_policy_and_penalises_its_kl_to_sft(

@@ -193,7 +193,30 @@ class RolloutBuffer:
         self._advantages_ready = True
 
     def minibatches(self, batch_size: int, generator: torch.Generator | None = None) -> Iterator[Minibatch]:
-        """One pass over all ``T * N`` transitions in a random order, ``batch_size`` at a time.
+        """One pass over all ``T * N`` transitions in a random order, ``batch_size`` at a time
+        (the rows of :meth:`flat` at each of :meth:`minibatch_indices`)."""
+        flat = self.flat()
+        for index in self.minibatch_indices(batch_size, generator):
+            yield Minibatch(*(tensor[index] for tensor in flat))
+
+    def flat(self) -> Minibatch:
+        """The whole rollout as one minibatch of ``T * N`` transitions (views, no copy)."""
+        if not self._advantages_ready:
+            raise RuntimeError("call compute_advantages() before minibatches()")
+        return Minibatch(
+            z=self.z.flatten(0, 1),
+            sft_waypoints=self.sft_waypoints.flatten(0, 1),
+            delta=self.delta.flatten(0, 1),
+            log_prob=self.log_prob.flatten(),
+            value=self.value.flatten(),
+            advantage=self.advantages.flatten(),
+            returns=self.returns.flatten(),
+        )
+
+    def minibatch_indices(
+        self, batch_size: int, generator: torch.Generator | None = None
+    ) -> Iterator[Tensor]:
+        """The rows of :meth:`flat` in each minibatch of one pass: a random order, ``batch_size`` at a time.
 
         The order is a ``torch.randperm`` drawn from ``generator`` (deterministic for a seeded
         generator, which may live on the CPU or on the buffer's device). The last minibatch is
@@ -206,18 +229,8 @@ class RolloutBuffer:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         gen_device = generator.device if generator is not None else torch.device("cpu")
         order = torch.randperm(self.size, generator=generator, device=gen_device).to(self.device)
-        flat = Minibatch(
-            z=self.z.flatten(0, 1),
-            sft_waypoints=self.sft_waypoints.flatten(0, 1),
-            delta=self.delta.flatten(0, 1),
-            log_prob=self.log_prob.flatten(),
-            value=self.value.flatten(),
-            advantage=self.advantages.flatten(),
-            returns=self.returns.flatten(),
-        )
         starts = list(range(0, self.size, batch_size))
         if len(starts) > 1 and self.size - starts[-1] < 2:
             starts.pop()  # one transition cannot normalise its advantage: it joins the minibatch before
         for start, stop in zip(starts, [*starts[1:], self.size], strict=True):
-            index = order[start:stop]
-            yield Minibatch(*(tensor[index] for tensor in flat))
+            yield order[start:stop]

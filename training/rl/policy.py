@@ -342,14 +342,13 @@ class PPOPolicy(nn.Module):
 
     # --- distribution, value, actions -----------------------------------------------------------
 
-    def std(self) -> Tensor:
+    def std(self, noise_scale: Tensor | None = None) -> Tensor:
         """Standard deviation of the delta ``[K, 2]`` in metres (``exp`` of the clamped ``log_std``,
-        times the exploration schedule's noise scale)."""
+        times the exploration schedule's noise scale, or ``noise_scale``: a compiled update passes
+        it as a tensor, which a new schedule value does not recompile)."""
         settings = self.settings
-        return (
-            self.log_std.clamp(settings.min_log_std, settings.max_log_std).exp()
-            * self.exploration.noise_scale
-        )
+        scale = self.exploration.noise_scale if noise_scale is None else noise_scale
+        return self.log_std.clamp(settings.min_log_std, settings.max_log_std).exp() * scale
 
     def reference_std(self) -> Tensor:
         """Std ``[K, 2]`` (m) of the SFT reference policy, ``Normal(sft_plan, reference_std)``: the

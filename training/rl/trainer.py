@@ -14,27 +14,25 @@ CUDA graph, ``--cuda-graph``), ``run.py`` (the run's state, files, checkpoints a
 
 from __future__ import annotations
 
-import functools
 import time
 from collections import defaultdict
-from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from training.common.compiling import with_graph_limit
 from training.common.errors import EXIT_USER_ERROR, UserError
 from training.envs.capacity import announce
 from training.envs.protocol import BatchedWaypointEnv, Observation, StepResult
 from training.rl.bootstrap import TruncationStore
-from training.rl.buffer import Minibatch, RolloutBuffer
+from training.rl.buffer import RolloutBuffer
 from training.rl.config import PPOConfig
 from training.rl.cuda_graph import StepGraph
 from training.rl.distributed import DistContext, init_distributed, shutdown
 from training.rl.episodes import EpisodeTally
 from training.rl.evaluation import evaluate
-from training.rl.losses import explained_variance, ppo_loss, residual_l2_penalty
+from training.rl.losses import explained_variance
+from training.rl.minibatch import LossTerms, minibatch_steps
 from training.rl.policy import Exploration, PPOPolicy
 from training.rl.rollout_apart import collect_rollout_apart
 from training.rl.run import Run, build_run, latest_checkpoint, resume_from, write_run_config
@@ -296,8 +294,9 @@ def ppo_update(
         generator: draws the minibatch order (seeded: deterministic).
         dist_ctx: in a distributed run, gradients are averaged over processes before each step,
             and the KL stop and the NaN guard decide on values reduced over processes.
-        compile_loss: compute each minibatch's loss (and so its backward) with the compiled
-            :func:`minibatch_loss` (``--compile-update``): the same terms, rounded differently.
+        compile_loss: ``--compile-update``: each minibatch's whole step (loss, gradients, clip,
+            NaN guard, Adam) as one compiled graph; under torchrun the loss (and so its backward)
+            only (``minibatch.py``). The same terms, rounded differently.
 
     Returns:
         Means over the applied minibatch steps of ``loss``, ``policy_loss``, ``value_loss``,
@@ -306,12 +305,11 @@ def ppo_update(
         returns), ``std`` (mean delta std, m), ``skipped_updates`` (steps skipped because the loss
         or gradient norm was NaN/inf), ``minibatch_updates``, ``epochs`` and ``early_stopped``.
 
-    Two host syncs per minibatch (the KL early stop and the finiteness check that decides
-    whether to step); every statistic is read once at the end.
+    Eager (and under torchrun): two host reads per minibatch (the KL early stop and the
+    finiteness check that decides whether to step). The compiled whole step: one with a KL
+    target, none without. Every statistic is read once at the end.
     """
-    ctx = dist_ctx or DistContext()
     policy.train()
-    params = policy.trainable_parameters()
     terms = LossTerms(
         clip_epsilon=clip_epsilon,
         value_coef=value_coef,
@@ -322,145 +320,48 @@ def ppo_update(
         kl_penalty=kl_coef > 0,
         critic_only=critic_only,
     )
-    # Compiled: the adaptive KL coefficient is a tensor input, so a new value needs no new graph.
-    loss_of_minibatch = compiled_minibatch_loss() if compile_loss else minibatch_loss
-    kl_weight = torch.tensor(kl_coef, device=buffer.device) if compile_loss else kl_coef
-    reference_std = policy.reference_std()  # no gradient, the same all update
-    clip_norm = float("inf") if max_grad_norm is None else max_grad_norm
+    step = minibatch_steps(
+        policy,
+        optimizer,
+        buffer.flat(),
+        terms,
+        kl_coef=kl_coef,
+        max_grad_norm=float("inf") if max_grad_norm is None else max_grad_norm,
+        # Approx-KL early stop before the step (Stable-Baselines3): once a minibatch shows the
+        # policy has moved more than 1.5 x target_kl from the rollout policy, stop the update.
+        kl_stop=None if target_kl is None or critic_only else 1.5 * target_kl,
+        ctx=dist_ctx or DistContext(),
+        compile_update=compile_loss,
+    )
 
     history: dict[str, list[Tensor]] = defaultdict(list)
-    applied: list[bool] = []
+    applied: list[Tensor] = []  # per minibatch step: whether the NaN guard let it through (0-d bool)
     epochs_run = 0
     early_stopped = False
-
     for _epoch in range(update_epochs):
         epochs_run += 1
-        for batch in buffer.minibatches(minibatch_size, generator):
-            stds = MinibatchStds(policy.std(), policy.std(), reference_std)
-            loss, stats = loss_of_minibatch(policy, batch, stds, kl_weight, terms)
-
-            # Approx-KL early stop before the step (Stable-Baselines3): once this minibatch shows the
-            # policy has moved more than 1.5 x target_kl from the rollout policy, stop the update.
-            if (
-                target_kl is not None
-                and not critic_only
-                and ctx.mean(stats["approx_kl"]).item() > 1.5 * target_kl
-            ):
+        for index in buffer.minibatch_indices(minibatch_size, generator):
+            outcome = step(index)
+            if outcome is None:  # the KL early stop: this minibatch was not stepped
                 early_stopped = True
                 break
-
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            ctx.average_gradients(params)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_norm)
-            # NaN/inf guard: a bad step never reaches the parameters (nor Adam's moments).
-            finite = ctx.all_agree(bool(torch.isfinite(loss) & torch.isfinite(grad_norm)))
-            if finite:
-                optimizer.step()
-            else:
-                optimizer.zero_grad(set_to_none=True)
-            applied.append(finite)
-
-            stats.update(loss=loss.detach(), grad_norm=grad_norm.detach())
-            for name, value in stats.items():
+            applied.append(outcome[0])
+            for name, value in outcome[1].items():
                 history[name].append(value)
         if early_stopped:
             break
 
-    applied_mask = torch.tensor(applied, dtype=torch.bool)
+    applied_mask = torch.stack(applied).cpu() if applied else torch.zeros(0, dtype=torch.bool)
     result = {name: torch.stack(values).cpu()[applied_mask].mean().item() for name, values in history.items()}
     with torch.no_grad():
         result["explained_variance"] = explained_variance(buffer.value, buffer.returns).item()
         result["std"] = policy.std().mean().item()
-    result["skipped_updates"] = float(applied.count(False))
-    result["minibatch_updates"] = float(applied.count(True))
+    steps_applied = int(applied_mask.sum())
+    result["skipped_updates"] = float(len(applied) - steps_applied)
+    result["minibatch_updates"] = float(steps_applied)
     result["epochs"] = float(epochs_run)
     result["early_stopped"] = float(early_stopped)
     return result
-
-
-# Graphs one process may compile for the loss (dynamo's default is 8, past which the loss would
-# quietly run eagerly): a process that trains several runs (a sweep, the tests) builds more.
-_LOSS_GRAPHS_PER_PROCESS = 64
-
-
-class LossTerms(NamedTuple):
-    """What one update's minibatch loss adds up, fixed for the whole update (see :func:`ppo_loss`)."""
-
-    clip_epsilon: float
-    value_coef: float
-    entropy_coef: float
-    normalize_advantages: bool
-    value_clip: float | None
-    residual_l2_coef: float
-    kl_penalty: bool  # add kl_coef x the KL to the SFT reference policy
-    critic_only: bool  # warm-up: the policy terms are constants, only the critic learns
-
-
-class MinibatchStds(NamedTuple):
-    """The policy's stds ``[K, 2]`` for one minibatch, computed outside :func:`minibatch_loss`.
-
-    They follow the exploration schedule, a Python number that a compiled loss would otherwise
-    have to be recompiled for. The distribution and the KL each get their own ``policy.std()``, as
-    the update always computed them: with one shared node their two gradients would be added before
-    going back through the std's ``mul``, ``exp`` and ``clamp`` instead of after, which rounds
-    differently (eager runs stay bit for bit what they were).
-    """
-
-    delta: Tensor  # the rollout policy's std, with gradients to log_std
-    kl: Tensor  # the same value, a separate node of the graph
-    reference: Tensor  # the SFT reference policy's std (no gradient)
-
-
-def minibatch_loss(
-    policy: PPOPolicy, batch: Minibatch, stds: MinibatchStds, kl_coef: Tensor | float, terms: LossTerms
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """One minibatch's PPO loss (:func:`ppo_loss`, plus the residual L2 and the KL to SFT) and its
-    detached statistics. A pure function of its inputs, so that ``torch.compile`` can take it whole;
-    compiled, ``kl_coef`` must be a tensor (a float would be compiled in, one graph per value)."""
-    new_log_prob, entropy, new_value, mean_delta = policy.evaluate_actions(
-        batch.z, batch.sft_waypoints, batch.delta, stds.delta
-    )
-    if terms.critic_only:  # the policy terms become constants: only the critic learns
-        new_log_prob, entropy = new_log_prob.detach(), entropy.detach()
-
-    loss, stats = ppo_loss(
-        new_log_prob,
-        batch.log_prob,
-        batch.advantage,
-        new_value,
-        batch.returns,
-        entropy,
-        clip_epsilon=terms.clip_epsilon,
-        value_coef=terms.value_coef,
-        entropy_coef=terms.entropy_coef,
-        normalize_advantages=terms.normalize_advantages,
-        old_value=batch.value,
-        value_clip=terms.value_clip,
-    )
-    residual_l2 = residual_l2_penalty(mean_delta)
-    kl_ref = policy.kl_to_sft(mean_delta, stds.kl, stds.reference).mean()
-    if not terms.critic_only:
-        if terms.residual_l2_coef > 0:
-            loss = loss + terms.residual_l2_coef * residual_l2
-        if terms.kl_penalty:
-            loss = loss + kl_coef * kl_ref
-    stats.update(residual_l2=residual_l2.detach(), kl_to_reference=kl_ref.detach())
-    return loss, stats
-
-
-@functools.cache
-def compiled_minibatch_loss() -> Callable[..., tuple[Tensor, dict[str, Tensor]]]:
-    """:func:`minibatch_loss` as one ``torch.compile`` graph, built once per process.
-
-    A minibatch's loss and backward then issue about 50 top-level aten ops instead of about 260 (the
-    heads' matrix products stay; the loss terms' small ops fuse). One graph per minibatch size and
-    per set of :class:`LossTerms` (a run has at most a few); what changes between iterations comes
-    in as tensors (:class:`MinibatchStds`, the KL coefficient).
-    """
-    return with_graph_limit(
-        torch.compile(minibatch_loss, fullgraph=True, dynamic=False), _LOSS_GRAPHS_PER_PROCESS
-    )
 
 
 # ---------------------------------------------------------------------------------------- run helpers
