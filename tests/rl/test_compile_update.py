@@ -27,6 +27,7 @@ from training.rl.minibatch import (
     EagerSteps,
     LossTerms,
     MinibatchStds,
+    UpdateSettings,
     compiled_minibatch_loss,
     minibatch_loss,
     minibatch_steps,
@@ -145,11 +146,11 @@ def test_the_compiled_step_is_for_one_process_and_a_plain_adam(policy: PPOPolicy
     compiled. An optimizer that is not a plain Adam takes its own step."""
     buffer = _bandit_buffer(policy)
     params = policy.trainable_parameters()
-    kwargs = dict(kl_coef=0.0, max_grad_norm=1.0, kl_stop=None)
+    update = UpdateSettings(_terms(False), kl_coef=0.0, max_grad_norm=1.0, kl_stop=None)
 
     def steps(optimizer: torch.optim.Optimizer, ctx: DistContext, compile_update: bool = True):
         return minibatch_steps(
-            policy, optimizer, buffer.flat(), _terms(False), ctx=ctx, compile_update=compile_update, **kwargs
+            policy, optimizer, buffer.flat(), update, ctx=ctx, compile_update=compile_update
         )
 
     one, two = DistContext(), DistContext(rank=0, world_size=2)

@@ -46,6 +46,15 @@ class LossTerms(NamedTuple):
     critic_only: bool  # warm-up: the policy terms are constants, only the critic learns
 
 
+class UpdateSettings(NamedTuple):
+    """What every minibatch step of one update shares."""
+
+    terms: LossTerms
+    kl_coef: float  # weight of the KL to SFT (the adaptive coefficient's value for this update)
+    max_grad_norm: float  # global gradient-norm clip (inf: none)
+    kl_stop: float | None  # no step, and the update stops, where a minibatch's approx KL exceeds this
+
+
 class MinibatchStds(NamedTuple):
     """The policy's stds ``[K, 2]`` for one minibatch, computed outside :func:`minibatch_loss`.
 
@@ -231,16 +240,9 @@ class CompiledSteps:
     """The compiled step of every minibatch of one update: its fixed inputs gathered once."""
 
     def __init__(
-        self,
-        policy: PPOPolicy,
-        optimizer: torch.optim.Adam,
-        rollout: Minibatch,
-        terms: LossTerms,
-        *,
-        kl_coef: float,
-        max_grad_norm: float,
-        kl_stop: float | None,
+        self, policy: PPOPolicy, optimizer: torch.optim.Adam, rollout: Minibatch, update: UpdateSettings
     ) -> None:
+        terms = update.terms
         trained = policy.value_head.parameters() if terms.critic_only else policy.trainable_parameters()
         trained = list(trained)  # the warm-up gives the actor no gradient: Adam must not count a step for it
         name_of = {id(p): f"policy.{name}" for name, p in policy.named_parameters()}
@@ -257,8 +259,8 @@ class CompiledSteps:
         self.settings = StepSettings(
             terms=terms,
             names=tuple(name_of[id(p)] for p in trained),
-            max_grad_norm=max_grad_norm,
-            kl_stop=kl_stop,
+            max_grad_norm=update.max_grad_norm,
+            kl_stop=update.kl_stop,
             beta1=float(group["betas"][0]),
             beta2=float(group["betas"][1]),
             eps=float(group["eps"]),
@@ -266,7 +268,7 @@ class CompiledSteps:
         device = rollout.z.device
         self.noise_scale = torch.tensor(policy.exploration.noise_scale, device=device)
         self.reference_std = policy.reference_std()
-        self.kl_coef = torch.tensor(kl_coef, device=device)
+        self.kl_coef = torch.tensor(update.kl_coef, device=device)
         self.lr = torch.tensor(float(group["lr"]), device=device)
 
     def __call__(self, index: Tensor) -> tuple[Tensor, dict[str, Tensor]] | None:
@@ -303,35 +305,39 @@ class EagerSteps:
         policy: PPOPolicy,
         optimizer: torch.optim.Optimizer,
         rollout: Minibatch,
-        terms: LossTerms,
+        update: UpdateSettings,
         *,
-        kl_coef: float,
-        max_grad_norm: float,
-        kl_stop: float | None,
         ctx: DistContext,
         compile_loss: bool,
     ) -> None:
-        self.policy, self.optimizer, self.rollout, self.terms = policy, optimizer, rollout, terms
+        self.policy, self.optimizer, self.rollout, self.update, self.ctx = (
+            policy,
+            optimizer,
+            rollout,
+            update,
+            ctx,
+        )
         self.params = policy.trainable_parameters()
-        self.max_grad_norm, self.kl_stop, self.ctx = max_grad_norm, kl_stop, ctx
         # Compiled: the adaptive KL coefficient is a tensor input, so a new value needs no new graph.
         self.loss_of_minibatch = compiled_minibatch_loss() if compile_loss else minibatch_loss
-        self.kl_coef = torch.tensor(kl_coef, device=rollout.z.device) if compile_loss else kl_coef
+        self.kl_coef = (
+            torch.tensor(update.kl_coef, device=rollout.z.device) if compile_loss else update.kl_coef
+        )
         self.reference_std = policy.reference_std()  # no gradient, the same all update
 
     def __call__(self, index: Tensor) -> tuple[Tensor, dict[str, Tensor]] | None:
         """Step on the rollout's rows ``index``; ``None`` (no step) where the KL stops the update."""
-        policy, params, ctx = self.policy, self.params, self.ctx
+        policy, params, ctx, update = self.policy, self.params, self.ctx, self.update
         batch = Minibatch(*(tensor[index] for tensor in self.rollout))
         stds = MinibatchStds(policy.std(), policy.std(), self.reference_std)
-        loss, stats = self.loss_of_minibatch(policy, batch, stds, self.kl_coef, self.terms)
-        if self.kl_stop is not None and ctx.mean(stats["approx_kl"]).item() > self.kl_stop:
+        loss, stats = self.loss_of_minibatch(policy, batch, stds, self.kl_coef, update.terms)
+        if update.kl_stop is not None and ctx.mean(stats["approx_kl"]).item() > update.kl_stop:
             return None
 
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         ctx.average_gradients(params)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, update.max_grad_norm)
         # NaN/inf guard: a bad step never reaches the parameters (nor Adam's moments).
         finite = ctx.all_agree(bool(torch.isfinite(loss) & torch.isfinite(grad_norm)))
         if finite:
@@ -346,28 +352,13 @@ def minibatch_steps(
     policy: PPOPolicy,
     optimizer: torch.optim.Optimizer,
     rollout: Minibatch,
-    terms: LossTerms,
+    update: UpdateSettings,
     *,
-    kl_coef: float,
-    max_grad_norm: float,
-    kl_stop: float | None,
     ctx: DistContext,
     compile_update: bool,
 ) -> Callable[[Tensor], tuple[Tensor, dict[str, Tensor]] | None]:
     """The step an update takes on each minibatch (rows of ``rollout``): the compiled whole step
     with ``compile_update`` in one process with a plain Adam, else the eager one."""
     if compile_update and not ctx.enabled and plain_adam(optimizer, policy.trainable_parameters()):
-        return CompiledSteps(
-            policy, optimizer, rollout, terms, kl_coef=kl_coef, max_grad_norm=max_grad_norm, kl_stop=kl_stop
-        )
-    return EagerSteps(
-        policy,
-        optimizer,
-        rollout,
-        terms,
-        kl_coef=kl_coef,
-        max_grad_norm=max_grad_norm,
-        kl_stop=kl_stop,
-        ctx=ctx,
-        compile_loss=compile_update,
-    )
+        return CompiledSteps(policy, optimizer, rollout, update)
+    return EagerSteps(policy, optimizer, rollout, update, ctx=ctx, compile_loss=compile_update)

@@ -32,7 +32,7 @@ from training.rl.distributed import DistContext, init_distributed, shutdown
 from training.rl.episodes import EpisodeTally
 from training.rl.evaluation import evaluate
 from training.rl.losses import explained_variance
-from training.rl.minibatch import LossTerms, minibatch_steps
+from training.rl.minibatch import LossTerms, UpdateSettings, minibatch_steps
 from training.rl.policy import Exploration, PPOPolicy
 from training.rl.rollout_apart import collect_rollout_apart
 from training.rl.run import Run, build_run, latest_checkpoint, resume_from, write_run_config
@@ -320,19 +320,16 @@ def ppo_update(
         kl_penalty=kl_coef > 0,
         critic_only=critic_only,
     )
-    step = minibatch_steps(
-        policy,
-        optimizer,
-        buffer.flat(),
+    update = UpdateSettings(
         terms,
         kl_coef=kl_coef,
         max_grad_norm=float("inf") if max_grad_norm is None else max_grad_norm,
         # Approx-KL early stop before the step (Stable-Baselines3): once a minibatch shows the
         # policy has moved more than 1.5 x target_kl from the rollout policy, stop the update.
         kl_stop=None if target_kl is None or critic_only else 1.5 * target_kl,
-        ctx=dist_ctx or DistContext(),
-        compile_update=compile_loss,
     )
+    ctx = dist_ctx or DistContext()
+    step = minibatch_steps(policy, optimizer, buffer.flat(), update, ctx=ctx, compile_update=compile_loss)
 
     history: dict[str, list[Tensor]] = defaultdict(list)
     applied: list[Tensor] = []  # per minibatch step: whether the NaN guard let it through (0-d bool)
