@@ -115,6 +115,21 @@ def test_in_process_resume_from_a_middle_checkpoint_matches(
     _assert_same_run(reference, out_dir)
 
 
+def test_a_compiled_update_resumes_exactly(tiny_run, tmp_path: Path) -> None:
+    """``--compile-update`` steps Adam in the optimizer's own state, which checkpoints save: resumed
+    from a middle checkpoint, a compiled run ends where the uninterrupted compiled run does."""
+    torch._dynamo.reset()  # graphs of other tests count towards the recompile limit
+    settings = {"sft_checkpoint": str(tiny_run["sft"]), "progress": False, "compile_update": True, **SETTINGS}
+    configs = [PPOConfig(out_dir=str(tmp_path / name), **settings) for name in ("reference", "run")]
+    for config in configs:
+        train_ppo(config)
+    out_dir = Path(configs[1].out_dir)
+    for name in ("final.pt", "checkpoint_iter_3.pt", "checkpoint_iter_4.pt", "checkpoint_iter_5.pt"):
+        (out_dir / name).unlink()
+    train_ppo(PPOConfig(**{**configs[1].__dict__, "resume": True}))
+    _assert_same_run(Path(configs[0].out_dir), out_dir)
+
+
 def test_resume_refuses_changed_settings(reference: Path, tiny_run, tmp_path: Path) -> None:
     config = PPOConfig(
         sft_checkpoint=str(tiny_run["sft"]),
