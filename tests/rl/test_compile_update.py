@@ -94,23 +94,42 @@ def _adam_state(optimizer: torch.optim.Optimizer) -> list[dict[str, torch.Tensor
     ]
 
 
-@pytest.mark.parametrize("critic_only", [False, True])
-def test_a_compiled_update_moves_the_policy_as_the_eager_one_does(
-    policy: PPOPolicy, critic_only: bool
-) -> None:
+UPDATE_CASES = {
+    "actor and critic": {},
+    "critic warm-up": {"critic_only": True},
+    # the trainer's fused Adam, a scaled exploration and learning rate, a clip that binds
+    "trainer's Adam, clipped": {
+        "fused": True,
+        "scale": 0.5,
+        "lr": 3e-3,
+        "max_grad_norm": 0.02,
+        "clip_binds": True,
+    },
+    "no clip": {"max_grad_norm": None},
+}
+
+
+@pytest.mark.parametrize("case", UPDATE_CASES.values(), ids=UPDATE_CASES.keys())
+def test_a_compiled_update_moves_the_policy_as_the_eager_one_does(policy: PPOPolicy, case: dict) -> None:
     buffer = _bandit_buffer(policy)
     initial = policy.heads_state_dict()
+    policy.exploration = Exploration(case.get("scale", 1.0), case.get("scale", 1.0))
+    settings = {**SETTINGS, "max_grad_norm": case.get("max_grad_norm", SETTINGS["max_grad_norm"])}
     results = []
     for compile_loss in (False, True):
         policy.load_heads_state_dict(initial)
-        optimizer = torch.optim.Adam(policy.trainable_parameters(), lr=1e-3)
+        params = policy.trainable_parameters()
+        optimizer = torch.optim.Adam(params, lr=case.get("lr", 1e-3), fused=case.get("fused"))
         stats = ppo_update(
             policy, optimizer, buffer, kl_coef=0.3, residual_l2_coef=0.1, compile_loss=compile_loss,
-            critic_only=critic_only, generator=torch.Generator().manual_seed(7), **SETTINGS,
+            critic_only=case.get("critic_only", False), generator=torch.Generator().manual_seed(7),
+            **settings,
         )  # fmt: skip
         results.append((stats, _flat_params(policy), _adam_state(optimizer)))
     (eager_stats, eager_params, eager_adam), (compiled_stats, compiled_params, compiled_adam) = results
     assert not torch.equal(eager_params, _flat_params_of(initial, policy))  # the update did move it
+    if case.get("clip_binds"):
+        assert eager_stats["grad_norm"] > 5 * settings["max_grad_norm"]
     torch.testing.assert_close(compiled_params, eager_params, rtol=1e-4, atol=1e-6)
     assert compiled_stats.keys() == eager_stats.keys()
     for name, value in eager_stats.items():
@@ -122,7 +141,7 @@ def test_a_compiled_update_moves_the_policy_as_the_eager_one_does(
             assert compiled_state[key].dtype == value.dtype and compiled_state[key].shape == value.shape
             torch.testing.assert_close(compiled_state[key], value, rtol=1e-4, atol=1e-6)
     actor_states = eager_adam[: len(list(policy.delta_head.parameters()))] + eager_adam[-1:]
-    assert all(not state for state in actor_states) == critic_only
+    assert all(not state for state in actor_states) == case.get("critic_only", False)
 
 
 def test_an_eager_update_carries_on_from_a_compiled_one(policy: PPOPolicy) -> None:

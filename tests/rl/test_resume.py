@@ -115,7 +115,7 @@ def test_in_process_resume_from_a_middle_checkpoint_matches(
     _assert_same_run(reference, out_dir)
 
 
-def test_a_compiled_update_resumes_exactly(tiny_run, tmp_path: Path) -> None:
+def test_a_compiled_update_resumes_exactly(tiny_run, tmp_path: Path, compiled_step_calls: list[str]) -> None:
     """``--compile-update`` steps Adam in the optimizer's own state, which checkpoints save: resumed
     from a middle checkpoint, a compiled run ends where the uninterrupted compiled run does."""
     torch._dynamo.reset()  # graphs of other tests count towards the recompile limit
@@ -128,6 +128,7 @@ def test_a_compiled_update_resumes_exactly(tiny_run, tmp_path: Path) -> None:
         (out_dir / name).unlink()
     train_ppo(PPOConfig(**{**configs[1].__dict__, "resume": True}))
     _assert_same_run(Path(configs[0].out_dir), out_dir)
+    assert set(compiled_step_calls) == {"step"}  # every update was the compiled whole step
 
 
 def test_resume_refuses_changed_settings(reference: Path, tiny_run, tmp_path: Path) -> None:

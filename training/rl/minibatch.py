@@ -172,16 +172,17 @@ class StepInputs(NamedTuple):
 
 def minibatch_step(
     loss_of: PolicyLoss, rollout: Minibatch, adam: AdamTensors, inputs: StepInputs, settings: StepSettings
-) -> tuple[Tensor, dict[str, Tensor]]:
+) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
     """One whole PPO minibatch step, as the eager update takes it: the loss of the rows
     ``inputs.index`` of ``rollout``, its gradients, a global-norm clip, then ``torch.optim.Adam``'s
     step (without weight decay) in place on ``adam``.
 
     The step is applied only where the loss and the gradient norm are finite and, with
-    ``settings.kl_stop``, the approx KL is at most that (the eager update stops before such a
-    step; the caller reads the KL and stops after it). Returns whether it was applied (a 0-d bool
-    tensor, read by nobody until the update ends) and the minibatch's statistics, with ``loss``
-    and ``grad_norm`` (before clipping).
+    ``settings.kl_stop``, the approx KL does not exceed it (compared in double precision, as the
+    eager update compares it on the host). Returns whether it was applied and whether the KL
+    exceeded the stop (0-d bool tensors: the eager update stops before such a step, the caller
+    reads this one and stops after it), and the minibatch's statistics, with ``loss`` and
+    ``grad_norm`` (before clipping).
     """
     batch = Minibatch(*(tensor[inputs.index] for tensor in rollout))
 
@@ -196,12 +197,13 @@ def minibatch_step(
     # torch.nn.utils.clip_grad_norm_'s arithmetic
     grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
     clip = (settings.max_grad_norm / (grad_norm + 1e-6)).clamp(max=1.0)
-    applied = torch.isfinite(loss) & torch.isfinite(grad_norm)
+    kl_exceeded = torch.zeros((), dtype=torch.bool, device=loss.device)
     if settings.kl_stop is not None:
-        applied = applied & (stats["approx_kl"] <= settings.kl_stop)
+        kl_exceeded = stats["approx_kl"].double() > settings.kl_stop
+    applied = torch.isfinite(loss) & torch.isfinite(grad_norm) & ~kl_exceeded
     _adam_where(adam, [g * clip for g in grads], inputs.lr, applied, settings)
     stats.update(loss=loss.detach(), grad_norm=grad_norm)
-    return applied, stats
+    return applied, kl_exceeded, stats
 
 
 def _adam_where(adam: AdamTensors, grads: list[Tensor], lr: Tensor, applied: Tensor, s: StepSettings) -> None:
@@ -218,7 +220,7 @@ def _adam_where(adam: AdamTensors, grads: list[Tensor], lr: Tensor, applied: Ten
 
 
 @functools.cache
-def compiled_minibatch_step() -> Callable[..., tuple[Tensor, dict[str, Tensor]]]:
+def compiled_minibatch_step() -> Callable[..., tuple[Tensor, Tensor, dict[str, Tensor]]]:
     """:func:`minibatch_step` as one ``torch.compile`` graph, built once per process (one graph
     per minibatch size and :class:`StepSettings`)."""
     return with_graph_limit(
@@ -275,11 +277,12 @@ class CompiledSteps:
         """Step on the rollout's rows ``index`` (:func:`minibatch_step`); ``None`` where the KL
         stops the update (the step left everything as it was)."""
         inputs = StepInputs(index, self.noise_scale, self.reference_std, self.kl_coef, self.lr)
-        applied, stats = compiled_minibatch_step()(
-            self.loss_of, self.rollout, self.adam, inputs, self.settings
-        )
-        kl_stop = self.settings.kl_stop
-        if kl_stop is not None and stats["approx_kl"].item() > kl_stop:
+        # torch.func differentiates inside the graph whatever the grad mode: none is needed outside it
+        with torch.no_grad():
+            applied, kl_exceeded, stats = compiled_minibatch_step()(
+                self.loss_of, self.rollout, self.adam, inputs, self.settings
+            )
+        if self.settings.kl_stop is not None and bool(kl_exceeded):
             return None
         return applied, stats
 
