@@ -17,6 +17,10 @@ For each ``--num-envs``, built from the real trainer (``training.rl.run.build_ru
   backward are compiled graphs, as the trainer's flag makes them;
 - end-to-end training steps/s: ``trainer.train_iteration`` (rollout, GAE, PPO epochs on the cached
   features, the iteration's metrics);
+- the arithmetic bound of training (``train_bound_steps_per_s``): the rate if a step cost only the
+  frozen encoder, the world and the heads' counted FLOPs at the rate of their matrix products
+  (measured once per run on the update's minibatch rows), nothing else costing anything; with
+  ``bound_vs_encoder`` and ``train_vs_bound``;
 - peak memory: CUDA's peak allocated bytes, or the process's peak resident set on the CPU;
 - Stable-Baselines3 PPO on the same world with the same frozen encoder and residual action
   (``benchmarks/sb3_side_by_side.py``) for sizes up to ``--sb3-max-envs``, and our ratio to it.
@@ -69,6 +73,9 @@ ROW_KEYS = (
     "train_steps_per_s",
     "world_vs_encoder",
     "train_vs_encoder",
+    "train_bound_steps_per_s",  # encoder + world + the heads' FLOPs at their measured rate, nothing else
+    "bound_vs_encoder",
+    "train_vs_bound",
     "world_ops_per_step",
     "peak_memory_bytes",
 )
@@ -353,6 +360,41 @@ def encoder_cost(model: WaypointModel, run: Run) -> dict[str, float]:
     }
 
 
+def heads_matmul_flops_per_s(run: Run, settings: BenchSettings) -> float:
+    """FLOP/s of the heads' matrix products on the update's minibatch rows (the largest size's): every
+    linear layer of both heads, forward, timed together (no other op)."""
+    layers = [
+        m
+        for m in (*run.policy.delta_head.modules(), *run.policy.value_head.modules())
+        if isinstance(m, torch.nn.Linear)
+    ]
+    rows = settings.batch_size(settings.num_envs[-1])
+    inputs = [torch.randn(rows, layer.in_features, device=settings.device) for layer in layers]
+    flops = sum(2 * rows * layer.in_features * layer.out_features for layer in layers)
+
+    @torch.no_grad()
+    def products() -> None:
+        for layer, x in zip(layers, inputs, strict=True):
+            torch.nn.functional.linear(x, layer.weight, layer.bias)
+
+    return median_rate(products, flops, settings.seconds, settings.device)
+
+
+def add_arithmetic_bound(
+    rows: list[dict[str, Any]], heads_flops_per_step: float, heads_flops_per_s: float
+) -> None:
+    """Each row's ``train_bound_steps_per_s``: the training rate if a step cost only the frozen encoder,
+    the world and the heads' counted FLOPs at ``heads_flops_per_s`` (rollout and update: nothing else
+    costs anything); with ``bound_vs_encoder`` and ``train_vs_bound``. No training can beat it on
+    this machine, however few operations it issues."""
+    heads_seconds = heads_flops_per_step / heads_flops_per_s
+    for row in rows:
+        seconds = 1 / row["encoder_steps_per_s"] + 1 / row["world_steps_per_s"] + heads_seconds
+        row["train_bound_steps_per_s"] = 1 / seconds
+        row["bound_vs_encoder"] = row["train_bound_steps_per_s"] / row["encoder_steps_per_s"]
+        row["train_vs_bound"] = row["train_steps_per_s"] / row["train_bound_steps_per_s"]
+
+
 def half_precision_error_m(model: WaypointModel, run: Run) -> dict[str, float | None]:
     """Largest waypoint distance (m) of each autocast precision from float32 on this run's observations.
 
@@ -425,6 +467,9 @@ def run_benchmark(settings: BenchSettings, work_dir: Path) -> dict[str, Any]:
     eager = dataclasses.replace(settings, compile_world=False, compile_update=False)
     probe = build_bench_run(eager, sft_path, settings.num_envs[0], work_dir / "probe")
     model = probe.policy.sft_model
+    costs = encoder_cost(model, probe)
+    heads_rate = heads_matmul_flops_per_s(probe, settings)
+    add_arithmetic_bound(rows, costs["train_flops_per_step"] - costs["encoder_flops_per_step"], heads_rate)
     result: dict[str, Any] = {
         "device": str(settings.device),
         "device_name": device_name(settings.device),
@@ -441,7 +486,8 @@ def run_benchmark(settings: BenchSettings, work_dir: Path) -> dict[str, Any]:
         "compile_update": settings.compile_update,
         "hidden_size": settings.hidden_size,
         "sft_train_samples_per_s": sft_samples_per_s(model, probe, settings),
-        **encoder_cost(model, probe),
+        **costs,
+        "heads_matmul_flops_per_s": heads_rate,
         **half_precision_error_m(model, probe),
         "half_precision_on": settings.device.type,
         "rows": rows,
@@ -547,7 +593,7 @@ def format_table(result: dict[str, Any]) -> str:
         f"device {result['device_name']}, torch {result['torch']}, heads 2 x {result['hidden_size']}{graph}; "
         "env steps/s (median, upper bound of time)",
         f"{'num_envs':>8} {'world':>10} {'encoder':>10} {'rollout':>10} {'update':>10} {'train':>10} "
-        f"{'train/enc':>9} {'SB3 train':>10} "
+        f"{'train/enc':>9} {'bound/enc':>9} {'SB3 train':>10} "
         f"{'ratio':>7} {'ops/step':>9} {'peak MiB':>9}",
     ]
     for row in result["rows"]:
@@ -557,10 +603,13 @@ def format_table(result: dict[str, Any]) -> str:
             f"{row['num_envs']:>8} {row['world_steps_per_s']:>10.0f} {row['encoder_steps_per_s']:>10.0f} "
             f"{row['rollout_steps_per_s']:>10.0f} {row['update_steps_per_s']:>10.0f} "
             f"{row['train_steps_per_s']:>10.0f} {row['train_vs_encoder']:>9.0%} "
+            f"{row['bound_vs_encoder']:>9.0%} "
             f"{'-' if sb3 is None else f'{sb3:.0f}':>10} {'-' if ratio is None else f'{ratio:.1f}x':>7} "
             f"{row['world_ops_per_step']:>9} {row['peak_memory_bytes'] / 2**20:>9.0f}"
         )
     lines += [
+        f"bound: encoder + world + the heads' counted FLOPs at their matrix products' "
+        f"{result['heads_matmul_flops_per_s'] / 1e9:.0f} GFLOP/s, nothing else costing anything",
         f"SFT training: {result['sft_train_samples_per_s']:.0f} samples/s",
         f"encoder: {result['encoder_flops_per_step'] / 1e6:.2f} MFLOP/step, "
         f"all counted training FLOPs {result['train_flops_per_step'] / 1e6:.2f} MFLOP/step, "

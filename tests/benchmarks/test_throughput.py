@@ -37,6 +37,10 @@ def test_tiny_run_reports_every_figure(
         assert row["peak_memory_bytes"] > 0
         assert row["train_vs_encoder"] == row["train_steps_per_s"] / row["encoder_steps_per_s"]
         assert row["world_vs_encoder"] == row["world_steps_per_s"] / row["encoder_steps_per_s"]
+        # the bound: encoder, world and the heads' arithmetic alone; training cannot beat it
+        assert row["train_bound_steps_per_s"] < min(row["encoder_steps_per_s"], row["world_steps_per_s"])
+        assert row["train_vs_bound"] == row["train_steps_per_s"] / row["train_bound_steps_per_s"] < 1
+    assert result["heads_matmul_flops_per_s"] > 1e8
     small, large = result["rows"]
     assert small["sb3_train_steps_per_s"] > 0 and small["train_vs_sb3"] > 0
     assert "sb3_train_steps_per_s" not in large  # above --sb3-max-envs
