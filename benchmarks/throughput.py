@@ -13,8 +13,8 @@ For each ``--num-envs``, built from the real trainer (``training.rl.run.build_ru
   ``--cuda-graph`` (CUDA only) its steps, and those of the training figure, replay a CUDA graph;
 - update steps/s: the PPO epochs alone (``trainer.update_policy`` on a full buffer), in env steps of
   the rollout they learn from: with the default heads their matrix products cost about as much per
-  step as the encoder's (docs/benchmarks.md); with ``--compile-update`` each minibatch's loss and
-  backward are compiled graphs, as the trainer's flag makes them;
+  step as the encoder's (docs/benchmarks.md); with ``--compile-update`` each minibatch's whole
+  step is one compiled graph, as the trainer's flag makes it;
 - end-to-end training steps/s: ``trainer.train_iteration`` (rollout, GAE, PPO epochs on the cached
   features, the iteration's metrics);
 - the arithmetic bound of training (``train_bound_steps_per_s``): the rate if a step cost only the
@@ -99,7 +99,7 @@ class BenchSettings:
     profile: bool = False
     cuda_graph: bool = False  # replay each rollout step as a CUDA graph (``--cuda-graph``)
     compile_world: bool = False  # each world step one compiled graph (``--compile-world``)
-    compile_update: bool = False  # each minibatch's loss and backward compiled (``--compile-update``)
+    compile_update: bool = False  # each minibatch's whole step compiled (``--compile-update``)
     hidden_size: int = PolicySettings.hidden_size  # the heads' width (``--hidden-size``), ours and SB3's
 
     def batch_size(self, num_envs: int) -> int:
@@ -533,7 +533,7 @@ def parse_settings(argv: list[str] | None) -> tuple[BenchSettings, bool]:
     parser.add_argument(
         "--compile-update",
         action="store_true",
-        help="compile each PPO minibatch's loss and backward, as the trainer's --compile-update does",
+        help="compile each PPO minibatch's whole step, as the trainer's --compile-update does",
     )
     parser.add_argument(
         "--hidden-size",

@@ -32,7 +32,7 @@ def check_cpu_compiler(flag: str) -> None:
 
 
 def check_compile_update(device: torch.device, device_flag: str) -> None:
-    """``--compile-update`` compiles the PPO loss on the CPU only (``device_flag``: the ``--device``
+    """``--compile-update`` compiles the PPO update's steps on the CPU only (``device_flag``: the ``--device``
     that ``device`` was resolved from), with a C++ compiler at hand."""
     if device.type != "cpu":
         raise UserError(

@@ -83,6 +83,10 @@ class Minibatch(NamedTuple):
     advantage: Tensor  # [B]
     returns: Tensor  # [B] value targets
 
+    def rows(self, index: Tensor) -> Minibatch:
+        """The samples at ``index`` ``[M]`` of every field (a new minibatch of ``M`` samples)."""
+        return Minibatch(*(tensor[index] for tensor in self))
+
 
 class RolloutBuffer:
     """Preallocated storage for ``num_steps`` x ``num_envs`` transitions on ``device``.
@@ -197,7 +201,7 @@ class RolloutBuffer:
         (the rows of :meth:`flat` at each of :meth:`minibatch_indices`)."""
         flat = self.flat()
         for index in self.minibatch_indices(batch_size, generator):
-            yield Minibatch(*(tensor[index] for tensor in flat))
+            yield flat.rows(index)
 
     def flat(self) -> Minibatch:
         """The whole rollout as one minibatch of ``T * N`` transitions (views, no copy)."""

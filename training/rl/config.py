@@ -179,9 +179,10 @@ class PPOConfig(SimulatorFlags):
     )
     compile_update: bool = config_field(
         False,
-        "run each PPO minibatch's loss and its backward as torch.compile graphs (updates 1.2-1.6x and "
-        "training 1.1-1.3x faster on a 2-core CPU, after about 20 s of compiling; the same loss rounded "
-        "differently, so runs differ from eager ones; CPU only, not yet run on a GPU)",
+        "take each PPO minibatch's whole step (loss, gradients, clip, NaN guard, Adam) as one torch.compile "
+        "graph, under torchrun the loss and its backward (updates 1.3-1.5x and training 1.1-1.3x faster on "
+        "a 2-core CPU, after about 30 s of compiling; the same step rounded differently, so runs differ "
+        "from eager ones; CPU only, not yet run on a GPU)",
     )
     async_worlds: bool = config_field(
         False,

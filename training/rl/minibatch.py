@@ -109,7 +109,9 @@ def minibatch_loss(
 
 @functools.cache
 def compiled_minibatch_loss() -> Callable[..., tuple[Tensor, dict[str, Tensor]]]:
-    """:func:`minibatch_loss` as one ``torch.compile`` graph, built once per process.
+    """:func:`minibatch_loss` as one ``torch.compile`` graph, built once per process: what
+    ``--compile-update`` compiles under torchrun, where the gradients are averaged between the
+    backward and the step (one process compiles the whole step, :func:`compiled_minibatch_step`).
 
     A minibatch's loss and backward then issue about 50 top-level aten ops instead of about 260 (the
     heads' matrix products stay; the loss terms' small ops fuse). One graph per minibatch size and
@@ -184,7 +186,7 @@ def minibatch_step(
     reads this one and stops after it), and the minibatch's statistics, with ``loss`` and
     ``grad_norm`` (before clipping).
     """
-    batch = Minibatch(*(tensor[inputs.index] for tensor in rollout))
+    batch = rollout.rows(inputs.index)
 
     def loss_and_stats(trained: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         args = (batch, inputs.noise_scale, inputs.reference_std, inputs.kl_coef, settings.terms)
@@ -313,13 +315,11 @@ class EagerSteps:
         ctx: DistContext,
         compile_loss: bool,
     ) -> None:
-        self.policy, self.optimizer, self.rollout, self.update, self.ctx = (
-            policy,
-            optimizer,
-            rollout,
-            update,
-            ctx,
-        )
+        self.policy = policy
+        self.optimizer = optimizer
+        self.rollout = rollout
+        self.update = update
+        self.ctx = ctx
         self.params = policy.trainable_parameters()
         # Compiled: the adaptive KL coefficient is a tensor input, so a new value needs no new graph.
         self.loss_of_minibatch = compiled_minibatch_loss() if compile_loss else minibatch_loss
@@ -331,7 +331,7 @@ class EagerSteps:
     def __call__(self, index: Tensor) -> tuple[Tensor, dict[str, Tensor]] | None:
         """Step on the rollout's rows ``index``; ``None`` (no step) where the KL stops the update."""
         policy, params, ctx, update = self.policy, self.params, self.ctx, self.update
-        batch = Minibatch(*(tensor[index] for tensor in self.rollout))
+        batch = self.rollout.rows(index)
         stds = MinibatchStds(policy.std(), policy.std(), self.reference_std)
         loss, stats = self.loss_of_minibatch(policy, batch, stds, self.kl_coef, update.terms)
         if update.kl_stop is not None and ctx.mean(stats["approx_kl"]).item() > update.kl_stop:
