@@ -18,8 +18,9 @@ For each ``--num-envs``, built from the real trainer (``training.rl.run.build_ru
 - end-to-end training steps/s: ``trainer.train_iteration`` (rollout, GAE, PPO epochs on the cached
   features, the iteration's metrics);
 - the arithmetic bound of training (``train_bound_steps_per_s``): the rate if a step cost only the
-  frozen encoder, the world and the heads' counted FLOPs at the rate of their matrix products
-  (measured once per run on the update's minibatch rows), nothing else costing anything; with
+  frozen encoder, the world, the heads' counted FLOPs at the rate of their matrix products
+  (measured once per run on the update's minibatch rows) and the optimizer's steps (the trainer's
+  Adam on the heads, timed once per run), nothing else costing anything; with
   ``bound_vs_encoder`` and ``train_vs_bound``;
 - peak memory: CUDA's peak allocated bytes, or the process's peak resident set on the CPU;
 - Stable-Baselines3 PPO on the same world with the same frozen encoder and residual action
@@ -59,6 +60,7 @@ from training.common.compiling import check_compile_update
 from training.common.device import resolve_device, set_cpu_threads
 from training.common.errors import UserError, exit_on_user_error
 from training.envs.registry import check_compile_world
+from training.rl.buffer import minibatch_bounds
 from training.rl.config import PPOConfig
 from training.rl.policy import PolicySettings
 from training.rl.run import Run, build_run
@@ -73,7 +75,7 @@ ROW_KEYS = (
     "train_steps_per_s",
     "world_vs_encoder",
     "train_vs_encoder",
-    "train_bound_steps_per_s",  # encoder + world + the heads' FLOPs at their measured rate, nothing else
+    "train_bound_steps_per_s",  # encoder + world + the heads' FLOPs and Adam at measured rates, nothing else
     "bound_vs_encoder",
     "train_vs_bound",
     "world_ops_per_step",
@@ -380,16 +382,41 @@ def heads_matmul_flops_per_s(run: Run, settings: BenchSettings) -> float:
     return median_rate(products, flops, settings.seconds, settings.device)
 
 
+def optimizer_step_seconds(run: Run, settings: BenchSettings) -> float:
+    """Seconds of one step of the run's optimizer (the trainer's fused Adam on the CPU and CUDA) over
+    copies of the trained parameters, with gradients in place: what every minibatch pays besides the
+    heads' products, whatever the rows."""
+    params = [torch.nn.Parameter(p.detach().clone()) for p in run.policy.trainable_parameters()]
+    for param in params:
+        param.grad = torch.randn_like(param) * 1e-3
+    optimizer = type(run.optimizer)(params, **run.optimizer.defaults)
+    return 1 / median_rate(optimizer.step, 1, settings.seconds, settings.device)
+
+
+def optimizer_steps_per_env_step(settings: BenchSettings, num_envs: int) -> float:
+    """Minibatch steps the update takes per env step of its rollout (every epoch runs)."""
+    rollout = num_envs * settings.rollout_steps
+    return settings.update_epochs * len(minibatch_bounds(rollout, settings.batch_size(num_envs))) / rollout
+
+
 def add_arithmetic_bound(
-    rows: list[dict[str, Any]], heads_flops_per_step: float, heads_flops_per_s: float
+    rows: list[dict[str, Any]],
+    settings: BenchSettings,
+    heads_flops_per_step: float,
+    heads_flops_per_s: float,
+    optimizer_step_s: float,
 ) -> None:
     """Each row's ``train_bound_steps_per_s``: the training rate if a step cost only the frozen encoder,
-    the world and the heads' counted FLOPs at ``heads_flops_per_s`` (rollout and update: nothing else
-    costs anything); with ``bound_vs_encoder`` and ``train_vs_bound``. No training can beat it on
-    this machine, however few operations it issues."""
+    the world, the heads' counted FLOPs at ``heads_flops_per_s`` (rollout and update) and the
+    optimizer's steps at ``optimizer_step_s`` each (nothing else costing anything); with
+    ``bound_vs_encoder`` and ``train_vs_bound``. No training of these heads with this optimizer can
+    beat it on this machine, however few operations it issues."""
     heads_seconds = heads_flops_per_step / heads_flops_per_s
     for row in rows:
-        seconds = 1 / row["encoder_steps_per_s"] + 1 / row["world_steps_per_s"] + heads_seconds
+        optimizer_seconds = optimizer_step_s * optimizer_steps_per_env_step(settings, row["num_envs"])
+        seconds = (
+            1 / row["encoder_steps_per_s"] + 1 / row["world_steps_per_s"] + heads_seconds + optimizer_seconds
+        )
         row["train_bound_steps_per_s"] = 1 / seconds
         row["bound_vs_encoder"] = row["train_bound_steps_per_s"] / row["encoder_steps_per_s"]
         row["train_vs_bound"] = row["train_steps_per_s"] / row["train_bound_steps_per_s"]
@@ -469,7 +496,9 @@ def run_benchmark(settings: BenchSettings, work_dir: Path) -> dict[str, Any]:
     model = probe.policy.sft_model
     costs = encoder_cost(model, probe)
     heads_rate = heads_matmul_flops_per_s(probe, settings)
-    add_arithmetic_bound(rows, costs["train_flops_per_step"] - costs["encoder_flops_per_step"], heads_rate)
+    optimizer_step_s = optimizer_step_seconds(probe, settings)
+    heads_flops = costs["train_flops_per_step"] - costs["encoder_flops_per_step"]
+    add_arithmetic_bound(rows, settings, heads_flops, heads_rate, optimizer_step_s)
     result: dict[str, Any] = {
         "device": str(settings.device),
         "device_name": device_name(settings.device),
@@ -488,6 +517,7 @@ def run_benchmark(settings: BenchSettings, work_dir: Path) -> dict[str, Any]:
         "sft_train_samples_per_s": sft_samples_per_s(model, probe, settings),
         **costs,
         "heads_matmul_flops_per_s": heads_rate,
+        "optimizer_step_s": optimizer_step_s,
         **half_precision_error_m(model, probe),
         "half_precision_on": settings.device.type,
         "rows": rows,
@@ -609,7 +639,8 @@ def format_table(result: dict[str, Any]) -> str:
         )
     lines += [
         f"bound: encoder + world + the heads' counted FLOPs at their matrix products' "
-        f"{result['heads_matmul_flops_per_s'] / 1e9:.0f} GFLOP/s, nothing else costing anything",
+        f"{result['heads_matmul_flops_per_s'] / 1e9:.0f} GFLOP/s + the optimizer's steps at "
+        f"{result['optimizer_step_s'] * 1e3:.2f} ms each, nothing else costing anything",
         f"SFT training: {result['sft_train_samples_per_s']:.0f} samples/s",
         f"encoder: {result['encoder_flops_per_step'] / 1e6:.2f} MFLOP/step, "
         f"all counted training FLOPs {result['train_flops_per_step'] / 1e6:.2f} MFLOP/step, "

@@ -8,8 +8,9 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 
-from benchmarks.throughput import format_table, main, parse_sizes
+from benchmarks.throughput import BenchSettings, format_table, main, optimizer_steps_per_env_step, parse_sizes
 from tests.cli_helpers import assert_one_line_error, run_cli
 
 RATES = ("world_steps_per_s", "rollout_steps_per_s", "update_steps_per_s", "train_steps_per_s")
@@ -41,6 +42,14 @@ def test_tiny_run_reports_every_figure(
         assert row["train_bound_steps_per_s"] < min(row["encoder_steps_per_s"], row["world_steps_per_s"])
         assert row["train_vs_bound"] == row["train_steps_per_s"] / row["train_bound_steps_per_s"] < 1
     assert result["heads_matmul_flops_per_s"] > 1e8
+    assert 0 < result["optimizer_step_s"] < 1
+    heads_s = (result["train_flops_per_step"] - result["encoder_flops_per_step"]) / result[
+        "heads_matmul_flops_per_s"
+    ]
+    for row in result["rows"]:  # 4 steps x N worlds in 2 minibatches of one epoch: 2 Adam steps
+        adam_s = result["optimizer_step_s"] * 2 / (4 * row["num_envs"])
+        parts = 1 / row["encoder_steps_per_s"] + 1 / row["world_steps_per_s"] + heads_s + adam_s
+        assert row["train_bound_steps_per_s"] == pytest.approx(1 / parts, rel=1e-12)
     small, large = result["rows"]
     assert small["sb3_train_steps_per_s"] > 0 and small["train_vs_sb3"] > 0
     assert "sb3_train_steps_per_s" not in large  # above --sb3-max-envs
@@ -59,6 +68,27 @@ def test_the_heads_width_reaches_the_trainer(tiny_sft: Path, capsys: pytest.Capt
         assert result["hidden_size"] == width and f"heads 2 x {width};" in format_table(result)
         flops[width] = result["train_flops_per_step"] - result["encoder_flops_per_step"]
     assert flops[32] < flops[256] / 2  # narrower heads, fewer FLOPs per step
+
+
+@pytest.mark.parametrize(
+    ("num_envs", "rollout_steps", "minibatches", "epochs", "steps"),
+    [(32, 32, 16, 4, 64), (3, 4, 2, 1, 2), (1, 3, 3, 2, 4)],  # 3 rows by 1: minibatches of 1 and 2
+)
+def test_optimizer_steps_are_the_updates_minibatch_steps(
+    num_envs: int, rollout_steps: int, minibatches: int, epochs: int, steps: int
+) -> None:
+    settings = BenchSettings(
+        device=torch.device("cpu"),
+        num_envs=[num_envs],
+        seconds=0,
+        rollout_steps=rollout_steps,
+        minibatches=minibatches,
+        update_epochs=epochs,
+        sft_checkpoint=None,
+        sb3_max_envs=0,
+        compile_encoder=False,
+    )
+    assert optimizer_steps_per_env_step(settings, num_envs) == steps / (num_envs * rollout_steps)
 
 
 def test_table_output(tiny_sft: Path, capsys: pytest.CaptureFixture[str]) -> None:

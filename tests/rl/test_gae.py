@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from training.rl.buffer import RolloutBuffer, compute_gae
+from training.rl.buffer import RolloutBuffer, compute_gae, minibatch_bounds
 
 GAMMA, LAM = 0.9, 0.5
 
@@ -148,3 +148,5 @@ def test_no_minibatch_holds_a_single_transition() -> None:
     buffer.compute_advantages(GAMMA, LAM)
     sizes = {size: [len(b.value) for b in buffer.minibatches(size)] for size in (3, 4, 7, 8)}
     assert sizes == {3: [3, 3, 2], 4: [4, 4], 7: [8], 8: [8]}
+    # the split the benchmark counts minibatch steps with is the buffer's
+    assert {size: [stop - start for start, stop in minibatch_bounds(8, size)] for size in sizes} == sizes

@@ -72,6 +72,18 @@ def _write_row(storage: Tensor, row: Tensor, value: Tensor) -> None:
     storage.index_copy_(0, row, value.to(storage.dtype).unsqueeze(0))
 
 
+def minibatch_bounds(size: int, batch_size: int) -> list[tuple[int, int]]:
+    """``(start, stop)`` of each minibatch of one pass over ``size`` rows, ``batch_size`` at a time.
+
+    The last minibatch is smaller when ``batch_size`` does not divide ``size``, or one larger where
+    only one row would be left for it (the loss normalises advantages per minibatch).
+    """
+    starts = list(range(0, size, batch_size))
+    if len(starts) > 1 and size - starts[-1] < 2:
+        starts.pop()  # one transition cannot normalise its advantage: it joins the minibatch before
+    return list(zip(starts, [*starts[1:], size], strict=True))
+
+
 class Minibatch(NamedTuple):
     """A flat minibatch of ``B`` samples drawn from the rollout."""
 
@@ -233,8 +245,5 @@ class RolloutBuffer:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         gen_device = generator.device if generator is not None else torch.device("cpu")
         order = torch.randperm(self.size, generator=generator, device=gen_device).to(self.device)
-        starts = list(range(0, self.size, batch_size))
-        if len(starts) > 1 and self.size - starts[-1] < 2:
-            starts.pop()  # one transition cannot normalise its advantage: it joins the minibatch before
-        for start, stop in zip(starts, [*starts[1:], self.size], strict=True):
+        for start, stop in minibatch_bounds(self.size, batch_size):
             yield order[start:stop]
