@@ -26,8 +26,9 @@ For each ``--num-envs``, built from the real trainer (``training.rl.run.build_ru
 - Stable-Baselines3 PPO on the same world with the same frozen encoder and residual action
   (``benchmarks/sb3_side_by_side.py``) for sizes up to ``--sb3-max-envs``, and our ratio to it.
 
-Once per run: SFT behaviour-cloning samples/s, the frozen encoder's FLOPs and bytes per step, and the
-half-precision waypoint error against float32. Rates are medians over repeated timed calls after
+Once per run: SFT behaviour-cloning samples/s, the frozen encoder's FLOPs and bytes per step, the
+heads' and a square float32 product's FLOP/s, the optimizer's step, and the half-precision waypoint
+error against float32. Rates are medians over repeated timed calls after
 one warm-up call: on shared cores they are lower bounds of the rate (upper bounds of the time).
 ``--json`` prints one JSON object: the largest size's figures at the top level and every size in
 ``rows``.
@@ -382,6 +383,13 @@ def heads_matmul_flops_per_s(run: Run, settings: BenchSettings) -> float:
     return median_rate(products, flops, settings.seconds, settings.device)
 
 
+def square_matmul_flops_per_s(settings: BenchSettings, size: int = 1024) -> float:
+    """FLOP/s of one float32 product of two square ``size`` matrices: about the best the device's
+    matrix units give one process, against which ``heads_matmul_flops_per_s`` is read."""
+    a, b = (torch.randn(size, size, device=settings.device) for _ in range(2))
+    return median_rate(lambda: a @ b, 2 * size**3, settings.seconds, settings.device)
+
+
 def optimizer_step_seconds(run: Run, settings: BenchSettings) -> float:
     """Seconds of one step of the run's optimizer (the trainer's fused Adam on the CPU and CUDA) over
     copies of the trained parameters, with gradients in place: what every minibatch pays besides the
@@ -517,6 +525,7 @@ def run_benchmark(settings: BenchSettings, work_dir: Path) -> dict[str, Any]:
         "sft_train_samples_per_s": sft_samples_per_s(model, probe, settings),
         **costs,
         "heads_matmul_flops_per_s": heads_rate,
+        "square_matmul_flops_per_s": square_matmul_flops_per_s(settings),
         "optimizer_step_s": optimizer_step_s,
         **half_precision_error_m(model, probe),
         "half_precision_on": settings.device.type,
@@ -639,7 +648,8 @@ def format_table(result: dict[str, Any]) -> str:
         )
     lines += [
         f"bound: encoder + world + the heads' counted FLOPs at their matrix products' "
-        f"{result['heads_matmul_flops_per_s'] / 1e9:.0f} GFLOP/s + the optimizer's steps at "
+        f"{result['heads_matmul_flops_per_s'] / 1e9:.0f} GFLOP/s (square 1024 products: "
+        f"{result['square_matmul_flops_per_s'] / 1e9:.0f}) + the optimizer's steps at "
         f"{result['optimizer_step_s'] * 1e3:.2f} ms each, nothing else costing anything",
         f"SFT training: {result['sft_train_samples_per_s']:.0f} samples/s",
         f"encoder: {result['encoder_flops_per_step'] / 1e6:.2f} MFLOP/step, "

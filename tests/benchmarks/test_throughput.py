@@ -43,7 +43,7 @@ def test_tiny_run_reports_every_figure(
         # on shared cores are too noisy to assert)
         assert row["train_bound_steps_per_s"] < min(row["encoder_steps_per_s"], row["world_steps_per_s"])
         assert row["train_vs_bound"] == row["train_steps_per_s"] / row["train_bound_steps_per_s"]
-    assert result["heads_matmul_flops_per_s"] > 1e8
+    assert result["heads_matmul_flops_per_s"] > 1e8 and result["square_matmul_flops_per_s"] > 1e8
     assert 0 < result["optimizer_step_s"] < 1
     heads_s = (result["train_flops_per_step"] - result["encoder_flops_per_step"]) / result[
         "heads_matmul_flops_per_s"
