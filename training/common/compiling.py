@@ -31,15 +31,18 @@ def check_cpu_compiler(flag: str) -> None:
         )
 
 
-def check_compile_update(device: torch.device, device_flag: str) -> None:
-    """``--compile-update`` compiles the PPO update's steps on the CPU only (``device_flag``: the ``--device``
-    that ``device`` was resolved from), with a C++ compiler at hand."""
+def check_compiled_on_cpu(flag: str, cpu_only: str, device: torch.device, device_flag: str) -> None:
+    """``flag`` compiles on the CPU only (``cpu_only`` says what and why; ``device_flag``: the
+    ``--device`` that ``device`` was resolved from), with a C++ compiler at hand."""
     if device.type != "cpu":
-        raise UserError(
-            "--compile-update: the compiled update runs on the CPU only: it has not yet been run on a GPU "
-            f"(--device {device_flag})"
-        )
-    check_cpu_compiler("--compile-update")
+        raise UserError(f"{flag}: {cpu_only} (--device {device_flag})")
+    check_cpu_compiler(flag)
+
+
+def check_compile_update(device: torch.device, device_flag: str) -> None:
+    """``--compile-update`` compiles the PPO update's steps: :func:`check_compiled_on_cpu`."""
+    cpu_only = "the compiled update runs on the CPU only: it has not yet been run on a GPU"
+    check_compiled_on_cpu("--compile-update", cpu_only, device, device_flag)
 
 
 def with_graph_limit(compiled: Callable[..., Any], graphs: int) -> Callable[..., Any]:

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from training.common.compiling import check_cpu_compiler
+from training.common.compiling import check_compiled_on_cpu
 from training.common.errors import UserError
 from training.envs.options import EnvOptions
 from training.envs.protocol import BatchedWaypointEnv
@@ -47,9 +47,7 @@ def check_compile_world(env_names: Sequence[str], device: torch.device, device_f
         raise UserError(
             f"--compile-world compiles the toy world's step; --env {','.join(env_names)} has no toy world"
         )
-    if device.type != "cpu":
-        raise UserError(f"--compile-world: {COMPILE_ON_CPU_ONLY} (--device {device_flag})")
-    check_cpu_compiler("--compile-world")
+    check_compiled_on_cpu("--compile-world", COMPILE_ON_CPU_ONLY, device, device_flag)
 
 
 def make_env(
